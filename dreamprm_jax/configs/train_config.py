@@ -1,0 +1,146 @@
+"""The training configuration: one frozen dataclass, presets as code, CLI overrides of any field.
+
+Every field carries its help text in ``metadata["help"]``; :func:`add_arguments` turns the
+dataclass into argparse flags (``--inner-lr 1e-3``), so ``--help`` documents every field and
+the presets (``--preset qwen2_vl_2b``) only change defaults.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import types
+import typing
+from typing import Any
+
+
+def _field(default: Any, help: str, **kw) -> Any:  # noqa: A002 - mirrors argparse
+    return dataclasses.field(default=default, metadata={"help": help, **kw})
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Everything one DreamPRM training run needs; the defaults are the CPU demo."""
+
+    # --- model ---------------------------------------------------------------------------
+    model_dir: str | None = _field(
+        None, "Local Hugging Face Qwen2-VL checkpoint directory (config.json + safetensors, tokenizer "
+        "files). Omitted: a small random Qwen2-VL ('--model-preset') with a tokenizer built offline.")
+    model_preset: str = _field("demo", "Model preset used when --model-dir is not given (demo, tiny).")
+    dtype: str = _field("float32", "Compute dtype (float32 | bfloat16); parameters stay float32.")
+    remat: str = _field("none", "Per-block rematerialisation policy (none | full | dots_saveable | nothing_saveable).")
+    max_image_side: int = _field(512, "Images whose longest side is larger are resized (LANCZOS) first.")
+    min_pixels: int = _field(56 * 56, "Qwen2-VL image processor min_pixels.")
+    max_pixels: int = _field(448 * 448, "Qwen2-VL image processor max_pixels.")
+
+    # --- data ----------------------------------------------------------------------------
+    train_json: str | None = _field(
+        None, "DreamPRM training records (JSON array or JSON Lines). Omitted: a generated benchmark with "
+        "planted domain quality is written to --data-dir and used.")
+    meta_json: str | None = _field(None, "DreamPRM meta records (true/false chains); required with --train-json.")
+    image_root: str | None = _field(None, "Directory that image paths are resolved against (default: the JSON's directory).")
+    data_dir: str = _field("runs/synthetic", "Where the generated benchmark is written when no --train-json is given.")
+    synthetic_seed: int = _field(0, "Seed of the generated benchmark.")
+    on_bad_record: str = _field("error", "What to do with an invalid record: error | skip (skips are counted and logged).")
+    cache_dir: str = _field("runs/cache", "Preprocessing cache (tokens and image patches, keyed by content).")
+    seq_buckets: tuple[int, ...] = _field((64, 96, 128, 192, 256, 384, 512, 1024, 2048), "Static sequence-length buckets.")
+    patch_buckets: tuple[int, ...] = _field((16, 64, 256, 1024, 4096), "Static image-patch-count buckets.")
+
+    # --- lower level (the PRM) -----------------------------------------------------------
+    train_batch_size: int = _field(16, "Training samples per inner step.")
+    unroll: int = _field(5, "Inner AdamW steps per meta step (T).")
+    inner_lr: float = _field(2e-3, "Inner AdamW learning rate.")
+    inner_lr_step_size: int = _field(5000, "StepLR: multiply the inner learning rate by --inner-lr-gamma every this many inner steps.")
+    inner_lr_gamma: float = _field(0.5, "StepLR decay factor.")
+    inner_weight_decay: float = _field(0.01, "Inner AdamW weight decay.")
+    inner_grad_clip: float = _field(0.0, "Global-norm clip of inner gradients (0: off).")
+
+    # --- upper level (the domain weights) -------------------------------------------------
+    meta_batch_size: int = _field(8, "Meta chains per meta step.")
+    meta_lr: float = _field(0.01, "Meta AdamW learning rate on the raw domain weights.")
+    meta_weight_decay: float = _field(1e-3, "Meta AdamW weight decay.")
+    aggregation: str = _field("mean", "How step log-odds make a chain score: mean (reference code) | sum (paper).")
+    hypergradient: str = _field(
+        "exact", "Hypergradient method: exact | exact_forward | exact_remat | darts | darts_exact | sama | "
+        "neumann | cg | truncated.")
+    hypergradient_options: str = _field("{}", "JSON dict of method options, e.g. '{\"k\": 2}'.")
+    reweighting: bool = _field(True, "Learn domain weights (off: the vanilla PRM baseline, uniform weights).")
+
+    # --- run -----------------------------------------------------------------------------
+    iterations: int = _field(300, "Bi-level iterations (each: --unroll inner steps + one meta step).")
+    seed: int = _field(0, "Seed of parameter init and data order.")
+    out_dir: str = _field("runs/default", "Run directory: checkpoints, metrics.jsonl, TensorBoard, plots, export.")
+    checkpoint_every: int = _field(100, "Save a checkpoint every this many iterations (and at the end).")
+    keep_checkpoints: int = _field(2, "How many checkpoints to keep.")
+    log_every: int = _field(10, "Log metrics (and fetch them from the device) every this many iterations.")
+    resume: bool = _field(False, "Continue from the latest checkpoint in --out-dir.")
+    export: bool = _field(True, "At the end, export the PRM as a Hugging Face directory and the weights as JSON.")
+    progress: bool = _field(True, "Show a progress bar.")
+
+    def hypergradient_kwargs(self) -> dict[str, Any]:
+        try:
+            options = json.loads(self.hypergradient_options)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--hypergradient-options: expected a JSON object, got {self.hypergradient_options!r} ({e})") from e
+        if not isinstance(options, dict):
+            raise ValueError(f"--hypergradient-options: expected a JSON object, got {self.hypergradient_options!r}")
+        return options
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ----------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------
+
+def _parse_bool(text: str) -> bool:
+    lowered = text.lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected a boolean (true/false), got {text!r}")
+
+
+def _scalar_type(annotation: Any) -> Any:
+    """The argparse type for a field annotation (``str | None`` -> str, ``tuple[int, ...]`` -> int)."""
+    if isinstance(annotation, str):
+        annotation = eval(annotation, {"tuple": tuple})  # from __future__ annotations: resolve
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        (inner,) = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return _scalar_type(inner)
+    if origin is tuple:
+        return typing.get_args(annotation)[0]
+    return annotation
+
+
+def add_arguments(parser: argparse.ArgumentParser, defaults: TrainConfig) -> None:
+    """One flag per field, defaults from ``defaults``; ``None`` means 'keep the preset's value'."""
+    hints = typing.get_type_hints(TrainConfig)
+    for field in dataclasses.fields(TrainConfig):
+        flag = "--" + field.name.replace("_", "-")
+        annotation = hints[field.name]
+        base = _scalar_type(annotation)
+        default = getattr(defaults, field.name)
+        help_text = f"{field.metadata['help']} (default: {default})"
+        if base is bool:
+            parser.add_argument(flag, type=_parse_bool, nargs="?", const=True, default=None, metavar="BOOL", help=help_text)
+            if field.name == "reweighting":
+                parser.add_argument("--no-reweighting", dest="reweighting", action="store_const", const=False,
+                                    help="Train the vanilla PRM baseline (uniform domain weights).")
+        elif typing.get_origin(annotation) is tuple:
+            parser.add_argument(flag, type=base, nargs="+", default=None, metavar="N", help=help_text)
+        else:
+            parser.add_argument(flag, type=base, default=None, help=help_text)
+
+
+def from_arguments(args: argparse.Namespace, defaults: TrainConfig) -> TrainConfig:
+    overrides = {}
+    for field in dataclasses.fields(TrainConfig):
+        value = getattr(args, field.name, None)
+        if value is not None:
+            overrides[field.name] = tuple(value) if isinstance(value, list) else value
+    return dataclasses.replace(defaults, **overrides)
