@@ -1,0 +1,452 @@
+"""Static-shape batches: bucketing, collation, stacking and a seeded, resumable sampler.
+
+Shapes.  A batch's sequence length L is the smallest configured *sequence bucket* >= the
+longest sequence, and its patch count N the smallest *patch bucket* >= the total number
+of image patches in the batch (every sample carries its own copy of its image's patches,
+in row order, because the model fills each sample's ``<|image_pad|>`` slots from them).
+jit therefore compiles once per (L, N) pair that occurs, not once per batch.  Padding
+waste is reported per batch::
+
+    token_waste = 1 - (real tokens) / (B * L)      patch_waste = 1 - (real patches) / N
+
+Batches (CONTRACTS.md "Training / meta batches"):
+
+* train: model batch + ``labels`` [B] f32, ``domain_ids`` [B] i32, ``sample_mask`` [B] f32;
+* meta:  model batch over M*S step-prefix rows, chain-major (row ``m * S + s`` is step
+  ``s + 1`` of chain ``m``) + ``step_mask`` [M, S] f32, ``labels`` [M] f32,
+  ``chain_mask`` [M] f32;
+* T batches stacked: every leaf gets a leading ``[T, ...]`` axis; all T share one bucket.
+
+Empty slots (a short last batch, a chain with fewer than S steps, fewer than M chains)
+are *dummy rows*: one pad token with attention 1 and no image.  A row with no attended
+token would make a softmax over an all-masked row, i.e. NaN, and NaN * 0 = NaN in a
+masked loss; one attended pad token keeps every number finite.  The mask zeroes it.
+
+The model batch is built by the model's host helper ``prepare_batch(config, input_ids,
+attention_mask, pixel_values, image_grid_thw, num_patches=N)`` (:func:`model_prepare_fn`),
+or any function with the same signature minus ``config``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable, NamedTuple, Sequence
+
+import numpy as np
+
+__all__ = [
+    "Sample",
+    "BatchSpec",
+    "power_of_two_buckets",
+    "choose_bucket",
+    "collate",
+    "collate_train",
+    "collate_meta",
+    "stack_train",
+    "stack_meta",
+    "model_prepare_fn",
+    "Sampler",
+    "BatchBuilder",
+]
+
+
+class Sample(NamedTuple):
+    """One encoded sequence: input_ids int32 [L]; pixel_values f32 [P, D] | None; image_grid_thw int [3] | None."""
+
+    input_ids: np.ndarray
+    pixel_values: np.ndarray | None = None
+    image_grid_thw: np.ndarray | None = None
+
+    @property
+    def num_patches(self) -> int:
+        return 0 if self.pixel_values is None else int(self.pixel_values.shape[0])
+
+
+def power_of_two_buckets(max_value: int, min_value: int = 16) -> tuple[int, ...]:
+    """``(min_value, 2 * min_value, ..., first power-of-two multiple >= max_value)``."""
+    if min_value <= 0 or max_value <= 0:
+        raise ValueError(f"power_of_two_buckets: expected positive sizes, got min {min_value}, max {max_value}")
+    out = [int(min_value)]
+    while out[-1] < max_value:
+        out.append(out[-1] * 2)
+    return tuple(out)
+
+
+def choose_bucket(size: int, buckets: Sequence[int], what: str = "size") -> int:
+    """Smallest bucket >= ``size``; ``ValueError`` naming ``what`` when none is large enough."""
+    for b in sorted(buckets):
+        if b >= size:
+            return int(b)
+    raise ValueError(f"{what} {size} exceeds the largest bucket {max(buckets)}; expected a bucket list "
+                     f"{sorted(buckets)} covering it (add a larger bucket or shorten the data)")
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchSpec:
+    """Static batch layout.
+
+    Attributes:
+      batch_size: B (train) or M (meta chains).
+      seq_buckets: allowed sequence lengths L.
+      patch_buckets: allowed patch counts N (``None``: text-only batches).
+      pad_id: token id of padding (and of dummy rows).
+      patch_dim: D, needed when a batch with image slots happens to hold no image.
+      padding_side: ``"right"`` (default) or ``"left"``.
+      max_steps: S of meta batches (``None``: the longest chain of each batch, bucketed by
+        ``seq_buckets``-like ``step_buckets``).
+      step_buckets: allowed S when ``max_steps`` is None (default: powers of two).
+    """
+
+    batch_size: int
+    seq_buckets: tuple[int, ...]
+    patch_buckets: tuple[int, ...] | None = None
+    pad_id: int = 0
+    patch_dim: int | None = None
+    padding_side: str = "right"
+    max_steps: int | None = None
+    step_buckets: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
+
+    def __post_init__(self):
+        if self.padding_side not in ("right", "left"):
+            raise ValueError(f"BatchSpec.padding_side: expected 'right' or 'left', got {self.padding_side!r}")
+        if self.batch_size <= 0:
+            raise ValueError(f"BatchSpec.batch_size: expected > 0, got {self.batch_size}")
+
+
+def model_prepare_fn(config) -> Callable:
+    """``prepare_batch`` of the Qwen2-VL model with ``config`` bound."""
+    from dreamprm_jax.models import qwen2_vl
+
+    return functools.partial(qwen2_vl.prepare_batch, config)
+
+
+def _buckets_for(groups: Sequence[Sequence[Sample]], spec: BatchSpec) -> tuple[int, int | None]:
+    """Common (L, N) buckets for several row groups (each group = one batch)."""
+    max_len = max((len(s.input_ids) for g in groups for s in g), default=1)
+    seq = choose_bucket(max(max_len, 1), spec.seq_buckets, "sequence length")
+    if spec.patch_buckets is None:
+        if any(s.pixel_values is not None for g in groups for s in g):
+            raise ValueError("a sample has an image but BatchSpec.patch_buckets is None; expected patch buckets")
+        return seq, None
+    total = max((sum(s.num_patches for s in g) for g in groups), default=0)
+    return seq, choose_bucket(max(total, 1), spec.patch_buckets, "patches per batch")
+
+
+def collate(rows: Sequence[Sample | None], spec: BatchSpec, prepare_fn: Callable, *, seq_bucket: int | None = None,
+            patch_bucket: int | None = None) -> tuple[dict, dict]:
+    """Pad ``rows`` (``None`` = dummy row) into one model batch of ``len(rows)`` rows.
+
+    Returns ``(batch, stats)``: ``batch`` from ``prepare_fn`` (input_ids [R, L] int32,
+    attention_mask [R, L] int32, position_ids [3, R, L], and the vision arrays when
+    ``spec.patch_buckets`` is set), ``stats`` = seq_bucket, patch_bucket, token_waste,
+    patch_waste (fractions in [0, 1]).
+    """
+    real = [r for r in rows if r is not None]
+    if seq_bucket is None or (patch_bucket is None and spec.patch_buckets is not None):
+        seq_b, patch_b = _buckets_for([real], spec)
+        seq_bucket = seq_bucket or seq_b
+        patch_bucket = patch_bucket or patch_b
+    num_rows = len(rows)
+    input_ids = np.full((num_rows, seq_bucket), spec.pad_id, dtype=np.int32)  # [R, L]
+    attention = np.zeros((num_rows, seq_bucket), dtype=np.int32)  # [R, L]
+    pixels, grids = [], []
+    real_tokens = 0
+    for i, row in enumerate(rows):
+        ids = np.asarray(row.input_ids, dtype=np.int32) if row is not None else np.asarray([spec.pad_id], np.int32)
+        n = len(ids)
+        if n > seq_bucket:
+            raise ValueError(f"row {i}: length {n} exceeds the sequence bucket {seq_bucket}")
+        sl = slice(0, n) if spec.padding_side == "right" else slice(seq_bucket - n, seq_bucket)
+        input_ids[i, sl] = ids
+        attention[i, sl] = 1
+        if row is not None:
+            real_tokens += n
+            if row.pixel_values is not None:
+                pixels.append(np.asarray(row.pixel_values, dtype=np.float32))  # [P_i, D]
+                grids.append(np.asarray(row.image_grid_thw, dtype=np.int64).reshape(1, 3))
+    real_patches = sum(p.shape[0] for p in pixels)
+    if spec.patch_buckets is None:
+        pixel_values = image_grid_thw = None
+    else:
+        if real_patches > patch_bucket:
+            raise ValueError(f"{real_patches} patches exceed the patch bucket {patch_bucket}")
+        dim = pixels[0].shape[1] if pixels else spec.patch_dim
+        if dim is None:
+            raise ValueError("a batch with image slots holds no image; expected BatchSpec.patch_dim to size it")
+        pixel_values = np.concatenate(pixels, 0) if pixels else np.zeros((0, dim), np.float32)  # [sum P_i, D]
+        image_grid_thw = np.concatenate(grids, 0) if grids else np.zeros((0, 3), np.int64)  # [images, 3]
+    batch = dict(prepare_fn(input_ids, attention, pixel_values, image_grid_thw, num_patches=patch_bucket))
+    stats = {
+        "seq_bucket": int(seq_bucket),
+        "patch_bucket": None if patch_bucket is None else int(patch_bucket),
+        "token_waste": 1.0 - real_tokens / float(num_rows * seq_bucket),
+        "patch_waste": 0.0 if not patch_bucket else 1.0 - real_patches / float(patch_bucket),
+    }
+    return batch, stats
+
+
+def collate_train(samples: Sequence[Sample], labels: Sequence[float], domain_ids: Sequence[int], spec: BatchSpec,
+                  prepare_fn: Callable, *, seq_bucket: int | None = None, patch_bucket: int | None = None):
+    """Training batch of ``spec.batch_size`` rows (dummy rows fill a short batch).
+
+    Adds ``labels`` [B] f32, ``domain_ids`` [B] i32 and ``sample_mask`` [B] f32 (1 real, 0 dummy).
+    """
+    n, size = len(samples), spec.batch_size
+    if n > size or len(labels) != n or len(domain_ids) != n:
+        raise ValueError(f"collate_train: expected at most {size} samples with one label and domain each; "
+                         f"got {n} samples, {len(labels)} labels, {len(domain_ids)} domain ids")
+    rows = list(samples) + [None] * (size - n)
+    batch, stats = collate(rows, spec, prepare_fn, seq_bucket=seq_bucket, patch_bucket=patch_bucket)
+    lab = np.zeros((size,), np.float32)
+    lab[:n] = np.asarray(labels, np.float32)
+    dom = np.zeros((size,), np.int32)
+    dom[:n] = np.asarray(domain_ids, np.int32)
+    mask = np.zeros((size,), np.float32)
+    mask[:n] = 1.0
+    batch.update(labels=lab, domain_ids=dom, sample_mask=mask)
+    return batch, stats
+
+
+def _meta_rows(chains: Sequence[Sequence[Sample]], spec: BatchSpec, num_steps: int):
+    M = spec.batch_size
+    if len(chains) > M:
+        raise ValueError(f"collate_meta: expected at most {M} chains, got {len(chains)}")
+    rows: list[Sample | None] = []
+    step_mask = np.zeros((M, num_steps), np.float32)  # [M, S]
+    for m in range(M):
+        chain = chains[m] if m < len(chains) else []
+        if len(chain) > num_steps:
+            raise ValueError(f"collate_meta: chain {m} has {len(chain)} steps, more than S = {num_steps}")
+        rows.extend(chain)
+        rows.extend([None] * (num_steps - len(chain)))
+        step_mask[m, : len(chain)] = 1.0
+    return rows, step_mask
+
+
+def _num_steps(chain_groups, spec: BatchSpec) -> int:
+    longest = max((len(c) for g in chain_groups for c in g), default=1)
+    if spec.max_steps is not None:
+        if longest > spec.max_steps:
+            raise ValueError(f"a chain has {longest} steps, more than BatchSpec.max_steps = {spec.max_steps}")
+        return spec.max_steps
+    return choose_bucket(longest, spec.step_buckets, "steps per chain")
+
+
+def collate_meta(chains: Sequence[Sequence[Sample]], labels: Sequence[float], spec: BatchSpec, prepare_fn: Callable,
+                 *, num_steps: int | None = None, seq_bucket: int | None = None, patch_bucket: int | None = None):
+    """Meta batch: M = ``spec.batch_size`` chains x S steps, rows flattened chain-major.
+
+    ``chains[m][s]`` is the prefix sample of step s + 1 of chain m.  Adds ``step_mask``
+    [M, S] f32 (1 for a real step), ``labels`` [M] f32 and ``chain_mask`` [M] f32.
+    """
+    if len(labels) != len(chains):
+        raise ValueError(f"collate_meta: expected one label per chain; got {len(chains)} chains, {len(labels)} labels")
+    S = num_steps if num_steps is not None else _num_steps([chains], spec)
+    rows, step_mask = _meta_rows(chains, spec, S)
+    batch, stats = collate(rows, spec, prepare_fn, seq_bucket=seq_bucket, patch_bucket=patch_bucket)
+    M = spec.batch_size
+    lab = np.zeros((M,), np.float32)
+    lab[: len(chains)] = np.asarray(labels, np.float32)
+    chain_mask = np.zeros((M,), np.float32)
+    chain_mask[: len(chains)] = 1.0
+    batch.update(step_mask=step_mask, labels=lab, chain_mask=chain_mask)
+    stats["num_steps"] = S
+    return batch, stats
+
+
+def _stack(batches: Sequence[dict]) -> dict:
+    keys = batches[0].keys()
+    for b in batches[1:]:
+        if b.keys() != keys:
+            raise ValueError(f"stack: batches have different keys {sorted(keys)} vs {sorted(b.keys())}")
+    return {k: np.stack([np.asarray(b[k]) for b in batches], axis=0) for k in keys}  # [T, ...]
+
+
+def _merge_stats(stats: Sequence[dict]) -> dict:
+    out = dict(stats[0])
+    out["token_waste"] = float(np.mean([s["token_waste"] for s in stats]))
+    out["patch_waste"] = float(np.mean([s["patch_waste"] for s in stats]))
+    return out
+
+
+def stack_train(groups: Sequence[tuple[Sequence[Sample], Sequence[float], Sequence[int]]], spec: BatchSpec,
+                prepare_fn: Callable):
+    """T training batches ``[(samples, labels, domain_ids)] * T`` -> one dict of [T, ...] arrays.
+
+    All T share the (L, N) buckets of the largest; stats' wastes are the mean over T.
+    """
+    seq_b, patch_b = _buckets_for([g[0] for g in groups], spec)
+    out = [collate_train(s, l, d, spec, prepare_fn, seq_bucket=seq_b, patch_bucket=patch_b) for s, l, d in groups]
+    return _stack([b for b, _ in out]), _merge_stats([s for _, s in out])
+
+
+def stack_meta(groups: Sequence[tuple[Sequence[Sequence[Sample]], Sequence[float]]], spec: BatchSpec,
+               prepare_fn: Callable):
+    """T meta batches ``[(chains, labels)] * T`` -> [T, ...] arrays with one (S, L, N) bucket."""
+    S = _num_steps([g[0] for g in groups], spec)
+    seq_b, patch_b = _buckets_for([[s for c in g[0] for s in c] for g in groups], spec)
+    out = [collate_meta(c, l, spec, prepare_fn, num_steps=S, seq_bucket=seq_b, patch_bucket=patch_b) for c, l in groups]
+    return _stack([b for b, _ in out]), _merge_stats([s for _, s in out])
+
+
+# ----------------------------------------------------------------------------- sampler
+
+
+class Sampler:
+    """Seeded, resumable index sampler over ``num_items`` items, endless over epochs.
+
+    Epoch e visits the permutation ``order(e)``, drawn from ``np.random.default_rng([seed,
+    e])`` (so any epoch can be recomputed from plain ints); ``next()`` returns the next
+    ``batch_size`` indices, continuing into epoch e + 1 when epoch e runs out (every item
+    once per epoch; no sample dropped).  The whole state is ``(epoch, position, seed)``:
+    ``state_dict()`` / ``load_state_dict()`` give the same continuation after a restart.
+
+    Modes (``groups`` = per-item domain ids, needed by the last two):
+
+    * ``"shuffle"``: a uniform permutation (``"sequential"``: no shuffling);
+    * ``"stratified"``: each domain shuffled, then interleaved so every window of the order
+      holds domains in proportion to their sizes (item j of domain g of size n_g gets sort
+      key (j + u_g) / n_g, u_g ~ U[0, 1) per epoch);
+    * ``"balanced"``: every domain contributes n_max = (largest domain size) items per epoch
+      (smaller domains repeat fresh permutations), interleaved round-robin in a random
+      domain order, so each batch holds domains in equal shares.
+    """
+
+    MODES = ("shuffle", "sequential", "stratified", "balanced")
+
+    def __init__(self, num_items: int, batch_size: int, seed: int = 0, mode: str = "shuffle",
+                 groups: Sequence[int] | None = None):
+        if num_items <= 0 or batch_size <= 0:
+            raise ValueError(f"Sampler: expected num_items > 0 and batch_size > 0, got {num_items}, {batch_size}")
+        if mode not in self.MODES:
+            raise ValueError(f"Sampler.mode: expected one of {self.MODES}, got {mode!r}")
+        if mode in ("stratified", "balanced"):
+            if groups is None or len(groups) != num_items:
+                raise ValueError(f"Sampler mode {mode!r}: expected groups with one domain id per item ({num_items})")
+        self.num_items, self.batch_size, self.mode = int(num_items), int(batch_size), mode
+        self.groups = None if groups is None else np.asarray(groups, np.int64)
+        self.seed, self.epoch, self.position = int(seed), 0, 0
+        self._cache: tuple[int, np.ndarray] | None = None
+
+    def order(self, epoch: int) -> np.ndarray:
+        """Item order of ``epoch`` (int64 [epoch length])."""
+        if self._cache is not None and self._cache[0] == epoch:
+            return self._cache[1]
+        rng = np.random.default_rng([self.seed, epoch])
+        n = self.num_items
+        if self.mode == "sequential":
+            order = np.arange(n)
+        elif self.mode == "shuffle":
+            order = rng.permutation(n)
+        else:
+            domains = np.unique(self.groups)
+            members = [rng.permutation(np.flatnonzero(self.groups == g)) for g in domains]
+            if self.mode == "stratified":
+                keys = np.concatenate([(np.arange(len(m)) + rng.random()) / len(m) for m in members])
+                items = np.concatenate(members)
+            else:
+                n_max = max(len(m) for m in members)
+                rank = rng.permutation(len(members))  # domain order within each round
+                items, keys = [], []
+                for g, m in enumerate(members):
+                    reps = [m] + [rng.permutation(m) for _ in range(-(-n_max // len(m)) - 1)]
+                    items.append(np.concatenate(reps)[:n_max])
+                    keys.append(np.arange(n_max) + rank[g] / len(members))
+                items, keys = np.concatenate(items), np.concatenate(keys)
+            order = items[np.argsort(keys, kind="stable")]
+        self._cache = (epoch, order)
+        return order
+
+    def next(self) -> np.ndarray:
+        """The next ``batch_size`` item indices (int64)."""
+        out = []
+        need = self.batch_size
+        while need:
+            order = self.order(self.epoch)
+            take = order[self.position: self.position + need]
+            out.append(take)
+            need -= len(take)
+            self.position += len(take)
+            if self.position >= len(order):
+                self.epoch, self.position = self.epoch + 1, 0
+        return np.concatenate(out)
+
+    def __iter__(self):
+        while True:
+            yield self.next()
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position, "seed": self.seed}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.position, self.seed = int(state["epoch"]), int(state["position"]), int(state["seed"])
+        self._cache = None
+
+
+# ----------------------------------------------------------------------------- from prepared tables
+
+
+class BatchBuilder:
+    """Reads rows of a :class:`~dreamprm_jax.data.dataset.PreparedData` and collates them.
+
+    ``train_batch(indices)`` / ``stacked_train(list_of_indices)`` for training tables,
+    ``meta_batch(chain_indices)`` / ``stacked_meta(list_of_chain_indices)`` for meta tables.
+    Image patches are read once per distinct image per call.
+    """
+
+    def __init__(self, data: Any, spec: BatchSpec, prepare_fn: Callable):
+        self.data, self.spec, self.prepare_fn = data, spec, prepare_fn
+        self.samples = data.samples.with_format("numpy")
+        self.images = data.images.with_format("numpy")
+        self.patch_dim = data.info.get("patch_dim")
+        if spec.patch_dim is None and self.patch_dim is not None:
+            self.spec = dataclasses.replace(spec, patch_dim=int(self.patch_dim))
+        self._chains = data.chain_rows() if data.info["kind"] == "meta" else None
+
+    @property
+    def num_chains(self) -> int:
+        return len(self._chains)
+
+    def _rows(self, indices: Sequence[int]) -> tuple[list[Sample], dict]:
+        idx = [int(i) for i in indices]
+        cols = self.samples[idx]
+        images: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        out = []
+        for j in range(len(idx)):
+            ids = np.asarray(cols["input_ids"][j], np.int32)
+            im = int(cols["image_index"][j])
+            if im < 0:
+                out.append(Sample(ids))
+                continue
+            if im not in images:
+                row = self.images[im]
+                grid = np.asarray(row["image_grid_thw"], np.int64)
+                images[im] = (np.asarray(row["pixel_values"], np.float32).reshape(int(row["num_patches"]), -1), grid)
+            out.append(Sample(ids, *images[im]))
+        return out, cols
+
+    def _train_group(self, indices):
+        rows, cols = self._rows(indices)
+        return rows, np.asarray(cols["label"], np.float32), np.asarray(cols["domain_id"], np.int32)
+
+    def train_batch(self, indices: Sequence[int]):
+        return collate_train(*self._train_group(indices), self.spec, self.prepare_fn)
+
+    def stacked_train(self, index_lists: Sequence[Sequence[int]]):
+        return stack_train([self._train_group(i) for i in index_lists], self.spec, self.prepare_fn)
+
+    def _meta_group(self, chain_indices):
+        chains, labels = [], []
+        for c in chain_indices:
+            start, count = self._chains[int(c)]
+            rows, cols = self._rows(range(start, start + count))
+            chains.append(rows)
+            labels.append(float(cols["label"][0]))
+        return chains, labels
+
+    def meta_batch(self, chain_indices: Sequence[int]):
+        return collate_meta(*self._meta_group(chain_indices), self.spec, self.prepare_fn)
+
+    def stacked_meta(self, chain_lists: Sequence[Sequence[int]]):
+        return stack_meta([self._meta_group(c) for c in chain_lists], self.spec, self.prepare_fn)

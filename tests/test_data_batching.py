@@ -1,0 +1,278 @@
+"""Cached Arrow tables, bucketing, collation masks, stacking and the resumable sampler.
+
+Uses a fake encoder and a fake ``prepare_batch`` with the contract's signatures so the
+tests do not depend on the processor / model; one integration test uses the real ones
+when they are importable.
+"""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from dreamprm_jax.data.batching import (
+    BatchBuilder,
+    BatchSpec,
+    Sample,
+    Sampler,
+    choose_bucket,
+    collate_meta,
+    collate_train,
+    power_of_two_buckets,
+    stack_meta,
+    stack_train,
+)
+from dreamprm_jax.data.dataset import build_meta_dataset, build_train_dataset
+
+D = 12  # fake patch dim
+PAD = 0
+IMAGE_TOKEN = 99
+
+
+class FakeEncoded:
+    def __init__(self, input_ids, pixel_values=None, image_grid_thw=None):
+        self.input_ids, self.pixel_values, self.image_grid_thw = input_ids, pixel_values, image_grid_thw
+
+
+class FakeProcessor:
+    """encode(text, image): one token per character; an image of h x w px -> (h/8) x (w/8) patches."""
+
+    max_image_side = 64
+
+    def __init__(self):
+        self._calls = 0  # private: public primitive attributes are processor settings (cache key)
+
+    @property
+    def calls(self):
+        return self._calls
+
+    def encode(self, text, image=None):
+        self._calls += 1
+        ids = [1 + (ord(c) % 50) for c in text]
+        if image is None:
+            return FakeEncoded(np.asarray(ids, np.int32))
+        arr = np.asarray(image, np.float32)
+        gh, gw = arr.shape[0] // 8, arr.shape[1] // 8
+        patches = arr[: gh * 8, : gw * 8].reshape(gh, 8, gw, 8, 3).mean(axis=(1, 3))  # [gh, gw, 3]
+        pixels = np.repeat(patches.reshape(gh * gw, 3), D // 3, axis=1) / 255.0  # [P, D]
+        ids = [IMAGE_TOKEN] * (gh * gw // 4) + ids
+        return FakeEncoded(np.asarray(ids, np.int32), pixels.astype(np.float32), np.asarray([[1, gh, gw]], np.int64))
+
+
+def fake_prepare(input_ids, attention_mask, pixel_values=None, image_grid_thw=None, *, num_patches=None):
+    B, L = input_ids.shape
+    pos = np.clip(np.cumsum(attention_mask, axis=1) - 1, 0, None).astype(np.int32)
+    out = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": np.broadcast_to(pos, (3, B, L)).copy()}
+    if pixel_values is not None:
+        N = num_patches
+        pv = np.zeros((N, pixel_values.shape[1]), np.float32)
+        pv[: len(pixel_values)] = pixel_values
+        seg = np.full((N,), -1, np.int32)
+        sizes = [int(np.prod(g)) for g in image_grid_thw]
+        seg[: sum(sizes)] = np.repeat(np.arange(len(sizes)), sizes)
+        out.update(pixel_values=pv, vision_position_ids=np.zeros((N, 2), np.int32), vision_segment_ids=seg)
+    return out
+
+
+def sample(n, patches=0):
+    px = None if not patches else np.ones((patches, D), np.float32)
+    grid = None if not patches else np.asarray([1, 2, patches // 2])
+    return Sample(np.arange(1, n + 1, dtype=np.int32), px, grid)
+
+
+# ----------------------------------------------------------------------------- buckets
+
+
+def test_buckets():
+    assert power_of_two_buckets(100, 16) == (16, 32, 64, 128)
+    assert choose_bucket(33, (16, 32, 64)) == 64
+    assert choose_bucket(16, (64, 16, 32)) == 16
+    with pytest.raises(ValueError, match="sequence length 65 exceeds"):
+        choose_bucket(65, (16, 32, 64), "sequence length")
+
+
+# ----------------------------------------------------------------------------- collation
+
+
+SPEC = BatchSpec(batch_size=4, seq_buckets=(8, 16, 32), patch_buckets=(16, 32, 64), pad_id=PAD, patch_dim=D)
+
+
+def test_collate_train_shapes_masks_and_waste():
+    rows = [sample(5, 8), sample(11), sample(3, 4)]
+    batch, stats = collate_train(rows, [0.5, 1.0, 0.0], [0, 1, 1], SPEC, fake_prepare)
+    assert batch["input_ids"].shape == (4, 16) and batch["input_ids"].dtype == np.int32
+    assert batch["position_ids"].shape == (3, 4, 16)
+    assert batch["pixel_values"].shape == (16, D)
+    np.testing.assert_array_equal(batch["vision_segment_ids"][:12], [0] * 8 + [1] * 4)
+    np.testing.assert_array_equal(batch["vision_segment_ids"][12:], -1)
+    np.testing.assert_array_equal(batch["attention_mask"].sum(1), [5, 11, 3, 1])  # dummy row: one pad token
+    np.testing.assert_array_equal(batch["sample_mask"], [1, 1, 1, 0])
+    np.testing.assert_array_equal(batch["labels"], np.asarray([0.5, 1.0, 0.0, 0.0], np.float32))
+    np.testing.assert_array_equal(batch["domain_ids"], [0, 1, 1, 0])
+    assert (stats["seq_bucket"], stats["patch_bucket"]) == (16, 16)
+    assert stats["token_waste"] == pytest.approx(1 - 19 / 64, abs=1e-12)
+    assert stats["patch_waste"] == pytest.approx(1 - 12 / 16, abs=1e-12)
+
+
+def test_left_padding():
+    spec = BatchSpec(batch_size=2, seq_buckets=(8,), pad_id=PAD, padding_side="left")
+    batch, _ = collate_train([sample(3)], [1.0], [0], spec, fake_prepare)
+    np.testing.assert_array_equal(batch["input_ids"][0], [0, 0, 0, 0, 0, 1, 2, 3])
+    np.testing.assert_array_equal(batch["attention_mask"][0], [0, 0, 0, 0, 0, 1, 1, 1])
+    np.testing.assert_array_equal(batch["attention_mask"][1], [0] * 7 + [1])
+    assert "pixel_values" not in batch  # text-only spec
+
+
+def test_collate_errors():
+    with pytest.raises(ValueError, match="exceeds the largest bucket"):
+        collate_train([sample(40)], [1.0], [0], SPEC, fake_prepare)
+    with pytest.raises(ValueError, match="at most 4"):
+        collate_train([sample(2)] * 5, [1.0] * 5, [0] * 5, SPEC, fake_prepare)
+    with pytest.raises(ValueError, match="patch_buckets is None"):
+        collate_train([sample(2, 4)], [1.0], [0], BatchSpec(2, (8,)), fake_prepare)
+
+
+def test_collate_meta_chain_major_masks():
+    spec = BatchSpec(batch_size=3, seq_buckets=(16,), patch_buckets=(64,), pad_id=PAD, patch_dim=D, max_steps=3)
+    chains = [[sample(4, 4), sample(6, 4), sample(8, 4)], [sample(5)]]
+    batch, stats = collate_meta(chains, [1.0, 0.0], spec, fake_prepare)
+    M, S = 3, 3
+    assert batch["input_ids"].shape == (M * S, 16)
+    np.testing.assert_array_equal(batch["step_mask"], [[1, 1, 1], [1, 0, 0], [0, 0, 0]])
+    np.testing.assert_array_equal(batch["chain_mask"], [1, 1, 0])
+    np.testing.assert_array_equal(batch["labels"], np.asarray([1, 0, 0], np.float32))
+    # chain-major: row m * S + s is step s + 1 of chain m
+    np.testing.assert_array_equal(batch["attention_mask"].sum(1), [4, 6, 8, 5, 1, 1, 1, 1, 1])
+    assert stats["num_steps"] == 3 and batch["pixel_values"].shape == (64, D)
+    with pytest.raises(ValueError, match="max_steps"):
+        collate_meta([[sample(2)] * 4], [1.0], spec, fake_prepare)
+
+
+def test_stacking_uses_one_bucket():
+    groups = [([sample(3)], [1.0], [0]), ([sample(20, 40), sample(2)], [0.0, 1.0], [1, 0])]
+    stacked, stats = stack_train(groups, SPEC, fake_prepare)
+    assert stacked["input_ids"].shape == (2, 4, 32)
+    assert stacked["position_ids"].shape == (2, 3, 4, 32)
+    assert stacked["pixel_values"].shape == (2, 64, D)  # the text-only batch gets the image slots too
+    np.testing.assert_array_equal(stacked["sample_mask"], [[1, 0, 0, 0], [1, 1, 0, 0]])
+    assert stats["seq_bucket"] == 32 and stats["patch_bucket"] == 64
+    spec = BatchSpec(batch_size=2, seq_buckets=(8, 16), patch_buckets=(64,), patch_dim=D)  # S from step_buckets
+    mstacked, mstats = stack_meta([([[sample(3)] * 3], [1.0]), ([[sample(9)]], [0.0])], spec, fake_prepare)
+    assert mstats["num_steps"] == 4 and mstacked["step_mask"].shape == (2, 2, 4)
+    assert mstacked["input_ids"].shape == (2, 8, 16)
+
+
+# ----------------------------------------------------------------------------- sampler
+
+
+@pytest.mark.parametrize("mode", ["shuffle", "stratified", "balanced"])
+def test_sampler_resume_equality(mode):
+    groups = [0] * 7 + [1] * 3 + [2] * 2
+    a = Sampler(12, 5, seed=3, mode=mode, groups=groups)
+    for _ in range(4):
+        a.next()
+    state = json.loads(json.dumps(a.state_dict()))  # plain ints survive a checkpoint round trip
+    assert set(state) == {"epoch", "position", "seed"}
+    expected = [a.next() for _ in range(6)]
+    b = Sampler(12, 5, seed=0, mode=mode, groups=groups)
+    b.load_state_dict(state)
+    for want in expected:
+        np.testing.assert_array_equal(b.next(), want)
+
+
+def test_sampler_epochs_cover_everything():
+    s = Sampler(10, 4, seed=1)
+    seen = np.concatenate([s.next() for _ in range(5)])  # 20 = two epochs exactly
+    assert sorted(seen[:10]) == list(range(10)) and sorted(seen[10:]) == list(range(10))
+    assert not np.array_equal(seen[:10], seen[10:])
+    assert s.state_dict() == {"epoch": 2, "position": 0, "seed": 1}
+    np.testing.assert_array_equal(Sampler(10, 4, seed=1).order(1), s.order(1))
+
+
+def test_sampler_domain_modes():
+    groups = np.asarray([0] * 8 + [1] * 2)
+    strat = Sampler(10, 5, seed=0, mode="stratified", groups=groups).order(0)
+    assert sorted(strat) == list(range(10))
+    assert (groups[strat[:5]] == 1).sum() == 1  # proportional: 1 of 5 from the 2-item domain
+    bal = Sampler(10, 4, seed=0, mode="balanced", groups=groups).order(0)
+    assert len(bal) == 16
+    for k in range(0, 16, 2):  # every consecutive pair holds one item of each domain
+        assert sorted(groups[bal[k: k + 2]]) == [0, 1]
+    with pytest.raises(ValueError, match="groups"):
+        Sampler(10, 4, mode="balanced")
+
+
+# ----------------------------------------------------------------------------- tables + cache
+
+
+@pytest.fixture
+def data_dir(tmp_path):
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(tmp_path / "a.png")
+    Image.fromarray(rng.integers(0, 255, (16, 32, 3), dtype=np.uint8)).save(tmp_path / "b.png")
+    train = [
+        {"input": "Q1", "add": "Step 1: x", "image_path": "a.png", "dataset": "math", "accuracy": 0.25, "id": "q1", "sid": 1},
+        {"input": "Q1", "add": "Step 1: x Step 2: y", "image_path": "a.png", "dataset": "math", "accuracy": 0.5,
+         "id": "q1", "sid": 2},
+        {"input": "Q2 longer question", "add": "Step 1: z", "image_path": "b.png", "dataset": "sci", "accuracy": 1.0},
+        {"input": "Q3", "add": "Step 1: w", "image_path": None, "dataset": "sci", "accuracy": 0.0},
+    ]
+    (tmp_path / "train.json").write_text(json.dumps(train))
+    meta = [
+        {"input": "Q Step 1: a Step 2: bb Step 3: c Final answer: d", "image_path": "a.png", "true_false": True},
+        {"input": "Q Step 1: a Final answer: d", "image_path": None, "true_false": False},
+    ]
+    (tmp_path / "meta.jsonl").write_text("\n".join(json.dumps(m) for m in meta))
+    return tmp_path
+
+
+def test_train_table_and_cache_hit(data_dir, tmp_path_factory):
+    cache = tmp_path_factory.mktemp("cache")
+    proc = FakeProcessor()
+    data = build_train_dataset(data_dir / "train.json", proc, cache)
+    assert not data.from_cache and proc.calls == 4
+    assert data.domains == ("math", "sci") and data.info["num_images"] == 2 and data.info["patch_dim"] == D
+    np.testing.assert_array_equal(data.samples["image_index"], [0, 0, 1, -1])
+    np.testing.assert_array_equal(data.samples["num_patches"], [16, 16, 8, 0])
+    np.testing.assert_array_equal(data.samples["domain_id"], [0, 0, 1, 1])
+    np.testing.assert_allclose(data.samples["label"], [0.25, 0.5, 1.0, 0.0], rtol=0, atol=0)
+
+    again = build_train_dataset(data_dir / "train.json", proc, cache)
+    assert again.from_cache and proc.calls == 4  # second run: the encoder is not called
+    assert again.path == data.path
+
+    # a change to an image's bytes invalidates the key
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(data_dir / "a.png")
+    third = build_train_dataset(data_dir / "train.json", proc, cache)
+    assert not third.from_cache and proc.calls == 8 and third.path != data.path
+
+    builder = BatchBuilder(third, BatchSpec(4, (32, 64), (32, 64), pad_id=PAD), fake_prepare)
+    batch, stats = builder.train_batch([3, 0, 2])
+    assert batch["input_ids"].shape == (4, 32) and batch["pixel_values"].shape == (32, D)
+    np.testing.assert_array_equal(batch["sample_mask"], [1, 1, 1, 0])
+    np.testing.assert_array_equal(batch["domain_ids"], [1, 0, 1, 0])
+    assert stats["patch_waste"] == pytest.approx(1 - 24 / 32, abs=1e-12)
+    enc = FakeProcessor().encode("Q1\n\nStep 1: x", Image.open(data_dir / "a.png").convert("RGB"))
+    np.testing.assert_array_equal(batch["input_ids"][1, : len(enc.input_ids)], enc.input_ids)
+    np.testing.assert_allclose(batch["pixel_values"][:16], enc.pixel_values, rtol=0, atol=1e-7)
+    stacked, _ = builder.stacked_train([[0, 1], [2, 3]])
+    assert stacked["input_ids"].shape == (2, 4, 32)
+
+
+def test_meta_table_and_batches(data_dir, tmp_path_factory):
+    cache = tmp_path_factory.mktemp("cache")
+    proc = FakeProcessor()
+    data = build_meta_dataset(data_dir / "meta.jsonl", proc, cache)
+    assert data.info["num_chains"] == 2 and data.info["max_steps"] == 3 and proc.calls == 4
+    np.testing.assert_array_equal(data.chain_rows(), [[0, 3], [3, 1]])
+    np.testing.assert_array_equal(data.samples["step"], [1, 2, 3, 1])
+    assert build_meta_dataset(data_dir / "meta.jsonl", proc, cache).from_cache and proc.calls == 4
+    builder = BatchBuilder(data, BatchSpec(2, (64,), (64,), pad_id=PAD, max_steps=4), fake_prepare)
+    batch, _ = builder.meta_batch([1, 0])
+    np.testing.assert_array_equal(batch["step_mask"], [[1, 0, 0, 0], [1, 1, 1, 0]])
+    np.testing.assert_array_equal(batch["labels"], np.asarray([0, 1], np.float32))
+    lengths = batch["attention_mask"].sum(1)
+    assert lengths[4] < lengths[5] < lengths[6]  # prefixes of chain 0 grow
+    stacked, _ = builder.stacked_meta([[0], [1, 0]])
+    assert stacked["step_mask"].shape == (2, 2, 4)
