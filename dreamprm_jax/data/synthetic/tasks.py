@@ -1,0 +1,228 @@
+"""Questions about the synthetic images and five-step chains of thought about them.
+
+A chain has the DreamPRM structure, one line per step::
+
+    Step 1: <restate the question>
+    Step 2: <evidence read from the image: the target value v and one distractor value u>
+    Step 3: <background, restating the value>
+    Step 4: <reasoning with the value>
+    Step 5: <conclusion>
+    Final answer: <value of step 5>
+
+Steps 3, 4 and 5 each state the value they use.  A *planted error* at step k (k in 3..5)
+is a copy-consistency error: from step k on the chain uses a wrong value w != v (w is
+also != u, so "every value after step 2 appears in step 2" is a sufficient check), and
+the final answer is w.  The error is therefore visible in the text alone, as a
+contradiction with step 2; a small model learns that check quickly (an arithmetic rule
+is not learnable on the CPU demo's budget).  ``blatant`` errors use the value 0, which no
+correct chain ever states.
+
+Texts are short on purpose (about 60-120 tokens per question + full chain with a
+~1000-token byte-level BPE), and every step has two paraphrases so that a position in the
+template is not a label.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Sequence
+
+import numpy as np
+from PIL import Image
+
+from dreamprm_jax.data.synthetic import images
+
+__all__ = [
+    "TASKS", "NUM_STEPS", "STEP_SEPARATOR", "BLATANT_VALUE", "Problem", "Chain",
+    "sample_problem", "sample_wrong_value", "make_chain", "render_problem", "prefix_text", "chain_text",
+]
+
+TASKS: tuple[str, ...] = ("bars", "count", "shapes")
+NUM_STEPS = 5
+ERROR_STEPS: tuple[int, ...] = (3, 4, 5)
+STEP_SEPARATOR = "\n"
+BLATANT_VALUE = 0
+
+_SHAPE_NAMES = {3: "triangle", 4: "square", 5: "pentagon", 6: "hexagon", 7: "heptagon", 8: "octagon"}
+_VALUE_RANGE = {"bars": (1, 9), "count": (1, 9), "shapes": (3, 8)}
+
+# Per task: question, then two paraphrases per step.  Slots: t target, v true value,
+# d distractor, u distractor value, x the value this step states, c colour (shapes).
+_TEMPLATES: dict[str, dict[str, Any]] = {
+    "bars": {
+        "question": "What is the height of the {t} bar?",
+        "steps": (
+            ("We need the height of the {t} bar.", "The question asks how tall the {t} bar is."),
+            ("The image shows the {t} bar at {v} and the {d} bar at {u}.",
+             "In the chart the {d} bar is {u} and the {t} bar is {v}."),
+            ("Heights are read on the axis, so {t} is {x}.", "A bar's height is its top value, here {x} for {t}."),
+            ("The {t} bar reaches level {x}.", "The top of the {t} bar is at {x}."),
+            ("So the {t} bar has height {x}.", "Therefore the {t} bar is {x} tall."),
+        ),
+    },
+    "count": {
+        "question": "How many {t} squares are in the grid?",
+        "steps": (
+            ("We count the {t} squares in the grid.", "The question asks for the number of {t} squares."),
+            ("The image shows {v} {t} squares and {u} {d} squares.",
+             "In the grid there are {u} {d} squares and {v} {t} squares."),
+            ("Each square counts once, so {t} gives {x}.", "Counting one by one, the {t} total is {x}."),
+            ("The number of {t} squares is {x}.", "We found {x} squares that are {t}."),
+            ("So there are {x} {t} squares.", "Therefore the grid has {x} {t} squares."),
+        ),
+    },
+    "shapes": {
+        "question": "How many sides does the shape have?",
+        "steps": (
+            ("We need the number of sides of the shape.", "The question asks how many sides the shape has."),
+            ("The image shows a {c} {t} with {v} sides and {u} dots.",
+             "We see {u} dots inside a {c} {t} of {v} sides."),
+            ("A {t} is a polygon, here with {x} sides.", "Polygons are named by sides, so this one has {x}."),
+            ("Its {x} corners match its {x} sides.", "Counting edges of the {t} gives {x}."),
+            ("So the shape has {x} sides.", "Therefore the {t} has {x} sides."),
+        ),
+    },
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Problem:
+    """One question about one image.
+
+    ``value`` (= ``answer``) is the target quantity, ``distractor_value`` the other number
+    step 2 states; ``scene`` holds the renderer arguments.
+    """
+
+    task: str
+    question: str
+    answer: int
+    target: str
+    distractor: str
+    distractor_value: int
+    scene: dict = dataclasses.field(compare=False, hash=False)
+
+    @property
+    def value_range(self) -> tuple[int, int]:
+        return _VALUE_RANGE[self.task]
+
+
+@dataclasses.dataclass(frozen=True)
+class Chain:
+    """Five step bodies (without the ``Step k:`` marker), the final answer, the planted error.
+
+    ``first_error`` is the 1-based step of the first wrong value, or None for a correct chain.
+    """
+
+    steps: tuple[str, ...]
+    answer: str
+    first_error: int | None
+
+    @property
+    def correct(self) -> bool:
+        return self.first_error is None
+
+    def step_labels(self) -> list[int]:
+        """1 for steps before the first error, 0 from it on."""
+        k = self.first_error or NUM_STEPS + 1
+        return [1 if s < k else 0 for s in range(1, NUM_STEPS + 1)]
+
+
+def prefix_text(steps: Sequence[str], k: int) -> str:
+    """``"Step 1: s1\\nStep 2: s2\\n...Step k: sk\\n"`` (each step ends with the separator).
+
+    The trailing separator makes ``question + "\\n\\n" + prefix_text(steps, k)`` byte-equal
+    to prefix k of the full meta chain as :func:`dreamprm_jax.data.steps.split_steps`
+    cuts it (the text before the ``Step k+1`` marker), so training texts and meta step
+    prefixes end on the same token.
+    """
+    if not 1 <= k <= len(steps):
+        raise ValueError(f"prefix_text: k must be in 1..{len(steps)}, got {k}")
+    return "".join(f"Step {i}: {body}{STEP_SEPARATOR}" for i, body in enumerate(steps[:k], start=1))
+
+
+def chain_text(chain: Chain) -> str:
+    """The full chain: all steps, then ``Final answer: X``."""
+    return prefix_text(chain.steps, len(chain.steps)) + f"Final answer: {chain.answer}"
+
+
+def _choice(rng: np.random.Generator, seq: Sequence[Any]) -> Any:
+    return seq[int(rng.integers(len(seq)))]
+
+
+def sample_problem(rng: np.random.Generator, tasks: Sequence[str] = TASKS) -> Problem:
+    """A random question (task chosen uniformly from ``tasks``) with its scene."""
+    task = _choice(rng, tuple(tasks))
+    if task == "bars":
+        colours = tuple(str(c) for c in rng.permutation(["red", "green", "blue"]))
+        values = tuple(int(v) for v in rng.choice(np.arange(1, 10), size=3, replace=False))
+        ti, di = (int(i) for i in rng.choice(3, size=2, replace=False))
+        return Problem(task, _TEMPLATES[task]["question"].format(t=colours[ti]), values[ti], colours[ti],
+                       colours[di], values[di], {"values": values, "colours": colours})
+    if task == "count":
+        target, other = (str(c) for c in rng.choice(list(images.COLOURS), size=2, replace=False))
+        n = int(rng.integers(1, 10))
+        m_options = [m for m in range(1, min(6, 16 - n) + 1) if m != n]
+        m = int(_choice(rng, m_options))
+        cells: list[str | None] = [None] * 16
+        order = rng.permutation(16)
+        for i in order[:n]:
+            cells[int(i)] = target
+        for i in order[n:n + m]:
+            cells[int(i)] = other
+        return Problem(task, _TEMPLATES[task]["question"].format(t=target), n, target, other, m,
+                       {"cells": tuple(cells)})
+    if task == "shapes":
+        sides = int(rng.integers(3, 9))
+        colour = str(_choice(rng, list(images.COLOURS)))
+        dots = int(_choice(rng, [d for d in range(1, 5) if d != sides]))
+        rotation = float(rng.uniform(0.0, 2 * math.pi))
+        return Problem(task, _TEMPLATES[task]["question"], sides, _SHAPE_NAMES[sides], "dots", dots,
+                       {"sides": sides, "colour": colour, "dots": dots, "rotation": rotation})
+    raise ValueError(f"sample_problem: unknown task {task!r}; expected one of {TASKS}")
+
+
+def sample_wrong_value(problem: Problem, rng: np.random.Generator, blatant: bool = False) -> int:
+    """A wrong value: in the task's range and different from both numbers of step 2 (or 0 if blatant)."""
+    if blatant:
+        return BLATANT_VALUE
+    lo, hi = problem.value_range
+    options = [w for w in range(lo, hi + 1) if w not in (problem.answer, problem.distractor_value)]
+    return int(_choice(rng, options))
+
+
+def make_chain(problem: Problem, rng: np.random.Generator, first_error: int | None = None,
+               wrong_value: int | None = None) -> Chain:
+    """A chain for ``problem``; with ``first_error = k`` steps k..5 and the answer use ``wrong_value``.
+
+    The paraphrase of each step is drawn from ``rng`` (5 draws, whatever ``first_error``).
+    """
+    if first_error is not None:
+        if first_error not in ERROR_STEPS:
+            raise ValueError(f"make_chain: first_error must be one of {ERROR_STEPS} (steps that restate the "
+                             f"value), got {first_error}")
+        if wrong_value is None or wrong_value == problem.answer:
+            raise ValueError(f"make_chain: an error chain needs a wrong_value != {problem.answer}, got {wrong_value}")
+    templates = _TEMPLATES[problem.task]["steps"]
+    slots = {"t": problem.target, "v": problem.answer, "d": problem.distractor, "u": problem.distractor_value,
+             "c": problem.scene.get("colour", "")}
+    variants = rng.integers(2, size=NUM_STEPS)
+    steps = []
+    x = problem.answer
+    for k in range(1, NUM_STEPS + 1):
+        if first_error is not None and k >= first_error:
+            x = wrong_value
+        steps.append(templates[k - 1][int(variants[k - 1])].format(x=x, **slots))
+    return Chain(tuple(steps), str(x), first_error)
+
+
+def render_problem(problem: Problem, size: int) -> Image.Image:
+    """The image the question is about."""
+    s = problem.scene
+    if problem.task == "bars":
+        return images.render_bars(s["values"], s["colours"], size)
+    if problem.task == "count":
+        return images.render_count(s["cells"], size)
+    if problem.task == "shapes":
+        return images.render_shape(s["sides"], s["colour"], s["dots"], s["rotation"], size)
+    raise ValueError(f"render_problem: unknown task {problem.task!r}")
