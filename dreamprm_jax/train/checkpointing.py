@@ -42,7 +42,7 @@ sharded restore onto another mesh is a matter of passing shardings in the target
 Example::
 
     ckpt = Checkpointer("runs/x/ckpt", save_every=500, keep=3)
-    restored = ckpt.restore_latest(jax.eval_shape(lambda: state))
+    restored = ckpt.restore_latest(abstract_like(state))   # state: freshly initialised
     start = 0
     if restored is not None:
         start, state, extra = restored

@@ -125,7 +125,9 @@ def plot_domain_weights(
                             textcoords="offset points", fontsize=8, color=line.get_color(), va="center")
     ax.axhline(1.0, color="grey", linestyle="--", linewidth=0.8)
     ax.set_xlabel("step")
-    ax.set_ylabel("domain weight  softplus(r) / mean softplus(r)")
+    ax.set_ylabel("domain weight  w = softplus(r) / mean softplus(r)")
+    if quality is not None:
+        ax.margins(x=0.08)  # room for the end-of-line labels
     ax.set_title(title or "Domain weights")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8, loc="best", ncol=1 if len(names) <= 8 else 2)
@@ -149,7 +151,7 @@ def plot_losses(
         raise ValueError(f"{where}: none of the loss fields {list(keys)} is present")
     fig = Figure(figsize=(5 * len(present), 3.8))
     for i, k in enumerate(present):
-        rows = [r for r in records if r.get(k) is not None or k in r]
+        rows = [r for r in records if k in r]  # null (non-finite) values plot as gaps
         steps = np.asarray([r["step"] for r in rows])  # [T]
         values = np.asarray([_value(r.get(k)) for r in rows], dtype=np.float64)  # [T]
         ax = fig.add_subplot(1, len(present), i + 1)
