@@ -276,3 +276,51 @@ def test_meta_table_and_batches(data_dir, tmp_path_factory):
     assert lengths[4] < lengths[5] < lengths[6]  # prefixes of chain 0 grow
     stacked, _ = builder.stacked_meta([[0], [1, 0]])
     assert stacked["step_mask"].shape == (2, 2, 4)
+
+
+# ----------------------------------------------------------------------------- integration (real processor + model)
+
+
+def test_integration_real_processor_and_model(data_dir, tmp_path_factory):
+    """Real Processor -> cached tables -> BatchBuilder -> qwen2_vl.prepare_batch -> forward.
+
+    A row's logits at its real positions must not depend on the rest of the batch: the
+    sample beside other samples / images (row 1) and alone with dummy rows (row 0) agree
+    (atol 2e-5, float32), with right padding, dummy rows and padded patch slots.
+    """
+    qwen2_vl = pytest.importorskip("dreamprm_jax.models.qwen2_vl")
+    if not hasattr(qwen2_vl, "prepare_batch"):
+        pytest.skip("qwen2_vl.prepare_batch has not landed")
+    import jax
+
+    from dreamprm_jax.data.batching import model_prepare_fn
+    from dreamprm_jax.data.processor import Processor, build_offline_tokenizer
+
+    tok = tmp_path_factory.mktemp("tok")
+    build_offline_tokenizer(["Q1 Step 1: x Step 2: y", "Q2 longer question Step 1: z w"] * 5, 300, tok)
+    probe = Processor.from_directory(tok)
+    sp = probe.special_token_ids
+    config = qwen2_vl.tiny(vocab_size=max(256, sp.vocab_size), image_token_id=sp.image_pad,
+                           video_token_id=sp.video_pad, vision_start_token_id=sp.vision_start,
+                           vision_end_token_id=sp.vision_end)
+    processor = Processor.from_directory(tok, vision=config.vision, max_image_side=32, min_pixels=64,
+                                         max_pixels=32 * 32)
+    data = build_train_dataset(data_dir / "train.json", processor, tmp_path_factory.mktemp("cache"))
+    assert data.info["patch_dim"] == config.vision.patch_dim
+    spec = BatchSpec(4, power_of_two_buckets(512, 64), power_of_two_buckets(1024, 16), pad_id=sp.pad)
+    builder = BatchBuilder(data, spec, model_prepare_fn(config))
+    batch, stats = builder.train_batch([2, 0, 3])  # two images + a text-only row + a dummy row
+    assert batch["pixel_values"].shape == (stats["patch_bucket"], config.vision.patch_dim)
+    np.testing.assert_array_equal(batch["sample_mask"], [1, 1, 1, 0])
+
+    params = qwen2_vl.init_params(config, jax.random.PRNGKey(0))
+    forward = jax.jit(qwen2_vl.forward, static_argnums=0)
+    full = np.asarray(forward(config, params, batch))
+    assert np.isfinite(full).all()  # dummy row included
+    # the same sample alone in row 0 (other rows dummy), same buckets -> same compiled function
+    rows, _ = builder._rows([0])
+    alone_batch, _ = collate_train(rows, [0.0], [0], builder.spec, model_prepare_fn(config),
+                                   seq_bucket=stats["seq_bucket"], patch_bucket=stats["patch_bucket"])
+    alone = np.asarray(forward(config, params, alone_batch))
+    n = len(rows[0].input_ids)
+    np.testing.assert_allclose(full[1, :n], alone[0, :n], rtol=0, atol=2e-5)
