@@ -2,29 +2,15 @@
 
 import json
 import os
-import re
 
 import pytest
 
+from dreamprm_jax.data.steps import find_max_step, split_step_reference, split_steps
 from dreamprm_jax.inference import candidates as cand
+from dreamprm_jax.inference.scoring import default_prompt
 
 
 # --- step splitting ---------------------------------------------------------------------
-
-
-def _reference_split_step(s_id, response):
-    """The DreamPRM reference (data.py split_step), kept here as a test oracle."""
-    s, s_next = f"Step {s_id}", f"Step {s_id + 1}"
-    if s_next in response:
-        return response.split(s_next)[0]
-    if "Final answer" in response and s in response:
-        return response.split("Final answer")[0]
-    return ""
-
-
-def _reference_max_step(response):
-    nums = re.findall(r"Step[\s:]*(\d+)", response, re.IGNORECASE)
-    return max(map(int, nums)) if nums else 0
 
 
 @pytest.mark.parametrize("text", [
@@ -35,20 +21,28 @@ def _reference_max_step(response):
     "Step 9: r\nStep 10: q\nFinal answer: 10",
 ])
 def test_step_prefixes_match_reference_on_well_formed_chains(text):
-    ref = [_reference_split_step(k, text).strip() for k in range(1, _reference_max_step(text) + 1)]
-    assert cand.find_max_step(text) == _reference_max_step(text)
+    ref = [split_step_reference(k, text) for k in range(1, find_max_step(text) + 1)]
     assert cand.step_prefixes(text) == ref
+
+
+def test_step_prefixes_are_the_training_meta_prefixes():
+    # the meta text is question + "\n\n" + chain; best-of-N prompts must be its prefixes
+    question, chain = "How many apples?", "Step 1: count.\nStep 2: add.\nFinal answer: 3"
+    q = cand.Question(id="q", benchmark="b", image_path=None, question=question, answer="3",
+                      choices=None, candidates=())
+    prompts = [default_prompt(q, p) for p in cand.step_prefixes(chain)]
+    assert prompts == split_steps(question + "\n\n" + chain)
 
 
 def test_step_prefixes_malformed_chains():
     # case-insensitive markers and "final answer"
-    assert cand.step_prefixes("STEP 1: a. step2: b. final answer: c") == ["STEP 1: a.", "STEP 1: a. step2: b."]
+    assert cand.step_prefixes("STEP 1: a. step2: b. final answer: c") == ["STEP 1: a. ", "STEP 1: a. step2: b. "]
     # no "Final answer": the last prefix is the whole text
-    assert cand.step_prefixes("Step 1: a. Step 2: b.") == ["Step 1: a.", "Step 1: a. Step 2: b."]
-    # a gap in the numbering ends a step at the next larger marker (no duplicate prefix)
-    assert cand.step_prefixes("Step 1: a. Step 3: c. Final answer: d") == ["Step 1: a.", "Step 1: a. Step 3: c."]
-    assert cand.step_prefixes("no steps. Final answer: 3") == []
-    assert cand.find_max_step("Step: 12 and step 3") == 12
+    assert cand.step_prefixes("Step 1: a. Step 2: b.") == ["Step 1: a. ", "Step 1: a. Step 2: b."]
+    with pytest.raises(ValueError, match="missing"):
+        cand.step_prefixes("Step 1: a. Step 3: c. Final answer: d")      # a gap in the numbering
+    with pytest.raises(ValueError):
+        cand.step_prefixes("no steps. Final answer: 3")
 
 
 # --- files ------------------------------------------------------------------------------
@@ -89,7 +83,7 @@ def test_load_good_file(tmp_path, image_dir, jsonl):
     assert questions[0].image_path == os.path.realpath(tmp_path / "img" / "a.png")
     assert questions[1].image_path is None
     c = questions[0].candidates[0]
-    assert c.prefixes == ("Step 1: a.", "Step 1: a. Step 2: b.")
+    assert c.prefixes == ("Step 1: a. ", "Step 1: a. Step 2: b. ")
     assert c.step_labels == (1, None) and c.correct is True
     assert questions[0].choices == ("1", "2")
     assert report.num_loaded == 2 and report.num_skipped == 0
@@ -102,6 +96,8 @@ BAD_CASES = [
     (dict(image_path="/etc/passwd"), "image_outside_root", "image_path", "inside the image root"),
     (dict(candidates=[{"text": GOOD_TEXT}, {"text": "I just know. Final answer: B"}]),
      "candidate_without_steps", "candidates[1].text", "at least one 'Step k' marker"),
+    (dict(candidates=[{"text": "Step 1: a. Step 3: b. Final answer: B"}]), "bad_steps",
+     "candidates[0].text", "1..3"),
     (dict(candidates=[]), "empty_candidates", "candidates", "at least one candidate"),
     (dict(answer=""), "missing_answer", "answer", "non-empty gold answer"),
     (dict(answer=None), "missing_answer", "answer", "non-empty gold answer"),

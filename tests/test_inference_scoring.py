@@ -29,11 +29,11 @@ def test_requests_enumerate_every_prefix():
     reqs = scoring.step_requests(qs)
     assert [(r.candidate_id, r.step_index) for r in reqs] == [
         ("a#0", 0), ("a#0", 1), ("a#0", 2), ("a#1", 0), ("b#0", 0), ("b#0", 1)]
-    assert reqs[1].text == "What?\n\nStep 1: x. Step 2: y."
-    assert reqs[4].text == "Step 1: p."          # empty question: just the prefix
+    assert reqs[1].text == "What?\n\nStep 1: x. Step 2: y. "
+    assert reqs[4].text == "Step 1: p. "         # empty question: just the prefix
     assert all(r.image_path is None for r in reqs)
     custom = scoring.step_requests(qs, prompt_fn=lambda q, p: f"[{q.id}] {p}")
-    assert custom[0].text == "[a] Step 1: x."
+    assert custom[0].text == "[a] Step 1: x. "
 
 
 def test_assemble_round_trip_in_any_order():

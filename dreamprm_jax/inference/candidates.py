@@ -18,15 +18,12 @@ the record id, the field and what was expected. With ``on_bad_record="skip"`` th
 record is dropped instead and counted under its reason in :class:`LoadReport`
 (reasons are the keys of :data:`SKIP_REASONS`).
 
-Step splitting follows the DreamPRM reference (``find_max_step`` / ``split_step``):
-steps are the markers matched by the case-insensitive regex ``Step[\\s:]*(\\d+)``;
-the prefix of step k is the text before the marker of step k+1, and for the last
-step the text before "Final answer". For well-formed chains ("Step 1" ... "Step S" in
-order, then "Final answer") the prefixes are identical to the reference's. Two
-deliberate deviations for malformed chains: the "Final answer" search is
-case-insensitive and, when it is missing, the last prefix is the whole text (the
-reference returns an empty prefix); a gap in the numbering ("Step 1", "Step 3") ends a
-step at the next marker with a larger number instead of producing duplicate prefixes.
+Step splitting is the project's one implementation, :func:`dreamprm_jax.data.steps.split_steps`
+(strict mode), so best-of-N prefixes are byte-for-byte the prefixes the meta loss was
+trained on: steps are the markers of the case-insensitive regex ``Step[\\s:]*(\\d+)``,
+the prefix of step k is the text before the marker of step k+1, and the last prefix is
+the text before "Final answer" (the whole text when there is none). Chains whose step
+numbers are not exactly 1..S are rejected ("bad_steps"), as the training loader does.
 """
 
 from __future__ import annotations
@@ -34,9 +31,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Literal
+
+from dreamprm_jax.data.steps import StepError, find_max_step, split_steps
 
 __all__ = [
     "SKIP_REASONS",
@@ -44,14 +42,12 @@ __all__ = [
     "CandidateError",
     "LoadReport",
     "Question",
+    "StepError",
     "find_max_step",
     "load_candidates",
     "parse_records",
     "step_prefixes",
 ]
-
-_STEP_RE = re.compile(r"Step[\s:]*(\d+)", re.IGNORECASE)
-_FINAL_RE = re.compile(r"final\s*answer", re.IGNORECASE)
 
 #: Reasons a record can be rejected, with what was expected (keys of LoadReport.skipped).
 SKIP_REASONS: dict[str, str] = {
@@ -62,6 +58,7 @@ SKIP_REASONS: dict[str, str] = {
     "missing_answer": "a non-empty gold answer",
     "empty_candidates": "a non-empty list of candidates",
     "candidate_without_steps": "candidate text with at least one 'Step k' marker",
+    "bad_steps": "step markers numbered exactly 1..S, each with a non-empty prefix",
     "bad_step_labels": "step_labels of 0/1/null, one per step",
     "missing_image": "image_path pointing to an existing file",
     "image_outside_root": "image_path inside the image root",
@@ -147,49 +144,20 @@ class LoadReport:
 
 
 # ---------------------------------------------------------------------------------------
-# Step splitting
+# Step splitting (shared with training: dreamprm_jax.data.steps)
 # ---------------------------------------------------------------------------------------
 
 
-def find_max_step(text: str) -> int:
-    """Largest k over the markers ``Step[\\s:]*(\\d+)`` (case-insensitive); 0 if none."""
-    numbers = [int(m.group(1)) for m in _STEP_RE.finditer(text)]
-    return max(numbers) if numbers else 0
-
-
 def step_prefixes(text: str) -> list[str]:
-    """The step prefixes of one chain: ``[steps 1..1, steps 1..2, ..., steps 1..S]``.
+    """The step prefixes ``[steps 1..1, ..., steps 1..S]`` of one chain (not stripped).
 
-    For each step number k that occurs (first marker of k), the prefix ends at the
-    first later marker with a number > k; for the last step it ends at the first
-    "final answer" (case-insensitive) after the step's marker, or at the end of the
-    text. Prefixes are whitespace-stripped; empty ones are dropped (as the reference's
-    ``split_steps`` does).
+    ``dreamprm_jax.data.steps.split_steps(text, "strict")``; raises ``StepError`` (a
+    ValueError) for a chain without steps or with step numbers other than 1..S.
 
     >>> step_prefixes("Step 1: a. Step 2: b. Final answer: c")
-    ['Step 1: a.', 'Step 1: a. Step 2: b.']
+    ['Step 1: a. ', 'Step 1: a. Step 2: b. ']
     """
-    markers = [(m.start(), int(m.group(1))) for m in _STEP_RE.finditer(text)]
-    if not markers:
-        return []
-    first_pos: dict[int, int] = {}
-    for pos, num in markers:
-        first_pos.setdefault(num, pos)
-    out: list[str] = []
-    for k in sorted(first_pos):
-        start = first_pos[k]
-        end = None
-        for pos, num in markers:
-            if pos > start and num > k:
-                end = pos
-                break
-        if end is None:
-            final = _FINAL_RE.search(text, start)
-            end = final.start() if final else len(text)
-        prefix = text[:end].strip()
-        if prefix and (not out or prefix != out[-1]):
-            out.append(prefix)
-    return out
+    return split_steps(text, mode="strict")
 
 
 # ---------------------------------------------------------------------------------------
@@ -318,10 +286,13 @@ def _validate(record: Any, image_root: str, check_images: bool, record_index: in
         if not isinstance(text, str):
             raise _Reject("missing_field" if text is None else "bad_type", f"{field}.text",
                           f"expected a string, got {_short(text)}")
-        prefixes = step_prefixes(text)
-        if not prefixes:
+        if find_max_step(text) == 0:
             raise _Reject("candidate_without_steps", f"{field}.text",
                           f"expected at least one 'Step k' marker, got {_short(text)}")
+        try:
+            prefixes = step_prefixes(text)
+        except StepError as e:
+            raise _Reject("bad_steps", f"{field}.text", f"{e}; got {_short(text)}") from None
         correct = c.get("correct")
         if correct is not None and not isinstance(correct, bool):
             raise _Reject("bad_type", f"{field}.correct", f"expected true/false, got {_short(correct)}")

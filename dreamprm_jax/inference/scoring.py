@@ -7,8 +7,8 @@ is a callable::
 
 returning the PRM's pre-sigmoid logit for each request, in request order. A request
 carries the candidate id (``"<question id>#<candidate index>"``), the text to score
-(by default the question, a blank line, then the step prefix — the reference meta
-records put the question before "Step 1") and the image path.
+(by default the question, a blank line, then the step prefix — exactly the prefixes
+of the DreamPRM meta text ``question + "\\n\\n" + chain``) and the image path.
 
 :func:`assemble_step_logits` puts per-request logits back into padded arrays::
 
@@ -59,9 +59,12 @@ PromptFn = Callable[[Question, str], str]
 
 
 def default_prompt(question: Question, prefix: str) -> str:
-    """``question + "\\n\\n" + prefix`` (just the prefix when the question is empty)."""
-    q = question.question.strip()
-    return f"{q}\n\n{prefix}" if q else prefix
+    """``question + "\\n\\n" + prefix`` (just the prefix when the question is blank).
+
+    This is the DreamPRM meta text (``input = question + "\\n\\n" + chain``): splitting
+    that whole string with ``data.steps.split_steps`` gives exactly these prompts.
+    """
+    return f"{question.question}\n\n{prefix}" if question.question.strip() else prefix
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,7 +104,7 @@ def step_requests(questions: Sequence[Question], *, prompt_fn: PromptFn = defaul
 
 def chain_requests(questions: Sequence[Question], *, prompt_fn: PromptFn = default_prompt) -> list[StepRequest]:
     """One request per candidate with its whole text (for outcome-only scoring)."""
-    return [StepRequest(f"{q.id}#{ci}", prompt_fn(q, c.text.strip()), q.image_path, qi, ci, 0)
+    return [StepRequest(f"{q.id}#{ci}", prompt_fn(q, c.text), q.image_path, qi, ci, 0)
             for qi, q in enumerate(questions) for ci, c in enumerate(q.candidates)]
 
 

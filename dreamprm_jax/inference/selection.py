@@ -300,6 +300,13 @@ class SweepResult:
         }
 
 
+def _stat(values: np.ndarray) -> Stat:
+    """Mean and population std over trials; exactly (v, 0) when every trial gave v."""
+    if np.all(values == values[0]):
+        return Stat(float(values[0]), 0.0)
+    return Stat(float(values.mean()), float(values.std()))
+
+
 def sample_subsets(candidate_mask: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
     """[Q, N] bool: min(n, N_q) candidates of each question, uniformly without replacement."""
     Q, N = candidate_mask.shape
@@ -355,8 +362,7 @@ def evaluate(inputs: SelectionInputs, methods: Mapping[str, Selector], *,
             per_trial[name][n] = acc[name]
 
     scopes = benchmarks + (OVERALL_MICRO, OVERALL_MACRO)
-    accuracy = {name: {n: {s: Stat(float(a[:, k].mean()), float(a[:, k].std()))
-                           for k, s in enumerate(scopes)}
+    accuracy = {name: {n: {s: _stat(a[:, k]) for k, s in enumerate(scopes)}
                        for n, a in per_n.items()}
                 for name, per_n in per_trial.items()}
     return SweepResult(methods=tuple(methods), ns=tuple(kept), benchmarks=benchmarks,
