@@ -62,3 +62,10 @@ def test_write_report(tmp_path, result):
 def test_json_refuses_nan(tmp_path):
     with pytest.raises(ValueError):
         report.write_json(tmp_path / "x.json", {"a": float("nan")})
+
+
+def test_report_is_byte_identical_across_runs(tmp_path, result):
+    a = report.write_report(tmp_path / "a", result)
+    b = report.write_report(tmp_path / "b", result)
+    for key in ("text", "json"):
+        assert open(a[key], "rb").read() == open(b[key], "rb").read()
