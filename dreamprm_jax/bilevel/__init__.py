@@ -1,1 +1,36 @@
+"""Bi-level engine of DreamPRM: domain weights, losses, the unrolled inner loop and
+hypergradient methods (exact through the unroll, and the approximations beside it).
 
+The engine never sees a model: only ``inner_loss(params, alpha, batch)``,
+``outer_loss(params, batch)``, an optax optimizer and pytrees.
+"""
+
+from dreamprm_jax.bilevel.domain_weights import domain_weights, init_raw_weights, sample_weights
+from dreamprm_jax.bilevel.losses import aggregation_loss, chain_scores, weighted_mse
+from dreamprm_jax.bilevel.inner import inner_adamw, inner_step, num_steps, step_lr, unroll
+from dreamprm_jax.bilevel.hypergradient import EXACT_METHODS, METHODS, hypergradient, register_method
+from dreamprm_jax.bilevel.implicit import implicit_hypergradient
+from dreamprm_jax.bilevel.precision import BF16_COMPUTE, Policy, cast_floating, with_compute_dtype
+
+__all__ = [
+    "domain_weights",
+    "init_raw_weights",
+    "sample_weights",
+    "weighted_mse",
+    "aggregation_loss",
+    "chain_scores",
+    "inner_adamw",
+    "step_lr",
+    "inner_step",
+    "unroll",
+    "num_steps",
+    "hypergradient",
+    "METHODS",
+    "EXACT_METHODS",
+    "register_method",
+    "implicit_hypergradient",
+    "Policy",
+    "BF16_COMPUTE",
+    "cast_floating",
+    "with_compute_dtype",
+]

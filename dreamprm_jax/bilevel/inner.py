@@ -1,0 +1,205 @@
+"""The lower level as a pure function: one optimizer step, and ``T`` of them under ``lax.scan``.
+
+An inner step is
+
+    g_t        = grad_phi L_in(phi_{t-1}, alpha, batch_t)
+    u_t, s_t   = optimizer.update(g_t, s_{t-1}, phi_{t-1})
+    phi_t      = phi_{t-1} + u_t
+
+with an optax optimizer, so ``phi_T`` is a differentiable function of ``alpha`` (and of
+the initial ``phi_0, s_0``). Everything is explicit state: no globals, no mutation.
+
+Why ``eps_root`` matters (see :func:`inner_adamw`): Adam divides by
+``sqrt(v_hat + eps_root) + eps``. A parameter whose gradient is exactly zero (a frozen or
+unused row, a padded embedding) has ``v = 0``; ``d sqrt(x)/dx = 1/(2 sqrt(x))`` is ``inf``
+at ``x = 0`` and the chain rule produces ``0 * inf = NaN`` in the hypergradient. With
+``eps_root > 0`` the derivative at ``v = 0`` is ``1/(2 sqrt(eps_root))``, finite.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax import lax
+
+__all__ = [
+    "inner_adamw",
+    "step_lr",
+    "inner_step",
+    "inner_step_with_grads",
+    "unroll",
+    "num_steps",
+    "batch_at",
+    "resolve_remat_policy",
+]
+
+InnerLoss = Callable[[Any, Any, Any], jax.Array]
+
+
+def step_lr(learning_rate: float, step_size: int = 5000, gamma: float = 0.5) -> optax.Schedule:
+    """``torch.optim.lr_scheduler.StepLR`` (stepped once per inner step) as an optax schedule.
+
+    ``lr(t) = learning_rate * gamma ** floor(t / step_size)``; the count lives in the
+    optimizer state, so the schedule works unchanged inside ``lax.scan`` and under ``grad``.
+    """
+    return optax.exponential_decay(learning_rate, transition_steps=step_size, decay_rate=gamma, staircase=True)
+
+
+def inner_adamw(
+    learning_rate: float | optax.Schedule,
+    *,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    eps_root: float | None = None,
+    weight_decay: float = 1e-2,
+    mask: Any = None,
+) -> optax.GradientTransformation:
+    """AdamW for the inner loop, safe to differentiate through.
+
+    The update is optax's ``adamw``::
+
+        m_t = b1 m + (1 - b1) g,      v_t = b2 v + (1 - b2) g^2
+        u_t = -lr_t ( m_hat / (sqrt(v_hat + eps_root) + eps) + weight_decay * phi )
+
+    ``weight_decay = 1e-2`` is ``torch.optim.AdamW``'s default (the DreamPRM reference uses
+    torch's AdamW).
+
+    ``eps_root`` defaults to ``eps ** 2`` (1e-16 for the default ``eps``). Reasoning:
+
+    * it makes ``d/dv sqrt(v + eps_root)`` finite at ``v = 0`` (``1 / (2 eps)``), so
+      hypergradients stay finite for parameters with identically zero gradients
+      (plain ``eps_root = 0`` gives ``0 * inf = NaN``);
+    * ``sqrt(v + eps^2) <= sqrt(v) + eps``, so the denominator moves by at most ``eps``:
+      the forward update changes only where ``sqrt(v_hat) <~ eps``, a regime the ``eps``
+      term already dominates (at most a factor 2 there, invisible elsewhere);
+    * ``1e-16`` is a normal float32 number, and the largest intermediate of the reverse
+      pass at ``v = 0`` (``~1 / (2 eps^3) ~ 5e23``) is far inside the float32 range.
+
+    Args:
+      learning_rate: float or optax schedule (e.g. :func:`step_lr`).
+      b1, b2, eps: Adam constants.
+      eps_root: added under the square root; ``None`` means ``eps ** 2``.
+      weight_decay: decoupled weight decay.
+      mask: optional weight-decay mask (optax semantics).
+    """
+    if eps_root is None:
+        eps_root = eps * eps
+    if eps_root <= 0:
+        raise ValueError(
+            f"inner.inner_adamw: eps_root must be > 0 to keep hypergradients finite at v = 0, got {eps_root}"
+        )
+    return optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps, eps_root=eps_root, weight_decay=weight_decay, mask=mask)
+
+
+def inner_step_with_grads(
+    inner_loss: InnerLoss,
+    optimizer: optax.GradientTransformation,
+    params: Any,
+    opt_state: Any,
+    alpha: Any,
+    batch: Any,
+):
+    """One inner step that also returns the gradient ``g_t`` (used by SAMA's preconditioner)."""
+    loss, grads = jax.value_and_grad(inner_loss)(params, alpha, batch)
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+    # Metrics under stop_gradient: a norm has a NaN derivative at 0, and reverse mode
+    # multiplies even the unused outputs' zero cotangents through it.
+    grad_norm = optax.tree.norm(lax.stop_gradient(grads))
+    return params, opt_state, {"loss": loss, "grad_norm": grad_norm}, grads
+
+
+def inner_step(
+    inner_loss: InnerLoss,
+    optimizer: optax.GradientTransformation,
+    params: Any,
+    opt_state: Any,
+    alpha: Any,
+    batch: Any,
+):
+    """One pure inner optimizer step.
+
+    Args:
+      inner_loss: ``(params, alpha, batch) -> scalar``.
+      optimizer: optax transformation (its ``update`` receives ``params``, for weight decay).
+      params, opt_state: current ``phi_{t-1}``, ``s_{t-1}``.
+      alpha: upper-level variable (e.g. raw domain weights ``[K]``).
+      batch: one inner batch (no leading ``T`` axis).
+
+    Returns:
+      ``(params, opt_state, metrics)`` with ``metrics = {"loss": L_in(phi_{t-1}),
+      "grad_norm": ||g_t||}``.
+    """
+    params, opt_state, metrics, _ = inner_step_with_grads(inner_loss, optimizer, params, opt_state, alpha, batch)
+    return params, opt_state, metrics
+
+
+def num_steps(inner_batches: Any) -> int:
+    """Length ``T`` of the leading axis shared by every leaf of ``inner_batches``."""
+    leaves = jax.tree.leaves(inner_batches)
+    if not leaves:
+        raise ValueError("inner.num_steps: inner_batches has no array leaves; expected leaves stacked on [T, ...]")
+    lengths = {int(jnp.shape(x)[0]) if jnp.ndim(x) else -1 for x in leaves}
+    if len(lengths) != 1 or -1 in lengths:
+        paths = [(jax.tree_util.keystr(p), jnp.shape(x)) for p, x in jax.tree_util.tree_leaves_with_path(inner_batches)]
+        raise ValueError(f"inner.num_steps: inner_batches leaves must share a leading axis T; got shapes {paths}")
+    return lengths.pop()
+
+
+def batch_at(inner_batches: Any, t) -> Any:
+    """Batch ``t`` (int or traced int) of a stack of batches."""
+    return jax.tree.map(lambda x: lax.dynamic_index_in_dim(x, t, axis=0, keepdims=False), inner_batches)
+
+
+def resolve_remat_policy(remat: Any):
+    """``False``/``None`` -> no remat; ``True`` -> ``nothing_saveable``; a str names a
+    ``jax.checkpoint_policies`` member; a callable is used as the policy."""
+    if remat is None or remat is False:
+        return None
+    if remat is True:
+        return jax.checkpoint_policies.nothing_saveable
+    if isinstance(remat, str):
+        policy = getattr(jax.checkpoint_policies, remat, None)
+        if policy is None:
+            raise ValueError(f"inner.resolve_remat_policy: unknown jax.checkpoint_policies member {remat!r}")
+        return policy
+    if callable(remat):
+        return remat
+    raise TypeError(f"inner.resolve_remat_policy: remat must be bool, str or callable, got {type(remat).__name__}")
+
+
+def unroll(
+    inner_loss: InnerLoss,
+    optimizer: optax.GradientTransformation,
+    params: Any,
+    opt_state: Any,
+    alpha: Any,
+    inner_batches: Any,
+    *,
+    remat: Any = False,
+):
+    """``T`` inner steps with ``lax.scan`` over the leading axis of ``inner_batches``.
+
+    Differentiating the result with respect to ``alpha`` in reverse mode stores the carry
+    ``(phi_t, s_t)`` at every step, plus the step's activations unless ``remat`` is set,
+    in which case ``jax.checkpoint`` recomputes them from the carry in the backward pass.
+
+    Returns:
+      ``(params_T, opt_state_T, metrics)``; each metric is stacked ``[T]``.
+    """
+    num_steps(inner_batches)  # validates the stacking
+    policy = resolve_remat_policy(remat)
+
+    def body(carry, batch):
+        p, s = carry
+        p, s, metrics = inner_step(inner_loss, optimizer, p, s, alpha, batch)
+        return (p, s), metrics
+
+    if policy is not None:
+        body = jax.checkpoint(body, policy=policy)
+    (params, opt_state), metrics = lax.scan(body, (params, opt_state), inner_batches)
+    return params, opt_state, metrics
