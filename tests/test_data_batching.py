@@ -278,6 +278,24 @@ def test_meta_table_and_batches(data_dir, tmp_path_factory):
     assert stacked["step_mask"].shape == (2, 2, 4)
 
 
+
+def test_text_only_table_and_encoder_error(tmp_path):
+    rec = {"input": "Q", "add": "Step 1: a", "image_path": None, "dataset": "d", "accuracy": 0.5}
+    (tmp_path / "t.json").write_text(json.dumps([rec, dict(rec, accuracy=1.0)]))
+    data = build_train_dataset(tmp_path / "t.json", FakeProcessor(), tmp_path / "cache")
+    assert len(data.images) == 0 and len(data.samples) == 2
+    builder = BatchBuilder(data, BatchSpec(2, (16,), pad_id=PAD), fake_prepare)
+    batch, _ = builder.train_batch([1, 0])
+    np.testing.assert_array_equal(batch["labels"], np.asarray([1.0, 0.5], np.float32))
+
+    class Broken(FakeProcessor):
+        def encode(self, text, image=None):
+            raise ValueError("encoder failed on purpose")
+
+    with pytest.raises(ValueError, match="on purpose"):  # the encoder's own error, not datasets' wrapper
+        build_train_dataset(tmp_path / "t.json", Broken(), tmp_path / "cache2")
+    assert list((tmp_path / "cache2").iterdir()) == []  # no half-written cache left behind
+
 # ----------------------------------------------------------------------------- integration (real processor + model)
 
 

@@ -23,6 +23,10 @@ Storing each distinct image once (rather than once per sample) is a deliberate c
 from "pixel values per sample": DreamPRM has many partial chains per question image
 (and S prefixes per meta chain), and at 512 px an image is ~1,300 x 1,176 float32 ~ 6 MB.
 
+Both tables are streamed to Arrow (``Dataset.from_generator``; an image's patches wait in
+a temporary ``.npy`` file, not in memory), then ``save_to_disk``; readers get them back
+memory-mapped with ``load_from_disk``.  Text-only data has an empty ``images`` table.
+
 Cache key (sha256, hex) over: a format version, the kind (train / meta), the records
 file's bytes, every option that changes the result (image root, domains, skip mode, step
 mode, TRL settings), every distinct image's path relative to the root and its bytes, the
@@ -38,6 +42,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import inspect
 import json
@@ -114,7 +119,11 @@ def _tokenizer_hash(tokenizer) -> str:
 
 
 def processor_fingerprint(processor) -> str:
-    """A stable hash of everything in ``processor`` that changes its output (see module doc)."""
+    """A stable hash of everything in ``processor`` that changes its output (see module doc).
+
+    Public attributes holding plain values (numbers, strings, tuples of them) count as
+    settings; keep mutable counters and caches in ``_private`` attributes.
+    """
     fp = getattr(processor, "fingerprint", None)
     if callable(fp):
         return str(fp())
@@ -191,9 +200,10 @@ def _open_image(path: str):
 class _Encoder:
     """Encodes samples; remembers each distinct image's patches once."""
 
-    def __init__(self, processor):
+    def __init__(self, processor, pixel_dir: str):
         self.processor = processor
-        self.image_rows: list[dict] = []
+        self.pixel_dir = pixel_dir  # each distinct image's patches go to <pixel_dir>/<index>.npy
+        self.image_rows: list[dict] = []  # grid and patch count only; pixels stay on disk
         self.image_index: dict[str, int] = {}
         self.patch_dim: int | None = None
         self._pil: tuple[str, Any] | None = None
@@ -223,11 +233,30 @@ class _Encoder:
         if idx is None:
             idx = len(self.image_rows)
             self.image_index[image_path] = idx
-            self.image_rows.append({"pixel_values": pixels.reshape(-1), "image_grid_thw": grid,
-                                    "num_patches": int(pixels.shape[0])})
+            np.save(os.path.join(self.pixel_dir, f"{idx}.npy"), pixels.reshape(-1))  # [P * D]
+            self.image_rows.append({"image_grid_thw": grid, "num_patches": int(pixels.shape[0])})
         elif self.image_rows[idx]["image_grid_thw"].tolist() != grid.tolist():
             raise ValueError(f"{where}: image {image_path} encoded to a different grid than before")
         return ids, idx, int(pixels.shape[0])
+
+
+def _from_generator(gen, features, cache_dir: str, fingerprint: str):
+    """``Dataset.from_generator``, re-raising the generator's own exception (datasets wraps it)."""
+    from datasets import Dataset
+    from datasets.exceptions import DatasetGenerationError
+
+    try:
+        return Dataset.from_generator(gen, features=features, cache_dir=cache_dir, fingerprint=fingerprint)
+    except DatasetGenerationError as e:
+        cause = e.__cause__
+        if isinstance(cause, Exception):
+            raise cause from None
+        raise
+
+
+def _image_rows(encoder: _Encoder):
+    for idx, row in enumerate(encoder.image_rows):
+        yield {"pixel_values": np.load(os.path.join(encoder.pixel_dir, f"{idx}.npy")), **row}
 
 
 def _train_rows(records: Sequence[TrainRecord], domains: Sequence[str], encoder: _Encoder):
@@ -267,12 +296,18 @@ def _load(path: str) -> PreparedData:
     with open(os.path.join(path, "info.json")) as f:
         info = json.load(f)
     samples = load_from_disk(os.path.join(path, "samples"))
-    images = load_from_disk(os.path.join(path, "images"))
+    if info["num_images"]:
+        images = load_from_disk(os.path.join(path, "images"))
+    else:
+        from datasets import Dataset
+
+        features = _features(info["kind"])[1]
+        images = Dataset.from_dict({k: [] for k in features}, features=features)
     return PreparedData(samples, images, info, path, from_cache=True)
 
 
 def _build(kind: str, loaded: Loaded, records_path: str, processor, cache_dir: str, root: str, options: dict) -> PreparedData:
-    from datasets import Dataset
+    from datasets import Dataset, load_from_disk
 
     key = _cache_key(kind, records_path, loaded.records, root, processor, options)
     final = os.path.join(os.fspath(cache_dir), f"{kind}-{key[:32]}")
@@ -282,25 +317,36 @@ def _build(kind: str, loaded: Loaded, records_path: str, processor, cache_dir: s
     work = tempfile.mkdtemp(prefix=f".{kind}-{key[:12]}-", dir=cache_dir)
     try:
         sample_features, image_features = _features(kind)
-        encoder = _Encoder(processor)
-        rows = list(_train_rows(loaded.records, loaded.domains, encoder) if kind == "train"
-                    else _meta_rows(loaded.records, encoder))
-        if not rows:
+        if not loaded.records:
             raise ValueError(f"{records_path}: no good records to encode")
-        samples = Dataset.from_list(rows, features=sample_features)
-        del rows
-        images = Dataset.from_list(encoder.image_rows, features=image_features)
+        pixel_dir = os.path.join(work, "pixels")
+        os.makedirs(pixel_dir)
+        encoder = _Encoder(processor, pixel_dir)
+        rows = (functools.partial(_train_rows, loaded.records, loaded.domains, encoder) if kind == "train"
+                else functools.partial(_meta_rows, loaded.records, encoder))
+        # streamed to Arrow (bounded memory); fingerprint=key so the processor is never hashed by datasets
         with _quiet_progress():
+            samples = _from_generator(rows, sample_features, os.path.join(work, "hf"), f"{key}-samples")
+            if encoder.image_rows:
+                images = _from_generator(functools.partial(_image_rows, encoder), image_features,
+                                         os.path.join(work, "hf"), f"{key}-images")
+            else:  # text-only data: no images table (datasets can neither generate nor reload an empty one)
+                images = None
             samples.save_to_disk(os.path.join(work, "samples"))
-            images.save_to_disk(os.path.join(work, "images"))
+            if images is not None:
+                images.save_to_disk(os.path.join(work, "images"))
+        del samples, images
+        shutil.rmtree(os.path.join(work, "hf"), ignore_errors=True)
+        shutil.rmtree(pixel_dir, ignore_errors=True)
+        samples = load_from_disk(os.path.join(work, "samples"))
         info = {
             "kind": kind, "key": key, "version": CACHE_VERSION, "records_file": os.path.abspath(records_path),
             "domains": list(loaded.domains), "patch_dim": encoder.patch_dim if encoder.patch_dim is not None
             else getattr(processor, "patch_dim", None),
             "num_records": len(loaded.records), "num_samples": len(samples), "num_images": len(encoder.image_rows),
             "skipped": dict(loaded.skipped), "skip_examples": dict(loaded.examples),
-            "max_length": int(max(samples["length"])),
-            "max_patches": int(max(samples["num_patches"])),
+            "max_length": int(np.max(np.asarray(samples["length"]))),
+            "max_patches": int(np.max(np.asarray(samples["num_patches"]))),
         }
         if kind == "meta":
             info.update(num_chains=len(loaded.records), max_steps=max(r.num_steps for r in loaded.records))
