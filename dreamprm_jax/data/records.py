@@ -63,6 +63,8 @@ __all__ = [
     "convert_trl_record",
     "resolve_image_path",
     "check_image",
+    "format_skipped",
+    "iter_texts",
 ]
 
 # Reasons (Counter keys in skip mode).
