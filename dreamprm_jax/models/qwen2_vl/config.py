@@ -32,6 +32,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Mapping
 
+import jax
+
 DTYPES = ("float32", "bfloat16", "float16")
 REMAT_POLICIES = (
     "none",
@@ -298,6 +300,11 @@ class Qwen2VLConfig:
         if v.rope_theta != 10000.0:
             out["vision_config"]["rope_parameters"] = {"rope_type": "axial", "rope_theta": v.rope_theta}
         return out
+
+
+# A config is a pytree with no leaves (its value is static aux data), so it can be passed
+# positionally through jax.jit / jax.eval_shape / jax.grad without static_argnums.
+jax.tree_util.register_static(Qwen2VLConfig)
 
 
 def _first(x):

@@ -1,0 +1,172 @@
+"""The Qwen2 text decoder with multimodal rotary embedding (M-RoPE), as pure functions.
+
+Also holds the small numerical primitives the vision tower shares (dense, norms, rotary,
+scan-over-stacked-blocks with rematerialisation).
+
+Numerics follow transformers' Qwen2-VL: RMSNorm statistics in float32, rotary angles in
+float32 (cast to the compute dtype before use, as ``Qwen2VLRotaryEmbedding`` does), attention
+softmax in float32; everything else in ``config.dtype``.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+from .config import Qwen2VLConfig
+
+# ---------------------------------------------------------------------- primitives
+
+
+def compute_dtype(config: Qwen2VLConfig):
+    return jnp.dtype(config.dtype)
+
+
+def dense(x, p, dtype):
+    """``x @ kernel + bias`` with float32 master weights cast to the compute dtype."""
+    y = jnp.matmul(x, p["kernel"].astype(dtype))
+    if "bias" in p:
+        y = y + p["bias"].astype(dtype)
+    return y
+
+
+def rms_norm(x, scale, eps: float):
+    """``scale * x / sqrt(mean(x^2) + eps)``; statistics in float32, result in x's dtype."""
+    x32 = x.astype(jnp.float32)
+    variance = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
+    y = (x32 * jax.lax.rsqrt(variance + eps)).astype(x.dtype)
+    return scale.astype(x.dtype) * y
+
+
+def layer_norm(x, p, eps: float = 1e-6):
+    """``(x - mean) / sqrt(var + eps) * scale + bias``; statistics in float32."""
+    x32 = x.astype(jnp.float32)
+    mean = jnp.mean(x32, axis=-1, keepdims=True)
+    variance = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+    y = (x32 - mean) * jax.lax.rsqrt(variance + eps)
+    return (y * p["scale"] + p["bias"]).astype(x.dtype)
+
+
+def rotate_half(x):
+    """``[x1, x2] -> [-x2, x1]`` over the last axis (the GPT-NeoX rotary layout)."""
+    half = x.shape[-1] // 2
+    return jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+
+
+def apply_rotary(x, cos, sin):
+    """``x * cos + rotate_half(x) * sin`` (cos / sin broadcast against x)."""
+    return x * cos + rotate_half(x) * sin
+
+
+def remat_policy(name: str):
+    """Map a ``config.remat`` name to a ``jax.checkpoint`` policy (None = recompute everything)."""
+    policies = {
+        "full": None,
+        "nothing_saveable": jax.checkpoint_policies.nothing_saveable,
+        "everything_saveable": jax.checkpoint_policies.everything_saveable,
+        "dots_saveable": jax.checkpoint_policies.dots_saveable,
+        "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    }
+    return policies[name]
+
+
+def scan_blocks(config: Qwen2VLConfig, block: Callable, x, stacked_params):
+    """``x = block(x, params[i])`` for every row of the stacked params, under ``lax.scan``.
+
+    With ``config.remat != "none"`` each block is wrapped in ``jax.checkpoint`` with the
+    selected policy, so the backward pass recomputes block activations instead of storing them.
+    """
+
+    def body(carry, p):
+        return block(carry, p), None
+
+    if config.remat != "none":
+        body = jax.checkpoint(body, policy=remat_policy(config.remat), prevent_cse=False)
+    x, _ = jax.lax.scan(body, x, stacked_params)
+    return x
+
+
+# ---------------------------------------------------------------------- M-RoPE
+
+
+def mrope_cos_sin(config: Qwen2VLConfig, position_ids):
+    """M-RoPE tables ``cos, sin`` of shape ``[B, L, head_dim]`` (float32).
+
+    With ``inv_freq[j] = theta ** (-2j / head_dim)`` for ``j < head_dim / 2`` and the split
+    ``mrope_section = (s_t, s_h, s_w)``, frequency ``j`` takes its position from axis
+    ``a(j) = 0`` (temporal) for ``j < s_t``, 1 (height) for the next ``s_h``, 2 (width) after:
+    ``angle[b, l, j] = position_ids[a(j), b, l] * inv_freq[j]``; the table is duplicated
+    (``[angle, angle]``) to cover the two rotate-half halves.
+    """
+    t = config.text
+    hd = t.head_dim
+    inv_freq = 1.0 / (t.rope_theta ** (jnp.arange(0, hd, 2, dtype=jnp.float32) / hd))  # [hd/2]
+    axis_of = jnp.concatenate([jnp.full((s,), a, dtype=jnp.int32) for a, s in enumerate(t.mrope_section)])
+    pos = jnp.take(position_ids.astype(jnp.float32), axis_of, axis=0)  # [hd/2, B, L]
+    angles = jnp.moveaxis(pos, 0, -1) * inv_freq  # [B, L, hd/2]
+    angles = jnp.concatenate([angles, angles], axis=-1)  # [B, L, hd]
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+# ---------------------------------------------------------------------- decoder
+
+
+def attention_mask_bias(attention_mask):
+    """Causal + key-padding mask ``[B, 1, 1, L, L]`` (True = may attend)."""
+    length = attention_mask.shape[-1]
+    causal = jnp.tril(jnp.ones((length, length), dtype=bool))  # [L(query), L(key)]
+    keys = attention_mask.astype(bool)[:, None, None, None, :]  # [B, 1, 1, 1, L]
+    return causal[None, None, None] & keys
+
+
+def self_attention(config: Qwen2VLConfig, p, x, cos, sin, mask):
+    """Grouped-query attention with M-RoPE. x: [B, L, H] -> [B, L, H].
+
+    Query head ``h`` reads key/value head ``h // (num_heads / num_kv_heads)`` (transformers'
+    ``repeat_kv``); ``softmax(q k^T / sqrt(head_dim) + mask) v`` with the softmax in float32.
+    Fully masked query rows (left padding) get a uniform softmax, never NaN.
+    """
+    t = config.text
+    dtype = x.dtype
+    batch, length, _ = x.shape
+    hd, kvh = t.head_dim, t.num_key_value_heads
+    groups = t.num_attention_heads // kvh
+    q = dense(x, p["q_proj"], dtype).reshape(batch, length, kvh, groups, hd)  # [B, L, KV, G, D]
+    k = dense(x, p["k_proj"], dtype).reshape(batch, length, kvh, hd)  # [B, L, KV, D]
+    v = dense(x, p["v_proj"], dtype).reshape(batch, length, kvh, hd)  # [B, L, KV, D]
+    cos, sin = cos.astype(dtype), sin.astype(dtype)
+    q = apply_rotary(q, cos[:, :, None, None, :], sin[:, :, None, None, :])
+    k = apply_rotary(k, cos[:, :, None, :], sin[:, :, None, :])
+    scores = jnp.einsum("bqkgd,bskd->bkgqs", q, k, preferred_element_type=jnp.float32)  # [B, KV, G, L, L]
+    scores = scores * (hd**-0.5)
+    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
+    out = jnp.einsum("bkgqs,bskd->bqkgd", probs, v)  # [B, L, KV, G, D]
+    out = out.reshape(batch, length, t.num_attention_heads * hd)
+    return dense(out, p["o_proj"], dtype)
+
+
+def decoder_layer(config: Qwen2VLConfig, p, x, cos, sin, mask):
+    """Pre-norm block: ``x += attn(rms(x)); x += down(silu(gate(rms(x))) * up(rms(x)))``."""
+    eps = config.text.rms_norm_eps
+    dtype = x.dtype
+    h = rms_norm(x, p["input_layernorm"]["scale"], eps)
+    x = x + self_attention(config, p["self_attn"], h, cos, sin, mask)
+    h = rms_norm(x, p["post_attention_layernorm"]["scale"], eps)
+    mlp = p["mlp"]
+    h = jax.nn.silu(dense(h, mlp["gate_proj"], dtype)) * dense(h, mlp["up_proj"], dtype)  # [B, L, I]
+    return x + dense(h, mlp["down_proj"], dtype)
+
+
+def decoder(config: Qwen2VLConfig, params, inputs_embeds, position_ids, attention_mask):
+    """All decoder layers and the final RMSNorm. inputs_embeds [B, L, H] -> [B, L, H]."""
+    cos, sin = mrope_cos_sin(config, position_ids)  # [B, L, D]
+    mask = attention_mask_bias(attention_mask)  # [B, 1, 1, L, L]
+
+    def block(x, p):
+        return decoder_layer(config, p, x, cos, sin, mask)
+
+    x = scan_blocks(config, block, inputs_embeds, params["layers"])
+    return rms_norm(x, params["norm"]["scale"], config.text.rms_norm_eps)

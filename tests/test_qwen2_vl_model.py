@@ -1,0 +1,237 @@
+"""Qwen2-VL forward parity with transformers' PyTorch model, rope index, shapes, compilation.
+
+Tolerance for every logits comparison: max |jax - torch| <= 1e-4 (float32, CPU), on the
+non-padding positions (padding positions are finite but not compared).
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dreamprm_jax.models import qwen2_vl
+from dreamprm_jax.models.qwen2_vl import Qwen2VLConfig, TextConfig, VisionConfig, convert
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+ATOL = 1e-4
+
+
+def _odd_config() -> Qwen2VLConfig:
+    """GQA ratio 3, odd vocabulary / intermediate sizes, untied head, patch 3, 3 layers."""
+    return Qwen2VLConfig(
+        text=TextConfig(vocab_size=211, hidden_size=72, intermediate_size=101, num_hidden_layers=3,
+                        num_attention_heads=6, num_key_value_heads=2, rope_theta=5000.0,
+                        mrope_section=(2, 2, 2), rms_norm_eps=1e-5, tie_word_embeddings=False,
+                        bos_token_id=None, eos_token_id=None),
+        vision=VisionConfig(depth=3, embed_dim=24, num_heads=2, mlp_ratio=3, patch_size=3,
+                            temporal_patch_size=2, spatial_merge_size=2, in_channels=3, hidden_size=72),
+        image_token_id=207, video_token_id=208, vision_start_token_id=203, vision_end_token_id=204,
+    )
+
+
+CONFIGS = {"tiny": lambda: qwen2_vl.tiny(num_key_value_heads=2), "odd_gqa3": _odd_config}
+
+
+class Pair:
+    """A JAX model and transformers' model with the same weights, plus a shared jitted forward."""
+
+    def __init__(self, config):
+        self.config = config
+        hf_config = transformers.Qwen2VLConfig(**config.to_hf_dict())
+        hf_config._attn_implementation = "eager"
+        torch.manual_seed(0)
+        self.torch_model = transformers.Qwen2VLForConditionalGeneration(hf_config).eval()
+        with torch.no_grad():  # make norms / biases non-trivial so they are tested
+            for name, p in self.torch_model.named_parameters():
+                if p.ndim == 1:
+                    p.add_(0.1 * torch.randn_like(p))
+        state = ((k, v.detach().numpy()) for k, v in self.torch_model.state_dict().items())
+        self.params = jax.tree.map(jnp.asarray, convert.params_from_hf(config, state))
+        self.forward = jax.jit(qwen2_vl.forward)
+
+    def sample(self, rng, prefix, grids, suffix):
+        """Token ids: text, then per image <vision_start> <image_pad>*k <vision_end> text."""
+        c = self.config
+        m2 = c.vision.spatial_merge_size ** 2
+        ids = list(rng.integers(0, 200, prefix))
+        for t, h, w in grids:
+            ids += [c.vision_start_token_id] + [c.image_token_id] * (t * h * w // m2) + [c.vision_end_token_id]
+            ids += list(rng.integers(0, 200, 2))
+        ids += list(rng.integers(0, 200, suffix))
+        return ids
+
+    def compare(self, rows, grids, sides, num_patches_pad=8):
+        """Pad rows (left/right per row), run both models, return max |diff| on real tokens."""
+        c = self.config
+        rng = np.random.default_rng(1)
+        length = max(len(r) for r in rows)
+        input_ids = np.zeros((len(rows), length), np.int64)
+        mask = np.zeros((len(rows), length), np.int64)
+        for b, (row, side) in enumerate(zip(rows, sides)):
+            sl = slice(length - len(row), length) if side == "left" else slice(0, len(row))
+            input_ids[b, sl] = row
+            mask[b, sl] = 1
+        grid_arr = np.array(grids, np.int64).reshape(-1, 3)
+        n = int(grid_arr.prod(-1).sum()) if len(grids) else 0
+        pixel_values = rng.standard_normal((n, c.vision.patch_dim)).astype(np.float32) if n else None
+        kwargs = dict(input_ids=torch.from_numpy(input_ids), attention_mask=torch.from_numpy(mask))
+        if n:
+            kwargs.update(pixel_values=torch.from_numpy(pixel_values), image_grid_thw=torch.from_numpy(grid_arr),
+                          mm_token_type_ids=torch.from_numpy((input_ids == c.image_token_id).astype(np.int64)))
+        with torch.no_grad():
+            want = self.torch_model(**kwargs).logits.numpy()
+        batch = qwen2_vl.prepare_batch(c, input_ids, mask, pixel_values, grid_arr if n else None,
+                                       num_patches=(n + num_patches_pad) if n else None)
+        got = np.asarray(self.forward(c, self.params, batch))
+        assert got.dtype == np.float32 and got.shape == want.shape
+        assert np.all(np.isfinite(got))
+        real = mask.astype(bool)
+        return float(np.max(np.abs(got[real] - want[real])))
+
+
+@pytest.fixture(scope="module", params=list(CONFIGS))
+def pair(request):
+    return Pair(CONFIGS[request.param]())
+
+
+def test_text_only(pair):
+    rng = np.random.default_rng(0)
+    ids = list(rng.integers(0, 200, 9))
+    assert pair.compare([ids], [], ["right"]) <= ATOL
+
+
+def test_one_image(pair):
+    rng = np.random.default_rng(0)
+    grids = [(1, 4, 6)]
+    assert pair.compare([pair.sample(rng, 3, grids, 4)], grids, ["right"]) <= ATOL
+
+
+def test_two_images_of_different_sizes_in_one_sample(pair):
+    rng = np.random.default_rng(0)
+    grids = [(1, 4, 4), (1, 2, 6)]
+    assert pair.compare([pair.sample(rng, 2, grids, 3)], grids, ["right"]) <= ATOL
+
+
+def test_padded_batch_left_and_right(pair):
+    rng = np.random.default_rng(0)
+    row0 = pair.sample(rng, 2, [(1, 2, 4)], 2)  # shorter: padded
+    row1 = pair.sample(rng, 3, [(1, 4, 2), (1, 2, 2)], 5)
+    grids = [(1, 2, 4), (1, 4, 2), (1, 2, 2)]
+    assert pair.compare([row0, row1], grids, ["left", "right"]) <= ATOL
+    assert pair.compare([row1, row0], [grids[1], grids[2], grids[0]], ["right", "left"]) <= ATOL
+
+
+def test_convenience_logits_matches_forward(pair):
+    c = pair.config
+    rng = np.random.default_rng(3)
+    grids = np.array([[1, 2, 2]])
+    ids = np.array([pair.sample(rng, 2, grids.tolist(), 2)])
+    pv = rng.standard_normal((4, c.vision.patch_dim)).astype(np.float32)
+    mask = np.ones_like(ids)
+    out = qwen2_vl.logits(c, pair.params, ids, mask, pv, grids)
+    ref = pair.forward(c, pair.params, qwen2_vl.prepare_batch(c, ids, mask, pv, grids, num_patches=12))
+    assert out.shape == (1, ids.shape[1], c.text.vocab_size) and out.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=1e-5, rtol=0)
+
+
+# ----------------------------------------------------------------------------- host helpers
+
+
+def test_rope_index_matches_transformers():
+    pair_config = _odd_config()
+    hf_config = transformers.Qwen2VLConfig(**pair_config.to_hf_dict())
+    hf = transformers.Qwen2VLModel(hf_config)
+    p = Pair.__new__(Pair)
+    p.config = pair_config
+    rng = np.random.default_rng(5)
+    rows = [p.sample(rng, 1, [(1, 4, 6), (1, 2, 2)], 3), p.sample(rng, 4, [(1, 6, 2)], 1)]
+    length = max(map(len, rows)) + 2
+    ids = np.zeros((2, length), np.int64)
+    mask = np.zeros((2, length), np.int64)
+    ids[0, :len(rows[0])] = rows[0]; mask[0, :len(rows[0])] = 1
+    ids[1, length - len(rows[1]):] = rows[1]; mask[1, length - len(rows[1]):] = 1
+    grids = np.array([[1, 4, 6], [1, 2, 2], [1, 6, 2]])
+    want, _ = hf.get_rope_index(torch.from_numpy(ids), torch.from_numpy((ids == 207).astype(np.int64)),
+                                torch.from_numpy(grids), attention_mask=torch.from_numpy(mask))
+    got = qwen2_vl.rope_index(pair_config, ids, mask, grids)
+    np.testing.assert_array_equal(got, want.numpy())  # exact (integers)
+    from transformers.vision_utils import get_vision_position_ids
+    np.testing.assert_array_equal(qwen2_vl.vision_position_ids(pair_config, grids),
+                                  get_vision_position_ids(torch.from_numpy(grids), 2).numpy())
+    np.testing.assert_array_equal(qwen2_vl.vision_segment_ids(pair_config, np.array([[2, 2, 2], [1, 2, 4]])),
+                                  [0] * 4 + [1] * 4 + [2] * 8)
+
+
+def test_prepare_batch_errors_and_padding():
+    c = qwen2_vl.tiny()
+    ids = np.array([[1, c.vision_start_token_id] + [c.image_token_id] * 2 + [c.vision_end_token_id]])
+    pv = np.zeros((8, c.vision.patch_dim), np.float32)
+    batch = qwen2_vl.prepare_batch(c, ids, None, pv, [[1, 2, 4]], num_patches=16)
+    assert batch["pixel_values"].shape == (16, c.vision.patch_dim)
+    np.testing.assert_array_equal(batch["vision_segment_ids"], [0] * 8 + [-1] * 8)
+    assert batch["position_ids"].shape == (3, 1, 5) and batch["position_ids"].dtype == np.int32
+    with pytest.raises(ValueError, match="image tokens"):
+        qwen2_vl.prepare_batch(c, ids, None, pv[:4], [[1, 2, 2]])
+    with pytest.raises(ValueError, match="num_patches"):
+        qwen2_vl.prepare_batch(c, ids, None, pv, [[1, 2, 4]], num_patches=10)
+    with pytest.raises(ValueError, match="no pixel_values"):
+        qwen2_vl.prepare_batch(c, ids, None)
+
+
+# ----------------------------------------------------------------------------- shapes, jit
+
+
+def test_2b_parameter_count_without_allocating():
+    shapes = jax.eval_shape(qwen2_vl.init_params, qwen2_vl.qwen2_vl_2b(), jax.random.key(0))
+    assert sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes)) == 2_208_985_600
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(shapes))
+    assert "lm_head" not in shapes
+
+
+def test_compiles_once_per_bucket(pair):
+    """A different image with the same patch bucket reuses the compiled forward (no retrace)."""
+    c = pair.config
+    traces = []
+
+    def counted(config, params, batch):
+        traces.append(1)
+        return qwen2_vl.forward(config, params, batch)
+
+    f = jax.jit(counted)
+    rng = np.random.default_rng(0)
+    for grid in ([1, 4, 6], [1, 6, 4], [1, 2, 4]):  # 24, 24 and 8 real patches, bucket 32
+        ids = np.array([pair.sample(rng, 2, [tuple(grid)], 20 - int(np.prod(grid)) // 4)])
+        ids = ids[:, :20] if ids.shape[1] > 20 else np.pad(ids, ((0, 0), (0, 20 - ids.shape[1])))
+        mask = np.ones_like(ids)
+        pv = rng.standard_normal((int(np.prod(grid)), c.vision.patch_dim)).astype(np.float32)
+        out = f(c, pair.params, qwen2_vl.prepare_batch(c, ids, mask, pv, [grid], num_patches=32))
+        assert np.all(np.isfinite(np.asarray(out)))
+    assert len(traces) == 1
+
+
+def test_remat_gradients_and_bf16_forward():
+    """Per-block remat: finite float32 grads, same loss as without remat (rtol 1e-6).
+    bf16 compute: float32 logits within atol 0.05 of the float32 model (bf16 has ~3 digits)."""
+    c32 = qwen2_vl.tiny()
+    params = qwen2_vl.init_params(c32, jax.random.key(0))
+    ids = np.array([[1, c32.vision_start_token_id] + [c32.image_token_id] * 2 + [c32.vision_end_token_id, 7]])
+    pv = np.random.default_rng(0).standard_normal((8, c32.vision.patch_dim)).astype(np.float32)
+    batch = qwen2_vl.prepare_batch(c32, ids, None, pv, [[1, 2, 4]], num_patches=12)
+
+    def loss(p, config):
+        return jnp.mean(qwen2_vl.forward(config, p, batch) ** 2)
+
+    remat = c32.replace(remat="dots_saveable")
+    value, grads = jax.jit(jax.value_and_grad(loss), static_argnums=1)(params, remat)
+    assert all(g.dtype == jnp.float32 for g in jax.tree.leaves(grads))
+    assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(grads))
+    assert float(jnp.max(jnp.abs(grads["visual"]["blocks"]["attn"]["qkv"]["kernel"]))) > 0
+    l32 = jax.jit(qwen2_vl.forward)(c32, params, batch)
+    np.testing.assert_allclose(float(value), float(jnp.mean(l32 ** 2)), rtol=1e-6)
+    l16 = jax.jit(qwen2_vl.forward)(c32.replace(dtype="bfloat16"), params, batch)
+    assert l16.dtype == jnp.float32
+    assert float(jnp.max(jnp.abs(l16 - l32))) <= 0.05
