@@ -92,6 +92,19 @@ def test_save_then_transformers_loads_same_logits(hub_dir, tmp_path):
                                   params["visual"]["blocks"]["mlp"]["fc1"]["kernel"])
 
 
+def test_save_tied_and_device_params(tmp_path):
+    """Tied embeddings export without lm_head; jax (device) leaves are accepted."""
+    import jax
+
+    src = save_tiny_hf(tmp_path / "tied", seed=0, tie_word_embeddings=True)
+    config, params = load_checkpoint(src)
+    out = save_checkpoint(tmp_path / "export", config, jax.device_put(params))
+    assert "lm_head.weight" not in load_file(os.path.join(out, "model.safetensors"))
+    ids, mask, pix, grid = tiny_inputs(batch=1)
+    np.testing.assert_allclose(hf_logits(out, ids, mask, pix, grid), hf_logits(src, ids, mask, pix, grid),
+                               rtol=0, atol=1e-4)
+
+
 # ----------------------------------------------------------------------------- bad inputs
 def _copy(src, dst):
     shutil.copytree(src, dst)
