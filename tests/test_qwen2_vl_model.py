@@ -18,6 +18,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 ATOL = 1e-4
+BUCKET = (2, 40, 32)  # (batch, length, patches) shared by all parity cases
 
 
 def _odd_config() -> Qwen2VLConfig:
@@ -45,13 +46,24 @@ class Pair:
         hf_config._attn_implementation = "eager"
         torch.manual_seed(0)
         self.torch_model = transformers.Qwen2VLForConditionalGeneration(hf_config).eval()
-        with torch.no_grad():  # make norms / biases non-trivial so they are tested
+        with torch.no_grad():
+            # HF init (std 0.02) gives near-uniform attention; scale the matrices (std 0.12) so
+            # masks and rotary positions matter, and make norms / biases non-trivial.
             for name, p in self.torch_model.named_parameters():
                 if p.ndim == 1:
                     p.add_(0.1 * torch.randn_like(p))
+                else:
+                    p.mul_(6.0)
         state = ((k, v.detach().numpy()) for k, v in self.torch_model.state_dict().items())
         self.params = jax.tree.map(jnp.asarray, convert.params_from_hf(config, state))
-        self.forward = jax.jit(qwen2_vl.forward)
+        self.traces = 0
+
+        def counted(config, params, batch):
+            self.traces += 1  # Python side effect: runs once per trace, not per call
+            return qwen2_vl.forward(config, params, batch)
+
+        # Every case below is padded to one bucket, so this compiles exactly once per config.
+        self.forward = jax.jit(counted)
 
     def sample(self, rng, prefix, grids, suffix):
         """Token ids: text, then per image <vision_start> <image_pad>*k <vision_end> text."""
@@ -64,7 +76,7 @@ class Pair:
         ids += list(rng.integers(0, 200, suffix))
         return ids
 
-    def compare(self, rows, grids, sides, num_patches_pad=8):
+    def compare(self, rows, grids, sides):
         """Pad rows (left/right per row), run both models, return max |diff| on real tokens."""
         c = self.config
         rng = np.random.default_rng(1)
@@ -84,11 +96,17 @@ class Pair:
                           mm_token_type_ids=torch.from_numpy((input_ids == c.image_token_id).astype(np.int64)))
         with torch.no_grad():
             want = self.torch_model(**kwargs).logits.numpy()
-        batch = qwen2_vl.prepare_batch(c, input_ids, mask, pixel_values, grid_arr if n else None,
-                                       num_patches=(n + num_patches_pad) if n else None)
+        # JAX side: the shared bucket (extra all-padding rows / right columns / patch rows).
+        ids_b = np.zeros(BUCKET[:2], np.int64)
+        mask_b = np.zeros(BUCKET[:2], np.int64)
+        ids_b[:len(rows), :length] = input_ids
+        mask_b[:len(rows), :length] = mask
+        batch = qwen2_vl.prepare_batch(c, ids_b, mask_b, pixel_values, grid_arr if n else None,
+                                       num_patches=BUCKET[2])
         got = np.asarray(self.forward(c, self.params, batch))
-        assert got.dtype == np.float32 and got.shape == want.shape
-        assert np.all(np.isfinite(got))
+        assert got.dtype == np.float32 and got.shape == BUCKET[:2] + (c.text.vocab_size,)
+        assert np.all(np.isfinite(got))  # padding rows and padding patches included
+        got = got[:len(rows), :length]
         real = mask.astype(bool)
         return float(np.max(np.abs(got[real] - want[real])))
 
@@ -127,13 +145,15 @@ def test_padded_batch_left_and_right(pair):
 
 def test_convenience_logits_matches_forward(pair):
     c = pair.config
+    if c.text.vocab_size != 256:
+        pytest.skip("one config is enough (saves a compilation)")
     rng = np.random.default_rng(3)
     grids = np.array([[1, 2, 2]])
     ids = np.array([pair.sample(rng, 2, grids.tolist(), 2)])
     pv = rng.standard_normal((4, c.vision.patch_dim)).astype(np.float32)
     mask = np.ones_like(ids)
     out = qwen2_vl.logits(c, pair.params, ids, mask, pv, grids)
-    ref = pair.forward(c, pair.params, qwen2_vl.prepare_batch(c, ids, mask, pv, grids, num_patches=12))
+    ref = jax.jit(qwen2_vl.forward)(c, pair.params, qwen2_vl.prepare_batch(c, ids, mask, pv, grids))
     assert out.shape == (1, ids.shape[1], c.text.vocab_size) and out.dtype == jnp.float32
     np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=1e-5, rtol=0)
 
@@ -193,24 +213,11 @@ def test_2b_parameter_count_without_allocating():
 
 
 def test_compiles_once_per_bucket(pair):
-    """A different image with the same patch bucket reuses the compiled forward (no retrace)."""
-    c = pair.config
-    traces = []
-
-    def counted(config, params, batch):
-        traces.append(1)
-        return qwen2_vl.forward(config, params, batch)
-
-    f = jax.jit(counted)
-    rng = np.random.default_rng(0)
-    for grid in ([1, 4, 6], [1, 6, 4], [1, 2, 4]):  # 24, 24 and 8 real patches, bucket 32
-        ids = np.array([pair.sample(rng, 2, [tuple(grid)], 20 - int(np.prod(grid)) // 4)])
-        ids = ids[:, :20] if ids.shape[1] > 20 else np.pad(ids, ((0, 0), (0, 20 - ids.shape[1])))
-        mask = np.ones_like(ids)
-        pv = rng.standard_normal((int(np.prod(grid)), c.vision.patch_dim)).astype(np.float32)
-        out = f(c, pair.params, qwen2_vl.prepare_batch(c, ids, mask, pv, [grid], num_patches=32))
-        assert np.all(np.isfinite(np.asarray(out)))
-    assert len(traces) == 1
+    """Different images (24, 24, 8 real patches) in the same bucket reuse one compilation."""
+    rng = np.random.default_rng(7)
+    for grid in ((1, 4, 6), (1, 6, 4), (1, 2, 4)):
+        assert pair.compare([pair.sample(rng, 2, [grid], 3)], [grid], ["right"]) <= ATOL
+    assert pair.traces == 1
 
 
 def test_remat_gradients_and_bf16_forward():
@@ -218,9 +225,10 @@ def test_remat_gradients_and_bf16_forward():
     bf16 compute: float32 logits within atol 0.05 of the float32 model (bf16 has ~3 digits)."""
     c32 = qwen2_vl.tiny()
     params = qwen2_vl.init_params(c32, jax.random.key(0))
-    ids = np.array([[1, c32.vision_start_token_id] + [c32.image_token_id] * 2 + [c32.vision_end_token_id, 7]])
-    pv = np.random.default_rng(0).standard_normal((8, c32.vision.patch_dim)).astype(np.float32)
-    batch = qwen2_vl.prepare_batch(c32, ids, None, pv, [[1, 2, 4]], num_patches=12)
+    # text only: a gradient through the vision tower too costs ~3x the compile time on CPU,
+    # and both towers share scan_blocks (where remat is applied).
+    batch = qwen2_vl.prepare_batch(c32, np.array([[1, 5, 9, 2, 7], [3, 4, 0, 0, 0]]),
+                                   np.array([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]]))
 
     def loss(p, config):
         return jnp.mean(qwen2_vl.forward(config, p, batch) ** 2)
@@ -229,7 +237,7 @@ def test_remat_gradients_and_bf16_forward():
     value, grads = jax.jit(jax.value_and_grad(loss), static_argnums=1)(params, remat)
     assert all(g.dtype == jnp.float32 for g in jax.tree.leaves(grads))
     assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(grads))
-    assert float(jnp.max(jnp.abs(grads["visual"]["blocks"]["attn"]["qkv"]["kernel"]))) > 0
+    assert float(jnp.max(jnp.abs(grads["language_model"]["layers"]["self_attn"]["q_proj"]["kernel"]))) > 0
     l32 = jax.jit(qwen2_vl.forward)(c32, params, batch)
     np.testing.assert_allclose(float(value), float(jnp.mean(l32 ** 2)), rtol=1e-6)
     l16 = jax.jit(qwen2_vl.forward)(c32.replace(dtype="bfloat16"), params, batch)
