@@ -120,6 +120,8 @@ def test_text_only(pair):
     rng = np.random.default_rng(0)
     ids = list(rng.integers(0, 200, 9))
     assert pair.compare([ids], [], ["right"]) <= ATOL
+    # padded text-only batch (transformers uses arange positions here; RoPE is shift-invariant)
+    assert pair.compare([ids[:5], ids], [], ["left", "right"]) <= ATOL
 
 
 def test_one_image(pair):

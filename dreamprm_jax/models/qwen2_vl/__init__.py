@@ -1,10 +1,17 @@
-"""Qwen2-VL in JAX: config, vision tower, M-RoPE decoder, hub-name conversion.
+"""Qwen2-VL in JAX: config, vision tower, M-RoPE decoder, hub-name conversion, checkpoints.
 
     from dreamprm_jax.models import qwen2_vl
-    config, params = qwen2_vl.load_checkpoint(path)
+    config, params = qwen2_vl.load_checkpoint(path)      # local HF directory, safetensors only
     logits = qwen2_vl.logits(config, params, input_ids, attention_mask, pixel_values, image_grid_thw)
+
+For training, prepare static-shape batches on the host and jit the pure forward:
+
+    batch = qwen2_vl.prepare_batch(config, input_ids, attention_mask, pixel_values, grid_thw,
+                                   num_patches=bucket)
+    out = jax.jit(qwen2_vl.forward)(config, params, batch)   # config is a static pytree
 """
 
+from .checkpoint import load_checkpoint, save_checkpoint
 from .config import (
     DTYPES,
     REMAT_POLICIES,
@@ -16,14 +23,31 @@ from .config import (
     tiny,
 )
 from .convert import hf_from_params, normalize_hf_name, param_shapes, params_from_hf
+from .model import forward, hidden_states, init_params, lm_head, logits, prepare_batch
+from .rope import rope_index, vision_position_ids, vision_segment_ids
 
-try:  # the model lands after config/convert; keep the package importable meanwhile
-    from .model import forward, hidden_states, init_params, lm_head, logits, prepare_batch
-    from .rope import rope_index, vision_position_ids, vision_segment_ids
-except ImportError:  # pragma: no cover
-    pass
-
-try:  # checkpoint.py is owned by helper PRM and may not exist yet
-    from .checkpoint import load_checkpoint, save_checkpoint
-except ImportError:  # pragma: no cover
-    pass
+__all__ = [
+    "DTYPES",
+    "REMAT_POLICIES",
+    "Qwen2VLConfig",
+    "TextConfig",
+    "VisionConfig",
+    "demo",
+    "forward",
+    "hf_from_params",
+    "hidden_states",
+    "init_params",
+    "lm_head",
+    "load_checkpoint",
+    "logits",
+    "normalize_hf_name",
+    "param_shapes",
+    "params_from_hf",
+    "prepare_batch",
+    "qwen2_vl_2b",
+    "rope_index",
+    "save_checkpoint",
+    "tiny",
+    "vision_position_ids",
+    "vision_segment_ids",
+]

@@ -13,6 +13,14 @@ The forward pass, for a batch prepared on the host by ``prepare_batch``:
 Every function except ``prepare_batch`` / ``logits`` is jittable with ``config`` static; shapes
 come from the batch, so one compilation serves every batch of the same bucket
 ``(B, L, N)``. Nothing here places arrays on devices.
+
+Parity: float32 logits match transformers' ``Qwen2VLForConditionalGeneration`` (eager
+attention) to max |diff| ~5e-6 on CPU (tests/test_qwen2_vl_model.py asserts <= 1e-4). On GPU /
+TPU the default float32 matmul precision may use TF32 / bf16 passes; wrap calls in
+``jax.default_matmul_precision("highest")`` for reference-grade numbers.
+
+Memory: vision attention is dense over the padded patch bucket (``[heads, N, N]`` float32
+scores, block-diagonal by mask), text attention dense over ``[B, heads, L, L]``.
 """
 
 from __future__ import annotations
