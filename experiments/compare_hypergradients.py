@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import importlib
 import json
 import os
 import time
@@ -39,6 +40,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default="mlp",
                    help=f"problem name (registered: {', '.join(problems.available_problems())}) or 'module:factory'")
+    p.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
+                   help="import MODULE first (repeatable), e.g. one that calls problems.register_problem('prm')")
     p.add_argument("--methods", default=",".join(bilevel.METHODS),
                    help="comma-separated hypergradient methods; 'exact' is always added as the reference")
     p.add_argument("--states", type=int, default=3, help="random states (param init seed + random alpha)")
@@ -104,7 +107,10 @@ def memory(compiled) -> dict:
 
 def main(argv=None):
     args = parse_args(argv)
-    jax.config.update("jax_enable_x64", bool(args.x64))
+    for module in args.imports:
+        importlib.import_module(module)
+    if args.x64:
+        jax.config.update("jax_enable_x64", True)
     dtype = jnp.float64 if args.x64 else jnp.float32
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     for m in methods:

@@ -191,8 +191,8 @@ def test_zero_gradient_parameters_stay_finite(x64):
     """A parameter whose gradient is identically zero but still wired to the loss (a dead
     unit, an embedding row absent from the batch) has Adam v = 0; eps_root > 0 keeps the
     hypergradient finite, optax's default eps_root = 0 gives 0 * inf = NaN."""
-    base = problems.mlp_regression(seed=0, dtype=jnp.float64, num_domains=3, inner_steps=3, batch_size=8,
-                                   outer_batch_size=8, in_dim=4, hidden=8)
+    base = problems.mlp_regression(seed=0, dtype=jnp.float64, num_domains=3, inner_steps=2, batch_size=4,
+                                   outer_batch_size=4, in_dim=3, hidden=4)
     params = dict(base.params, dead=jnp.zeros((3,), jnp.float64))
 
     def inner_loss(p, a, b):

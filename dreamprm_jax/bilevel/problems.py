@@ -6,8 +6,10 @@ A *problem* bundles what :func:`dreamprm_jax.bilevel.hypergradient` needs::
 
 with ``sample_batches(rng) -> (inner_batches [T, ...], outer_batch)``. Problems register
 by name (:func:`register_problem`), so a new one (e.g. ``"prm"``, the tiny Qwen2-VL PRM)
-is added from its own module without touching this file or the CLI; the CLI also accepts
-``package.module:factory``.
+is added from its own module without touching this file or the CLI: call
+``register_problem("prm")`` there and either import that module (CLI ``--import``), name it
+on the command line as ``package.module:factory``, or advertise it under the
+``dreamprm_jax.problems`` entry-point group.
 
 Factories take keyword arguments ``seed, dtype, num_domains, inner_steps, inner_lr`` (and
 may take more) and return a :class:`Problem`.
@@ -77,9 +79,21 @@ def get_problem(name: str, **kwargs) -> Problem:
             raise ValueError(f"problems.get_problem: module {module!r} has no attribute {attr!r}")
         return factory(**kwargs)
     if name not in PROBLEMS:
+        _load_entry_points()
+    if name not in PROBLEMS:
         raise ValueError(f"problems.get_problem: unknown problem {name!r}; registered: {available_problems()} "
-                         "(or give 'package.module:factory')")
+                         "(or give 'package.module:factory', or import a module that registers it)")
     return PROBLEMS[name](**kwargs)
+
+
+def _load_entry_points() -> None:
+    """Register factories advertised under the ``dreamprm_jax.problems`` entry-point group
+    (``[project.entry-points."dreamprm_jax.problems"] prm = "pkg.module:factory"``)."""
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group="dreamprm_jax.problems"):
+        if ep.name not in PROBLEMS:
+            PROBLEMS[ep.name] = ep.load()
 
 
 def _optimizer(inner_lr, optimizer):
