@@ -27,7 +27,9 @@ class TrainConfig:
     model_dir: str | None = _field(
         None, "Local Hugging Face Qwen2-VL checkpoint directory (config.json + safetensors, tokenizer "
         "files). Omitted: a small random Qwen2-VL ('--model-preset') with a tokenizer built offline.")
-    model_preset: str = _field("demo", "Model preset used when --model-dir is not given (demo, tiny).")
+    model_preset: str = _field("demo", "Model built when --model-dir is not given: demo (a small random Qwen2-VL).")
+    model_hidden_size: int = _field(64, "Hidden size of the preset model (demo/tiny presets only).")
+    model_layers: int = _field(2, "Decoder layers of the preset model (demo/tiny presets only).")
     dtype: str = _field("float32", "Compute dtype (float32 | bfloat16); parameters stay float32.")
     remat: str = _field("none", "Per-block rematerialisation policy (none | full | dots_saveable | nothing_saveable).")
     max_image_side: int = _field(512, "Images whose longest side is larger are resized (LANCZOS) first.")
@@ -44,8 +46,10 @@ class TrainConfig:
     synthetic_seed: int = _field(0, "Seed of the generated benchmark.")
     on_bad_record: str = _field("error", "What to do with an invalid record: error | skip (skips are counted and logged).")
     cache_dir: str = _field("runs/cache", "Preprocessing cache (tokens and image patches, keyed by content).")
-    seq_buckets: tuple[int, ...] = _field((64, 96, 128, 192, 256, 384, 512, 1024, 2048), "Static sequence-length buckets.")
-    patch_buckets: tuple[int, ...] = _field((16, 64, 256, 1024, 4096), "Static image-patch-count buckets.")
+    seq_buckets: tuple[int, ...] = _field((64, 96, 112, 128, 144, 160, 192, 256, 320, 384, 512, 768, 1024, 1536, 2048, 4096),
+                                          "Static sequence-length buckets (a batch takes the smallest that fits).")
+    patch_buckets: tuple[int, ...] = _field((64, 128, 256, 384, 512, 640, 768, 1024, 1536, 2048, 3072, 4096, 6144, 8192),
+                                            "Static buckets of image patches per batch.")
 
     # --- lower level (the PRM) -----------------------------------------------------------
     train_batch_size: int = _field(16, "Training samples per inner step.")

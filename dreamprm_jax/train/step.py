@@ -1,0 +1,113 @@
+"""One DreamPRM bi-level iteration as a pure function of the training state.
+
+    state = {params, opt_state, raw_weights, meta_opt_state, step}
+    T inner AdamW steps on the PRM (domain-weighted MSE, weights w = softplus(r)/mean softplus(r))
+    -> hypergradient dL_meta/dr by the chosen method -> one meta AdamW step on r.
+
+The engine (:mod:`dreamprm_jax.bilevel`) sees only the two losses defined here; the model
+sees nothing of the engine. The iteration is jitted once per batch shape bucket with the
+state donated, so the T-step unroll and the meta update are one compiled program.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from dreamprm_jax import bilevel
+from dreamprm_jax.models import prm
+
+State = dict[str, Any]
+
+
+def make_losses(model_config, aggregation: str) -> tuple[Callable, Callable]:
+    """The lower- and upper-level losses of DreamPRM over model batches.
+
+    inner_loss(params, r, batch) = sum_i m_i w[d_i] (p_i - y_i)^2 / sum_i m_i
+    outer_loss(params, batch)    = mean_chains (sigmoid(A) - label)^2,
+        A = mean (or sum) over the chain's steps of the step logit z_s = log(p_s / (1 - p_s)).
+    """
+
+    def inner_loss(params, raw_weights, batch):
+        probs, _ = prm.score(model_config, params, batch)  # [B]
+        return bilevel.weighted_mse(probs, batch["labels"], batch["domain_ids"], raw_weights, batch["sample_mask"])
+
+    def outer_loss(params, batch):
+        _, step_logits = prm.score(model_config, params, batch)  # [M * S]
+        m, s = batch["step_mask"].shape
+        return bilevel.aggregation_loss(
+            step_logits.reshape(m, s), batch["step_mask"], batch["labels"], batch["chain_mask"], reduce=aggregation)
+
+    return inner_loss, outer_loss
+
+
+def inner_optimizer(lr: float, step_size: int, gamma: float, weight_decay: float, grad_clip: float = 0.0):
+    """AdamW with the reference's StepLR schedule (lr * gamma ** floor(step / step_size))."""
+    adamw = bilevel.inner_adamw(bilevel.step_lr(lr, step_size, gamma), weight_decay=weight_decay)
+    if grad_clip > 0:
+        return optax.chain(optax.clip_by_global_norm(grad_clip), adamw)
+    return adamw
+
+
+def meta_optimizer(lr: float, weight_decay: float):
+    return optax.adamw(lr, weight_decay=weight_decay)
+
+
+def init_state(params, num_domains: int, optimizer, meta_opt) -> State:
+    raw_weights = jnp.zeros((num_domains,), jnp.float32)  # r = 0: all domains weigh 1
+    return {
+        "params": params,
+        "opt_state": optimizer.init(params),
+        "raw_weights": raw_weights,
+        "meta_opt_state": meta_opt.init(raw_weights),
+        "step": jnp.zeros((), jnp.int32),
+    }
+
+
+def make_bilevel_step(model_config, optimizer, meta_opt, *, method: str = "exact", aggregation: str = "mean",
+                      reweighting: bool = True, method_options: dict | None = None) -> Callable:
+    """Returns ``step(state, inner_batches, meta_batch) -> (state, metrics)`` (not jitted).
+
+    ``inner_batches`` carries a leading axis of length T. With ``reweighting=False`` the
+    domain weights stay at 1 (the vanilla PRM) and only the meta loss is evaluated.
+    """
+    inner_loss, outer_loss = make_losses(model_config, aggregation)
+    options = dict(method_options or {})
+
+    def step(state: State, inner_batches, meta_batch):
+        raw = state["raw_weights"]
+        if reweighting:
+            g_raw, aux = bilevel.hypergradient(
+                method, inner_loss, outer_loss, optimizer, state["params"], state["opt_state"], raw,
+                inner_batches, meta_batch, **options)
+            updates, meta_opt_state = meta_opt.update(g_raw, state["meta_opt_state"], raw)
+            raw = optax.apply_updates(raw, updates)
+            params, opt_state = aux["params"], aux["opt_state"]
+            meta_loss, inner_losses = aux["outer_loss"], aux["inner_losses"]
+        else:
+            params, opt_state, inner_metrics = bilevel.unroll(
+                inner_loss, optimizer, state["params"], state["opt_state"], raw, inner_batches)
+            inner_losses = inner_metrics["loss"]
+            meta_loss = outer_loss(params, meta_batch)
+            g_raw, meta_opt_state = jnp.zeros_like(raw), state["meta_opt_state"]
+        new_state = {"params": params, "opt_state": opt_state, "raw_weights": raw,
+                     "meta_opt_state": meta_opt_state, "step": state["step"] + 1}
+        metrics = {
+            "inner_loss": jnp.mean(inner_losses),
+            "inner_loss_last": inner_losses[-1],
+            "meta_loss": meta_loss,
+            "hypergrad_norm": jnp.linalg.norm(g_raw),
+            "weights": bilevel.domain_weights(raw),
+        }
+        metrics["finite"] = jnp.isfinite(metrics["inner_loss"]) & jnp.isfinite(meta_loss) & jnp.all(jnp.isfinite(raw))
+        return new_state, metrics
+
+    return step
+
+
+def jit_bilevel_step(step: Callable) -> Callable:
+    """Jit at the boundary with the state donated (its buffers are reused for the new state)."""
+    return jax.jit(step, donate_argnums=(0,))
