@@ -14,7 +14,7 @@ from PIL import Image
 
 from dreamprm_jax.data import synthetic
 from dreamprm_jax.data.synthetic import domains as domains_mod
-from dreamprm_jax.data.synthetic.tasks import BLATANT_VALUE
+from dreamprm_jax.data.synthetic.tasks import BLATANT_VALUE, NUMBER_WORDS
 
 STEP_RE = re.compile(r"Step[\s:]*(\d+)")
 SMALL = dataclasses.replace(synthetic.default_config(), train_per_domain=30, meta=12, test=10)
@@ -37,7 +37,8 @@ def _step_bodies(chain: str) -> list[str]:
 
 
 def _numbers(text: str) -> set[int]:
-    return {int(n) for n in re.findall(r"\b\d+\b", text)}
+    """The values a step states (chains write them as words, 'zero'..'nine')."""
+    return {NUMBER_WORDS.index(w) for w in re.findall(r"[a-z]+", text) if w in NUMBER_WORDS}
 
 
 def visible_first_error(chain: str) -> int | None:

@@ -3,23 +3,25 @@
 A chain has the DreamPRM structure, one line per step::
 
     Step 1: <restate the question>
-    Step 2: <evidence read from the image: the target value v and one distractor value u>
+    Step 2: <evidence read from the image: the target value v>
     Step 3: <background, restating the value>
     Step 4: <reasoning with the value>
     Step 5: <conclusion>
     Final answer: <value of step 5>
 
 Steps 3, 4 and 5 each state the value they use.  A *planted error* at step k (k in 3..5)
-is a copy-consistency error: from step k on the chain uses a wrong value w != v (w is
-also != u, so "every value after step 2 appears in step 2" is a sufficient check), and
-the final answer is w.  The error is therefore visible in the text alone, as a
-contradiction with step 2; a small model learns that check quickly (an arithmetic rule
-is not learnable on the CPU demo's budget).  ``blatant`` errors use the value 0, which no
-correct chain ever states.
+is a copy-consistency error: from step k on the chain uses a wrong value w != v, and the
+final answer is w (w is also different from the image's other quantity u).  The error is
+therefore visible in the text alone, as a contradiction with step 2 (an arithmetic rule
+is not learnable on the CPU demo's budget).  ``blatant`` errors use the value 0 ("zero"),
+which no correct chain ever states.
 
-Texts are short on purpose (about 60-120 tokens per question + full chain with a
-~1000-token byte-level BPE), and every step has two paraphrases so that a position in the
-template is not a label.
+Values are written as words ("seven"; the final answer in digits), so they never share a
+token with the step markers ("Step 3"), and no template contains a number word of its
+own.  Step 2 states exactly one value, so a prefix is consistent iff it names one value:
+"two different number words present" is the whole check.  Texts are short on purpose
+(about 60-80 tokens per question + full chain with a byte-level BPE of ~1000 tokens), and
+every step has two paraphrases so that a position in the template is not a label.
 """
 
 from __future__ import annotations
@@ -44,43 +46,42 @@ ERROR_STEPS: tuple[int, ...] = (3, 4, 5)
 STEP_SEPARATOR = "\n"
 BLATANT_VALUE = 0
 
+NUMBER_WORDS: tuple[str, ...] = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 _SHAPE_NAMES = {3: "triangle", 4: "square", 5: "pentagon", 6: "hexagon", 7: "heptagon", 8: "octagon"}
 _VALUE_RANGE = {"bars": (1, 9), "count": (1, 9), "shapes": (3, 8)}
 
 # Per task: question, then two paraphrases per step.  Slots: t target, v true value,
-# d distractor, u distractor value, x the value this step states, c colour (shapes).
+# x the value this step states, c colour (shapes); d / u (the image's other quantity) are
+# available but unused, so that step 2 states one number.
 _TEMPLATES: dict[str, dict[str, Any]] = {
     "bars": {
         "question": "What is the height of the {t} bar?",
         "steps": (
-            ("We need the height of the {t} bar.", "The question asks how tall the {t} bar is."),
-            ("The image shows the {t} bar at {v} and the {d} bar at {u}.",
-             "In the chart the {d} bar is {u} and the {t} bar is {v}."),
-            ("Heights are read on the axis, so {t} is {x}.", "A bar's height is its top value, here {x} for {t}."),
-            ("The {t} bar reaches level {x}.", "The top of the {t} bar is at {x}."),
-            ("So the {t} bar has height {x}.", "Therefore the {t} bar is {x} tall."),
+            ("We need the {t} bar.", "Find the height of the {t} bar."),
+            ("The image shows the {t} bar at {v}.", "In the chart the {t} bar is {v}."),
+            ("Heights are read on the axis, so {t} is {x}.", "A bar height is its top, here {x}."),
+            ("The {t} bar reaches {x}.", "The top of the {t} bar is {x}."),
+            ("So the {t} bar is {x} tall.", "Therefore the height is {x}."),
         ),
     },
     "count": {
         "question": "How many {t} squares are in the grid?",
         "steps": (
-            ("We count the {t} squares in the grid.", "The question asks for the number of {t} squares."),
-            ("The image shows {v} {t} squares and {u} {d} squares.",
-             "In the grid there are {u} {d} squares and {v} {t} squares."),
-            ("Each square counts once, so {t} gives {x}.", "Counting one by one, the {t} total is {x}."),
-            ("The number of {t} squares is {x}.", "We found {x} squares that are {t}."),
-            ("So there are {x} {t} squares.", "Therefore the grid has {x} {t} squares."),
+            ("We count the {t} squares.", "Find the number of {t} squares."),
+            ("The image shows {v} {t} squares.", "In the grid there are {v} {t} squares."),
+            ("Each square counts once, so {t} gives {x}.", "Counting them all gives {x}."),
+            ("The {t} count is {x}.", "We found {x} {t} squares."),
+            ("So there are {x} {t} squares.", "Therefore the count is {x}."),
         ),
     },
     "shapes": {
         "question": "How many sides does the shape have?",
         "steps": (
-            ("We need the number of sides of the shape.", "The question asks how many sides the shape has."),
-            ("The image shows a {c} {t} with {v} sides and {u} dots.",
-             "We see {u} dots inside a {c} {t} of {v} sides."),
-            ("A {t} is a polygon, here with {x} sides.", "Polygons are named by sides, so this one has {x}."),
-            ("Its {x} corners match its {x} sides.", "Counting edges of the {t} gives {x}."),
-            ("So the shape has {x} sides.", "Therefore the {t} has {x} sides."),
+            ("We need the number of sides.", "Find how many sides the shape has."),
+            ("The image shows a {c} {t} with {v} sides.", "We see a {c} {t} of {v} sides."),
+            ("A {t} is a polygon with {x} sides.", "Polygons are named by sides, so {x}."),
+            ("It has {x} corners.", "Counting edges gives {x}."),
+            ("So the shape has {x} sides.", "Therefore the answer is {x}."),
         ),
     },
 }
@@ -204,7 +205,8 @@ def make_chain(problem: Problem, rng: np.random.Generator, first_error: int | No
         if wrong_value is None or wrong_value == problem.answer:
             raise ValueError(f"make_chain: an error chain needs a wrong_value != {problem.answer}, got {wrong_value}")
     templates = _TEMPLATES[problem.task]["steps"]
-    slots = {"t": problem.target, "v": problem.answer, "d": problem.distractor, "u": problem.distractor_value,
+    slots = {"t": problem.target, "v": NUMBER_WORDS[problem.answer], "d": problem.distractor,
+             "u": NUMBER_WORDS[problem.distractor_value],
              "c": problem.scene.get("colour", "")}
     variants = rng.integers(2, size=NUM_STEPS)
     steps = []
@@ -212,7 +214,7 @@ def make_chain(problem: Problem, rng: np.random.Generator, first_error: int | No
     for k in range(1, NUM_STEPS + 1):
         if first_error is not None and k >= first_error:
             x = wrong_value
-        steps.append(templates[k - 1][int(variants[k - 1])].format(x=x, **slots))
+        steps.append(templates[k - 1][int(variants[k - 1])].format(x=NUMBER_WORDS[x], **slots))
     return Chain(tuple(steps), str(x), first_error)
 
 
