@@ -1,0 +1,307 @@
+"""Shared pieces of the benchmarks: timing, versions, JSON, generated DreamPRM batches, FLOP counts.
+
+Nothing here imports torch; :mod:`benchmarks.reference_torch` does.
+
+Generated problem (:func:`make_problem`): random token ids and random 'images' (patch rows
+of a ``image_side`` px square), in the exact layout the trainer feeds the model:
+
+* a training row is ``<vision_start> <image_pad> * n <vision_end> text`` with a random text
+  length in ``[0.6 L, L]`` (so rows need padding), **left**-padded to ``L`` with id 0 /
+  mask 0. Left padding makes DreamPRM's ``logits[:, -1]`` (the reference) and the JAX
+  PRM's mask-based last token the same position;
+* a meta chain of ``S`` steps gives ``S`` step-prefix rows (chain-major): the same image
+  and question, then steps ``1..s`` (each ``step_len`` tokens), left-padded to ``L_meta``;
+* labels: Monte-Carlo accuracies in ``{0, .25, .5, .75, 1}`` for training rows, 0/1 for
+  chains; domain ids uniform in ``[0, K)``.
+
+Each batch is kept twice: ``hf`` (numpy, transformers-style inputs + labels, for the
+PyTorch reference) and ``jax`` (``qwen2_vl.prepare_batch`` + labels; the ``T`` inner batches
+stacked on a leading axis), built from the same arrays.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import statistics
+import time
+from typing import Any, Callable
+
+import numpy as np
+
+# ------------------------------------------------------------------------------ timing
+
+
+def time_calls(fn: Callable[[], Any], warmup: int, repeats: int) -> dict:
+    """Run ``fn`` ``warmup`` times untimed, then ``repeats`` times timed (``fn`` must block).
+
+    Returns ``{"median_s", "min_s", "max_s", "iqr_s", "spread_pct", "times_s"}``; ``spread_pct``
+    is ``100 * (max - min) / median``.
+    """
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(max(1, repeats)):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    med = statistics.median(times)
+    q = np.percentile(times, [25, 75]) if len(times) > 1 else (times[0], times[0])
+    return {"median_s": med, "min_s": min(times), "max_s": max(times), "iqr_s": float(q[1] - q[0]),
+            "spread_pct": 100.0 * (max(times) - min(times)) / med, "times_s": times}
+
+
+def versions() -> dict:
+    import jax
+
+    out = {"jax": jax.__version__, "python": platform.python_version(), "machine": platform.machine(),
+           "processor": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+           "backend": jax.default_backend(), "device": str(jax.devices()[0]),
+           "device_kind": getattr(jax.devices()[0], "device_kind", "")}
+    try:
+        import jaxlib
+
+        out["jaxlib"] = jaxlib.__version__
+    except Exception:  # pragma: no cover
+        pass
+    return out
+
+
+def write_json(path: str, obj: dict) -> str:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, default=_json_default)
+    return path
+
+
+def _json_default(x):
+    if isinstance(x, (np.floating, np.integer)):
+        return x.item()
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    return str(x)
+
+
+# ------------------------------------------------------------------------------ problem
+
+
+@dataclasses.dataclass(frozen=True)
+class ProblemSpec:
+    """Shapes of one generated bi-level iteration (see the module docstring)."""
+
+    batch: int = 8  # B training rows per inner step
+    seq_len: int = 64  # L training bucket
+    unroll: int = 5  # T inner steps
+    meta_chains: int = 8  # M
+    meta_steps: int = 5  # S step prefixes per chain
+    step_len: int = 8  # tokens per reasoning step in a meta chain
+    question_len: int = 16  # question tokens of a meta chain (besides the image)
+    image_side: int = 56  # px, multiple of 28; 0 = text only
+    num_domains: int = 4  # K
+    seed: int = 0
+
+    @property
+    def meta_seq_len(self) -> int:
+        return 3 + self.image_tokens + self.question_len + self.meta_steps * self.step_len
+
+    @property
+    def grid(self) -> int:
+        return self.image_side // 14
+
+    @property
+    def image_tokens(self) -> int:
+        return self.grid * self.grid // 4 if self.image_side else 0
+
+
+def _special(config) -> tuple[int, int, int]:
+    return config.vision_start_token_id, config.image_token_id, config.vision_end_token_id
+
+
+def _text_ids(config, rng, n: int) -> np.ndarray:
+    """Random ordinary token ids (never a special id, never the pad id 0)."""
+    specials = {config.image_token_id, config.video_token_id, config.vision_start_token_id,
+                config.vision_end_token_id}
+    hi = min(config.text.vocab_size, min(specials))
+    if hi <= 2:
+        raise ValueError(f"benchmarks._common: vocabulary {config.text.vocab_size} leaves no ordinary ids below "
+                         f"the special ids {sorted(specials)}")
+    return rng.integers(2, hi, size=n)
+
+
+def _rows_to_batch(config, rows: list[np.ndarray], pixels: list[np.ndarray | None], grids: list, L: int) -> dict:
+    """Left-pad ``rows`` to ``L``; HF-style numpy inputs (pixel rows in batch order)."""
+    B = len(rows)
+    ids = np.zeros((B, L), np.int64)
+    mask = np.zeros((B, L), np.int64)
+    for b, r in enumerate(rows):
+        if len(r) > L:
+            raise ValueError(f"benchmarks._common: row {b} has {len(r)} tokens > bucket {L}")
+        ids[b, L - len(r):] = r
+        mask[b, L - len(r):] = 1
+    out = {"input_ids": ids, "attention_mask": mask}
+    if any(p is not None for p in pixels):
+        out["pixel_values"] = np.concatenate([p for p in pixels if p is not None]).astype(np.float32)
+        out["image_grid_thw"] = np.asarray([g for g in grids if g is not None], np.int64)
+    return out
+
+
+def _image(config, spec: ProblemSpec, rng):
+    if not spec.image_side:
+        return [], None, None
+    g = spec.grid
+    vs, img, ve = _special(config)
+    head = np.array([vs] + [img] * spec.image_tokens + [ve])
+    pix = rng.standard_normal((g * g, config.vision.patch_dim)).astype(np.float32)
+    return head, pix, [1, g, g]
+
+
+def to_jax_batch(config, hf: dict) -> dict:
+    """``qwen2_vl.prepare_batch`` of the HF-style inputs plus the label entries (numpy)."""
+    from dreamprm_jax.models import qwen2_vl
+
+    batch = dict(qwen2_vl.prepare_batch(config, hf["input_ids"], hf["attention_mask"], hf.get("pixel_values"),
+                                        hf.get("image_grid_thw")))
+    for k in ("labels", "domain_ids", "sample_mask", "step_mask", "chain_mask"):
+        if k in hf:
+            batch[k] = hf[k]
+    return batch
+
+
+def make_problem(config, spec: ProblemSpec) -> dict:
+    """``{"inner_hf": [T dicts], "meta_hf": dict, "inner_jax": stacked [T, ...], "meta_jax": dict,
+    "inner_tokens": real tokens per inner batch [T], "meta_tokens": int}`` (all numpy)."""
+    rng = np.random.default_rng(spec.seed)
+    L = spec.seq_len
+    head_len = 3 + spec.image_tokens if spec.image_side else 0
+    inner_hf = []
+    for _ in range(spec.unroll):
+        rows, pixels, grids = [], [], []
+        for _ in range(spec.batch):
+            head, pix, grid = _image(config, spec, rng)
+            n_text = int(rng.integers(max(1, int(0.6 * L) - head_len), L - head_len + 1))
+            rows.append(np.concatenate([head, _text_ids(config, rng, n_text)]).astype(np.int64))
+            pixels.append(pix)
+            grids.append(grid)
+        hf = _rows_to_batch(config, rows, pixels, grids, L)
+        hf["labels"] = rng.integers(0, 5, size=spec.batch).astype(np.float32) / 4.0
+        hf["domain_ids"] = rng.integers(0, spec.num_domains, size=spec.batch).astype(np.int32)
+        hf["sample_mask"] = np.ones(spec.batch, np.float32)
+        inner_hf.append(hf)
+
+    rows, pixels, grids = [], [], []
+    for _ in range(spec.meta_chains):
+        head, pix, grid = _image(config, spec, rng)
+        question = _text_ids(config, rng, spec.question_len)
+        steps = [_text_ids(config, rng, spec.step_len) for _ in range(spec.meta_steps)]
+        for s in range(1, spec.meta_steps + 1):
+            rows.append(np.concatenate([head, question, *steps[:s]]).astype(np.int64))
+            pixels.append(pix)
+            grids.append(grid)
+    meta_hf = _rows_to_batch(config, rows, pixels, grids, spec.meta_seq_len)
+    meta_hf["step_mask"] = np.ones((spec.meta_chains, spec.meta_steps), np.float32)
+    meta_hf["labels"] = rng.integers(0, 2, size=spec.meta_chains).astype(np.float32)
+    meta_hf["chain_mask"] = np.ones(spec.meta_chains, np.float32)
+
+    inner_jax = [to_jax_batch(config, hf) for hf in inner_hf]
+    stacked = {k: np.stack([b[k] for b in inner_jax]) for k in inner_jax[0]}
+    return {
+        "inner_hf": inner_hf,
+        "meta_hf": meta_hf,
+        "inner_jax": stacked,
+        "meta_jax": to_jax_batch(config, meta_hf),
+        "inner_tokens": [int(hf["attention_mask"].sum()) for hf in inner_hf],
+        "meta_tokens": int(meta_hf["attention_mask"].sum()),
+    }
+
+
+# ------------------------------------------------------------------------------ FLOPs
+
+
+def jaxpr_flops(closed_jaxpr) -> dict:
+    """Matmul FLOPs of a (closed) jaxpr, loops multiplied out.
+
+    XLA's ``compiled.cost_analysis()['flops']`` counts the body of every ``while`` loop
+    once (checked on XLA:CPU with a 10-step ``lax.scan``: it reports one step). The model
+    scans its layers and the engine scans its ``T`` inner steps, so that number undercounts
+    by roughly ``T * num_layers``. This counter walks the jaxpr instead:
+
+    * ``dot_general``: ``2 * prod(batch dims) * M * N * K``;
+    * ``conv_general_dilated``: ``2 * prod(out) * prod(kernel spatial) * C_in / groups``;
+    * ``scan``: body x ``length``; ``while`` from ``fori_loop`` with a static trip count:
+      body x trip count; a ``while`` whose trip count is not static is counted once and
+      reported in ``dynamic_while_loops``; ``cond``: the most expensive branch;
+      every other higher-order primitive (pjit, custom_jvp/vjp, remat, ...): its sub-jaxprs.
+
+    Elementwise work is ignored (model FLOPs are matmul FLOPs, as in MFU accounting).
+    Returns ``{"flops", "dynamic_while_loops"}``.
+    """
+    from jax import core as jcore
+
+    dyn = [0]
+
+    def sub_jaxprs(eqn):
+        for v in eqn.params.values():
+            for x in (v if isinstance(v, (tuple, list)) else (v,)):
+                if isinstance(x, jcore.ClosedJaxpr):
+                    yield x.jaxpr
+                elif isinstance(x, jcore.Jaxpr):
+                    yield x
+
+    def count(jaxpr) -> float:
+        total = 0.0
+        for eqn in jaxpr.eqns:
+            name = eqn.primitive.name
+            if name == "dot_general":
+                (lc, rc), (lb, _rb) = eqn.params["dimension_numbers"]
+                a, b = eqn.invars[0].aval.shape, eqn.invars[1].aval.shape
+                k = np.prod([a[i] for i in lc]) if lc else 1
+                batch = np.prod([a[i] for i in lb]) if lb else 1
+                m = np.prod([a[i] for i in range(len(a)) if i not in lc and i not in lb])
+                n = np.prod([b[i] for i in range(len(b)) if i not in rc and i not in _rb])
+                total += 2.0 * batch * m * n * k
+            elif name == "conv_general_dilated":
+                out = eqn.outvars[0].aval.shape
+                rhs = eqn.invars[1].aval.shape
+                dn = eqn.params["dimension_numbers"]
+                rhs_spec = dn.rhs_spec  # (out_c, in_c, spatial...)
+                spatial = np.prod([rhs[i] for i in rhs_spec[2:]])
+                cin = rhs[rhs_spec[1]]
+                total += 2.0 * np.prod(out) * spatial * cin
+            elif name == "scan":
+                total += eqn.params["length"] * count(eqn.params["jaxpr"].jaxpr)
+            elif name == "while":
+                body = count(eqn.params["body_jaxpr"].jaxpr)
+                trips = _static_trip_count(eqn)
+                if trips is None:
+                    dyn[0] += 1
+                    trips = 1
+                total += trips * body
+            elif name == "cond":
+                total += max(count(b.jaxpr) for b in eqn.params["branches"])
+            else:
+                total += sum(count(j) for j in sub_jaxprs(eqn))
+        return total
+
+    flops = count(closed_jaxpr.jaxpr)
+    return {"flops": float(flops), "dynamic_while_loops": dyn[0]}
+
+
+def _static_trip_count(eqn) -> int | None:
+    """Trip count of a ``fori_loop``-style while (``i < upper``, both literal), else None."""
+    from jax import core as jcore
+
+    cond = eqn.params["cond_jaxpr"].jaxpr
+    if len(cond.eqns) != 1 or cond.eqns[0].primitive.name != "lt":
+        return None
+    # fori_loop carries (i, upper, x); i and upper start as the while's first inputs.
+    n_consts = eqn.params["cond_nconsts"] + eqn.params["body_nconsts"]
+    init = eqn.invars[n_consts:]
+    vals = []
+    for v in init[:2]:
+        if isinstance(v, jcore.Literal):
+            vals.append(int(v.val))
+        else:
+            return None
+    return max(0, vals[1] - vals[0])
