@@ -34,7 +34,8 @@ rounding in the matrix kernels (tests check 1e-5 against a direct single-row
 Throughput (:class:`ScorerStats`): ``prefixes_per_s`` = requests / wall seconds,
 ``chains_per_s`` = distinct candidate ids / wall seconds, over everything this scorer
 has scored since construction (or :meth:`PRMScorer.reset_stats`); wall time includes
-encoding and compilation. ``compile_count`` is the number of programs in the jit cache
+encoding and compilation. ``steady_chains_per_s`` leaves out the time of the calls that
+traced and compiled a new program (jit compiles synchronously, before dispatch). ``compile_count`` is the number of programs in the jit cache
 of the shared scoring function (one per (B, L, N) shape).
 """
 
@@ -118,6 +119,7 @@ class ScorerStats:
     padded_tokens: int = 0
     buckets: dict[str, int] = dataclasses.field(default_factory=dict)   # "L=..,N=.." -> batches
     compiles: int = 0                                                   # new programs compiled
+    compile_seconds: float = 0.0                                        # dispatch calls that compiled
 
     @property
     def prefixes_per_s(self) -> float:
@@ -128,6 +130,12 @@ class ScorerStats:
         return self.num_chains / self.seconds if self.seconds > 0 else float("nan")
 
     @property
+    def steady_chains_per_s(self) -> float:
+        """Chains per second without the calls that traced and compiled a new program."""
+        rest = self.seconds - self.compile_seconds
+        return self.num_chains / rest if rest > 0 else float("nan")
+
+    @property
     def token_waste(self) -> float:
         return 1.0 - self.real_tokens / self.padded_tokens if self.padded_tokens else 0.0
 
@@ -135,7 +143,8 @@ class ScorerStats:
         return {"num_requests": self.num_requests, "num_chains": self.num_chains,
                 "num_batches": self.num_batches, "seconds": self.seconds,
                 "encode_seconds": self.encode_seconds, "prefixes_per_s": self.prefixes_per_s,
-                "chains_per_s": self.chains_per_s, "token_waste": self.token_waste,
+                "chains_per_s": self.chains_per_s, "steady_chains_per_s": self.steady_chains_per_s,
+                "compile_seconds": self.compile_seconds, "token_waste": self.token_waste,
                 "buckets": dict(sorted(self.buckets.items())), "compiles": self.compiles}
 
 
@@ -268,7 +277,10 @@ class PRMScorer:
             for rows in batches:
                 batch, info = collate([samples[i] for i in rows] + [None] * (B - len(rows)), self.spec,
                                       self._prepare)
+                programs, t_call = self.compile_count, time.perf_counter()
                 z = self._fn(self.params, batch)  # [B] on device, asynchronous
+                if self.compile_count > programs:  # tracing + compilation run synchronously here
+                    self.stats.compile_seconds += time.perf_counter() - t_call
                 if pending is not None:
                     fetch(*pending)
                 pending = (rows, z)
