@@ -19,7 +19,7 @@ clean_easy         1.00     clean labels, p_clean 0.95 (the sharpest clean/error
 clean_medium       0.85     clean labels, p_clean 0.85
 clean_hard         0.70     clean labels, p_clean 0.70 (harder questions: noisier labels,
                             clean prefixes pulled towards 0.5)
-trivial            0.50     correct labels, but every error is blatant (the value 0) and
+trivial            0.50     correct labels, but every error is blatant (the value "zero") and
                             at step 3: the domain is solved by a shortcut that does not
                             transfer to the meta chains (in-range values, errors at 3-5),
                             so it teaches little; it never teaches anything wrong, hence
@@ -117,7 +117,7 @@ def default_domains() -> tuple[DomainSpec, ...]:
         DomainSpec("clean_easy", 1.0, "Clean Monte-Carlo labels; easy questions (p_clean 0.95).", p_clean=0.95),
         DomainSpec("clean_medium", 0.85, "Clean Monte-Carlo labels; medium questions (p_clean 0.85).", p_clean=0.85),
         DomainSpec("clean_hard", 0.7, "Clean Monte-Carlo labels; hard questions (p_clean 0.70).", p_clean=0.70),
-        DomainSpec("trivial", 0.5, "Correct labels, but every error is the blatant value 0 at step 3: a shortcut "
+        DomainSpec("trivial", 0.5, "Correct labels, but every error is the blatant value zero at step 3: a shortcut "
                    "that does not transfer to the meta chains.", p_clean=0.95, p_error=0.0,
                    error_steps=(3,), blatant_errors=True),
         DomainSpec("label_noise", 0.4, "clean_medium with 50% of the step labels replaced by uniform random scores.",
