@@ -90,7 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
                              f"drops the baseline (default: {DREAMPRM} when evaluated, else the last --prm)")
     models.add_argument("--train-missing", action="store_true",
                         help="when a default run's export is missing, train it here first (the default "
-                             "DreamPRM / vanilla training configuration; minutes on a CPU)")
+                             "DreamPRM / vanilla training configuration; minutes on a CPU); a missing default "
+                             "test set is generated")
     models.add_argument("--batch-size", type=int, default=16,
                         help="sequences per forward pass while scoring (default: 16)")
     models.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
@@ -134,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
 # Setup: which files, which models; train or explain what is missing
 # ----------------------------------------------------------------------------------------
 
-def _say(args, message: str) -> None:
+def _say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
@@ -143,10 +144,10 @@ def _train_default(name: str, args) -> None:
     from dreamprm_jax.train import loop
 
     export_dir, command, overrides = DEFAULT_RUNS[name]
-    _say(args, f"[train] {export_dir} is missing; training it now ({command})")
+    _say(f"[train] {export_dir} is missing; training it now ({command})")
     cfg = dataclasses.replace(TrainConfig(), progress=args.progress, **overrides)
     result = loop.train(cfg)
-    _say(args, loop.format_result(result))
+    _say(loop.format_result(result))
     if not os.path.isdir(export_dir):
         raise SetupError(f"training {name} finished but wrote no export at {export_dir}")
 
@@ -169,6 +170,13 @@ def resolve_setup(args) -> tuple[str, dict[str, str]]:
         for name in missing_defaults:
             _train_default(name, args)
         missing_defaults = [n for n in defaults if not is_export(defaults[n])]
+
+    if args.train_missing and args.candidates is None and not os.path.isfile(candidates):
+        from dreamprm_jax.data import synthetic
+
+        _say(f"[data] {candidates} is missing; generating the default benchmark")
+        synthetic.generate(os.path.dirname(candidates), synthetic.default_config(), progress=args.progress,
+                           reuse=True)
 
     problems = []
     for name, path in prms.items():
@@ -238,7 +246,7 @@ def run(args) -> dict[str, Any]:
     questions, load_report = inf.load_candidates(candidates_path, image_root=args.image_root,
                                                  on_bad_record=args.on_bad_record)
     if load_report.num_skipped:
-        _say(args, f"[data] skipped {load_report.num_skipped} of {load_report.num_records} records: "
+        _say(f"[data] skipped {load_report.num_skipped} of {load_report.num_records} records: "
                    f"{dict(load_report.skipped)}")
     if not questions:
         raise SetupError(f"{candidates_path}: no valid record to evaluate ({load_report.num_records} records)")
@@ -247,7 +255,7 @@ def run(args) -> dict[str, Any]:
     has_step_labels = bool((labels >= 0).any())
     num_prefixes = sum(c.num_steps for q in questions for c in q.candidates)
     num_chains = sum(q.num_candidates for q in questions)
-    _say(args, f"[data] {len(questions)} questions, {num_chains} candidate chains, {num_prefixes} step prefixes "
+    _say(f"[data] {len(questions)} questions, {num_chains} candidate chains, {num_prefixes} step prefixes "
                f"from {candidates_path}")
 
     step_scores, outcome_logits, throughput, scoring_info = {}, {}, {}, {}
@@ -259,14 +267,14 @@ def run(args) -> dict[str, Any]:
         step_scores[name] = inf.score_steps(questions, scorer)
         stats = scorer.stats.to_dict()
         throughput[f"{name}/steps"] = stats
-        _say(args, _throughput_line(name, "step prefixes", stats, scorer.compile_count))
+        _say(_throughput_line(name, "step prefixes", stats, scorer.compile_count))
         if name == outcome:
             scorer.reset_stats()
             scorer.desc = f"{name} outcome"
             outcome_logits[name] = inf.score_chains(questions, scorer)
             stats = scorer.stats.to_dict()
             throughput[f"{name}/outcome"] = stats
-            _say(args, _throughput_line(name, "whole chains", stats, scorer.compile_count))
+            _say(_throughput_line(name, "whole chains", stats, scorer.compile_count))
         throughput[f"{name}/steps"]["compile_count"] = scorer.compile_count
         scoring_info[name] = {"export_dir": export_dir, "batch_size": args.batch_size, "dtype": args.dtype,
                               "seq_buckets": list(scorer.spec.seq_buckets),

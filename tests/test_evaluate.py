@@ -169,3 +169,28 @@ def test_help_documents_every_option(capsys):
     for flag in ("--candidates", "--image-root", "--prm", "--aggregation", "--aggregations", "--ns", "--trials",
                  "--seed", "--on-bad-record", "--out", "--train-missing", "--outcome-prm"):
         assert flag in text
+
+
+def test_train_missing_trains_the_default_runs_with_their_configs(setup, tmp_path, monkeypatch, capsys):
+    import shutil
+
+    from dreamprm_jax.train import loop
+
+    seen = []
+
+    def fake_train(cfg):  # stands in for minutes of training: copies a tiny export into place
+        seen.append(cfg)
+        shutil.copytree(setup["exports"]["dreamprm"], os.path.join(cfg.out_dir, "export"))
+        return loop.TrainResult(out_dir=cfg.out_dir, step=1, domains=("a",), weights=np.ones(1), planted_quality=None,
+                                spearman=None, interrupted=False, seconds=0.0, compile_count=1, final_metrics={})
+
+    monkeypatch.setattr(loop, "train", fake_train)
+    monkeypatch.chdir(tmp_path)
+    argv = ["--candidates", setup["good_file"], "--train-missing", "--ns", "2", "--trials", "1", "--no-progress",
+            "--batch-size", "8"]  # the CLI test's batch shape: compiled programs are reused
+    assert evaluate.main(argv) == 0
+    assert [(c.out_dir, c.reweighting) for c in seen] == [("runs/vanilla", False), ("runs/default", True)]
+    assert all(c.iterations == loop.TrainConfig().iterations for c in seen)
+    report = json.loads((tmp_path / "runs" / "eval" / "best_of_n.json").read_text())
+    assert "vanilla_prm/mean" in report["selection"]["methods"] and "dreamprm/mean" in report["selection"]["methods"]
+    assert "training it now (python -m experiments.train --no-reweighting" in capsys.readouterr().err
