@@ -5,8 +5,8 @@ Nothing here imports torch; :mod:`benchmarks.reference_torch` does.
 Generated problem (:func:`make_problem`): random token ids and random 'images' (patch rows
 of a ``image_side`` px square), in the exact layout the trainer feeds the model:
 
-* a training row is ``<vision_start> <image_pad> * n <vision_end> text`` with a random text
-  length in ``[0.6 L, L]`` (so rows need padding), **left**-padded to ``L`` with id 0 /
+* a training row is ``<vision_start> <image_pad> * n <vision_end> text`` with a random length
+  in ``[min_fill L, L]`` (so rows need padding), **left**-padded to ``L`` with id 0 /
   mask 0. Left padding makes DreamPRM's ``logits[:, -1]`` (the reference) and the JAX
   PRM's mask-based last token the same position;
 * a meta chain of ``S`` steps gives ``S`` step-prefix rows (chain-major): the same image
@@ -101,6 +101,7 @@ class ProblemSpec:
     image_side: int = 56  # px, multiple of 28; 0 = text only
     num_domains: int = 4  # K
     seed: int = 0
+    min_fill: float = 0.6  # training rows hold between min_fill * L and L real tokens
 
     @property
     def meta_seq_len(self) -> int:
@@ -180,7 +181,8 @@ def make_problem(config, spec: ProblemSpec) -> dict:
         rows, pixels, grids = [], [], []
         for _ in range(spec.batch):
             head, pix, grid = _image(config, spec, rng)
-            n_text = int(rng.integers(max(1, int(0.6 * L) - head_len), L - head_len + 1))
+            lo = min(L - head_len, max(1, int(spec.min_fill * L) - head_len))
+            n_text = int(rng.integers(lo, L - head_len + 1))
             rows.append(np.concatenate([head, _text_ids(config, rng, n_text)]).astype(np.int64))
             pixels.append(pix)
             grids.append(grid)
@@ -237,7 +239,7 @@ def jaxpr_flops(closed_jaxpr) -> dict:
     Elementwise work is ignored (model FLOPs are matmul FLOPs, as in MFU accounting).
     Returns ``{"flops", "dynamic_while_loops"}``.
     """
-    from jax import core as jcore
+    from jax.extend import core as jcore
 
     dyn = [0]
 
@@ -290,7 +292,7 @@ def jaxpr_flops(closed_jaxpr) -> dict:
 
 def _static_trip_count(eqn) -> int | None:
     """Trip count of a ``fori_loop``-style while (``i < upper``, both literal), else None."""
-    from jax import core as jcore
+    from jax.extend import core as jcore
 
     cond = eqn.params["cond_jaxpr"].jaxpr
     if len(cond.eqns) != 1 or cond.eqns[0].primitive.name != "lt":

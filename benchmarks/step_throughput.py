@@ -1,0 +1,443 @@
+"""Throughput of one DreamPRM bi-level iteration per hypergradient method, JAX beside the PyTorch reference.
+
+    python -m benchmarks.step_throughput                          # demo-size PRM on this CPU, + torch
+    python -m benchmarks.step_throughput --methods exact darts --repeats 10
+    python -m benchmarks.step_throughput --config qwen2_vl_2b --device gpu --methods exact_lowmem darts
+
+What is timed (everything the trainer runs, built from its own pieces):
+
+* JAX, per method: ``train.step.make_bilevel_step`` (``none`` = ``reweighting=False``: the plain
+  ``T``-step unroll + the meta loss, no hypergradient) jitted with the state donated, as
+  ``train.step.jit_bilevel_step`` does. ``jit(...).lower(...).compile()`` is timed apart
+  ("compile"); then ``--warmup`` untimed iterations and ``--repeats`` timed ones, each
+  ``block_until_ready``; the state is threaded from call to call as in training.
+  Batches are on the device before timing (the trainer prefetches them too).
+* JAX inner step alone: one ``bilevel.inner_step`` (PRM forward + backward + AdamW), jitted.
+* PyTorch (``benchmarks.reference_torch``): DreamPRM's iteration with Betty's DARTS on the same
+  initial weights and batches, per ``--torch-threads`` value; its inner step alone too.
+
+Reported: median and spread ((max - min) / median) of the repeats, bi-level iterations/s,
+inner-step samples/s and tokens/s (real, unpadded tokens), the training samples/s and tokens/s
+the bi-level iteration sustains (``T * B`` samples per iteration), ratios (JAX exact vs torch
+DARTS, JAX darts vs torch DARTS, JAX exact / JAX darts time), and, on a GPU (or with
+``--peak-tflops``), model-FLOPs utilisation.
+
+FLOPs: ``compiled.cost_analysis()['flops']`` (XLA) is recorded as asked, but XLA counts the
+body of a ``while`` loop once, and the model scans its layers and the engine its ``T`` steps,
+so that number undercounts (by ~``T * layers``). MFU therefore uses ``_common.jaxpr_flops``:
+the matmul FLOPs of the whole iteration's jaxpr (the hypergradient's second-order terms
+included: they are in the jaxpr), loops multiplied out. ``model_flops`` (the MFU numerator)
+is that count traced without remat, and for ``exact_lowmem`` it is ``exact``'s (the same
+hypergradient; recomputation is not useful work); ``jaxpr_flops`` is the count of the program
+as run (remat recomputation included). Both are in the JSON.
+
+The first (untimed) iteration of JAX ``darts`` and of the torch reference start from the
+same state on the same batches: their meta losses and hypergradient norms are printed as a
+like-for-like check (``tests/test_reference_torch.py`` checks it with tolerances).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import os
+import sys
+import time
+
+import numpy as np
+
+from benchmarks import _common
+
+METHODS = ("exact", "exact_lowmem", "darts", "none")
+H100_BF16_DENSE_TFLOPS = 989.4  # H100 SXM, dense bf16 tensor cores (the usual MFU denominator)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.step_throughput", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--config", choices=("demo", "qwen2_vl_2b"), default="demo",
+                   help="demo: qwen2_vl.demo(hidden_size=--hidden, num_hidden_layers=--layers); qwen2_vl_2b: the "
+                        "real 2B shapes with random weights (init on the device)")
+    p.add_argument("--device", choices=("cpu", "gpu", "tpu", "default"), default="default",
+                   help="JAX platform (default: JAX's choice)")
+    p.add_argument("--methods", nargs="+", default=list(METHODS), help=f"subset of {METHODS} (or any hypergradient method)")
+    p.add_argument("--hidden", type=int, default=64, help="demo: text hidden size")
+    p.add_argument("--layers", type=int, default=2, help="demo: decoder layers")
+    p.add_argument("--text-layers", type=int, default=None, help="override the config's decoder layers (any config)")
+    p.add_argument("--vision-depth", type=int, default=None, help="override the config's vision blocks (any config)")
+    p.add_argument("--dtype", default=None, help="compute dtype (default: float32 demo, bfloat16 2B)")
+    p.add_argument("--remat", default=None, help="per-block remat policy (default: none demo, full 2B)")
+    p.add_argument("--batch", type=int, default=None, help="B training rows per inner step (default 8 demo, 1 2B)")
+    p.add_argument("--seq-len", type=int, default=None, help="training bucket L (default 64 demo, 1024 2B)")
+    p.add_argument("--image-side", type=int, default=None, help="image side px, one image per row (56 demo, 448 2B)")
+    p.add_argument("--unroll", type=int, default=5, help="T inner steps per iteration")
+    p.add_argument("--meta-chains", type=int, default=None, help="M meta chains (8 demo, 1 2B)")
+    p.add_argument("--meta-steps", type=int, default=None, help="S step prefixes per chain (5 demo, 4 2B)")
+    p.add_argument("--num-domains", type=int, default=4)
+    p.add_argument("--R", type=float, default=0.01, help="DARTS radius (Betty's darts_alpha)")
+    p.add_argument("--inner-lr", type=float, default=2e-3)
+    p.add_argument("--warmup", type=int, default=1, help="untimed iterations after compiling")
+    p.add_argument("--repeats", type=int, default=5, help="timed iterations (median reported)")
+    p.add_argument("--no-inner-step", action="store_true", help="skip the standalone inner-step timing")
+    p.add_argument("--torch", dest="torch", action="store_true", default=None, help="run the PyTorch reference")
+    p.add_argument("--no-torch", dest="torch", action="store_false", help="skip the PyTorch reference")
+    p.add_argument("--torch-threads", type=int, nargs="+", default=[1, 2],
+                   help="torch.set_num_threads values, one reference run each (ratios use the fastest)")
+    p.add_argument("--peak-tflops", type=float, default=None,
+                   help=f"peak FLOP/s for MFU in TFLOP/s (default on GPU: {H100_BF16_DENSE_TFLOPS}, H100 SXM bf16 dense)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=os.path.join("benchmarks", "results", "step_throughput.json"))
+    return p
+
+
+def _defaults(a):
+    big = a.config == "qwen2_vl_2b"
+    fill = dict(dtype="bfloat16" if big else "float32", remat="full" if big else "none", batch=1 if big else 8,
+                seq_len=1024 if big else 64, image_side=448 if big else 56, meta_chains=1 if big else 8,
+                meta_steps=4 if big else 5)
+    for k, v in fill.items():
+        if getattr(a, k) is None:
+            setattr(a, k, v)
+    if a.torch is None:
+        a.torch = not big and a.device in ("cpu", "default")
+    return a
+
+
+def _model_config(a):
+    from dreamprm_jax.models import qwen2_vl
+
+    if a.config == "qwen2_vl_2b":
+        config = qwen2_vl.qwen2_vl_2b(dtype=a.dtype, remat=a.remat)
+    else:
+        config = qwen2_vl.demo(hidden_size=a.hidden, num_hidden_layers=a.layers, dtype=a.dtype, remat=a.remat)
+    if a.text_layers:
+        config = config.replace(text=dataclasses.replace(config.text, num_hidden_layers=a.text_layers))
+    if a.vision_depth:
+        config = config.replace(vision=dataclasses.replace(config.vision, depth=a.vision_depth))
+    return config
+
+
+def _spec(a, config) -> _common.ProblemSpec:
+    head = 3 + (a.image_side // 14) ** 2 // 4 if a.image_side else 0
+    if a.config == "qwen2_vl_2b":  # meta prefixes up to the same 1024-token bucket
+        step_len = max(1, (a.seq_len - head) // (2 * a.meta_steps))
+        question = max(1, a.seq_len - head - a.meta_steps * step_len)
+        min_fill = 1.0
+    else:
+        step_len, question, min_fill = 8, 16, 0.6
+    return _common.ProblemSpec(batch=a.batch, seq_len=a.seq_len, unroll=a.unroll, meta_chains=a.meta_chains,
+                               meta_steps=a.meta_steps, step_len=step_len, question_len=question,
+                               image_side=a.image_side, num_domains=a.num_domains, seed=a.seed, min_fill=min_fill)
+
+
+def _cost_flops(compiled) -> float | None:
+    try:
+        ca = compiled.cost_analysis()
+        if isinstance(ca, (list, tuple)):
+            ca = ca[0]
+        return float(ca["flops"]) if ca and "flops" in ca else None
+    except Exception:  # noqa: BLE001 - not every backend implements it
+        return None
+
+
+def _memory(compiled) -> dict | None:
+    try:
+        m = compiled.memory_analysis()
+        return {k: int(getattr(m, k)) for k in ("argument_size_in_bytes", "output_size_in_bytes",
+                                                 "temp_size_in_bytes", "generated_code_size_in_bytes")
+                if hasattr(m, k)}
+    except Exception:  # noqa: BLE001
+        return None
+
+
+# ------------------------------------------------------------------------------ JAX
+
+
+def _jax_setup(a, config):
+    import jax
+
+    from dreamprm_jax.models import prm
+    from dreamprm_jax.train import step as step_lib
+
+    key = jax.random.key(a.seed)
+    shapes = jax.eval_shape(lambda k: prm.init(config, k), key)
+    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes))
+    t0 = time.perf_counter()
+    params = jax.jit(lambda k: prm.init(config, k))(key)  # allocated directly on the device, sized by eval_shape
+    jax.block_until_ready(params)
+    opt = step_lib.inner_optimizer(a.inner_lr, 5000, 0.5, 0.01)
+    meta_opt = step_lib.meta_optimizer(0.01, 1e-3)
+    return params, opt, meta_opt, n_params, time.perf_counter() - t0
+
+
+def _fresh_state(params, num_domains, opt, meta_opt):
+    import jax
+
+    from dreamprm_jax.train import step as step_lib
+
+    copy = jax.tree.map(lambda x: x.copy(), params)  # the state is donated: never hand over `params` itself
+    return jax.jit(lambda p: step_lib.init_state(p, num_domains, opt, meta_opt))(copy)
+
+
+def _make_step(config, method, opt, meta_opt, R):
+    from dreamprm_jax.train import step as step_lib
+
+    options = {"R": R} if method in ("darts", "sama") else {}
+    return step_lib.make_bilevel_step(config, opt, meta_opt, method="exact" if method == "none" else method,
+                                      reweighting=method != "none", method_options=options)
+
+
+def _model_flops(a, config, method, opt, meta_opt, state, inner, meta) -> float:
+    """Matmul FLOPs of the useful work: the method's jaxpr without remat (``exact_lowmem``:
+    ``exact``'s, the same hypergradient without the recomputation). Traced only, never compiled."""
+    import jax
+
+    fn = _make_step(config.replace(remat="none"), "exact" if method == "exact_lowmem" else method, opt, meta_opt, a.R)
+    return _common.jaxpr_flops(jax.make_jaxpr(fn)(state, inner, meta))["flops"]
+
+
+def _bench_method(a, config, method, params, opt, meta_opt, inner, meta):
+    import jax
+
+    from dreamprm_jax.train import step as step_lib
+
+    fn = _make_step(config, method, opt, meta_opt, a.R)
+    step = step_lib.jit_bilevel_step(fn)
+    state = _fresh_state(params, a.num_domains, opt, meta_opt)
+    hw = _common.jaxpr_flops(jax.make_jaxpr(fn)(state, inner, meta))
+    model_flops = _model_flops(a, config, method, opt, meta_opt, state, inner, meta)
+    t0 = time.perf_counter()
+    compiled = step.lower(state, inner, meta).compile()
+    compile_s = time.perf_counter() - t0
+    holder = {"state": state}
+    first = {}
+
+    def call():
+        holder["state"], metrics = compiled(holder["state"], inner, meta)
+        jax.block_until_ready(metrics)
+        if not first:
+            first.update({k: np.asarray(v).tolist() for k, v in metrics.items()})
+
+    timing = _common.time_calls(call, a.warmup, a.repeats)
+    del holder
+    return {"compile_s": compile_s, **timing, "xla_cost_analysis_flops": _cost_flops(compiled),
+            "jaxpr_flops": hw["flops"], "jaxpr_dynamic_while_loops": hw["dynamic_while_loops"],
+            "model_flops": model_flops, "memory": _memory(compiled), "first_metrics": first}
+
+
+def _bench_inner_step(a, config, params, opt, inner):
+    import jax
+    import jax.numpy as jnp
+
+    from dreamprm_jax import bilevel
+    from dreamprm_jax.train import step as step_lib
+
+    inner_loss, _ = step_lib.make_losses(config, "mean")
+    batch = jax.tree.map(lambda x: x[0], inner)
+    raw = jnp.zeros((a.num_domains,), jnp.float32)
+    fn = jax.jit(lambda p, s: bilevel.inner_step(inner_loss, opt, p, s, raw, batch)[:2], donate_argnums=(0, 1))
+    p = jax.tree.map(lambda x: x.copy(), params)
+    s = jax.jit(opt.init)(p)
+    t0 = time.perf_counter()
+    compiled = fn.lower(p, s).compile()
+    compile_s = time.perf_counter() - t0
+    holder = [p, s]
+
+    def call():
+        holder[0], holder[1] = compiled(holder[0], holder[1])
+        jax.block_until_ready(holder[0])
+
+    timing = _common.time_calls(call, a.warmup, a.repeats)
+    del holder
+    return {"compile_s": compile_s, **timing, "xla_cost_analysis_flops": _cost_flops(compiled)}
+
+
+# ------------------------------------------------------------------------------ torch
+
+
+def _bench_torch(a, config, params_host, problem, threads):
+    import torch
+
+    from benchmarks.reference_torch import TorchReference
+
+    ref = TorchReference(config, params_host, a.num_domains, inner_lr=a.inner_lr, R=a.R, threads=threads)
+    inner = [ref.inputs(b) for b in problem["inner_hf"]]
+    meta = ref.inputs(problem["meta_hf"])
+    first = {}
+
+    def iteration():
+        out = ref.iteration(inner, meta)
+        if not first:
+            first.update(meta_loss=out["meta_loss"], hypergrad_norm=float(np.linalg.norm(out["hypergradient"])),
+                         inner_loss=float(np.mean(out["inner_losses"])), hypergradient=out["hypergradient"].tolist())
+
+    it = _common.time_calls(iteration, a.warmup, a.repeats)
+    step = _common.time_calls(lambda: ref.inner_step(inner[0]), 1, a.repeats) if not a.no_inner_step else None
+    del ref
+    gc.collect()
+    return {"threads": torch.get_num_threads(), "iteration": it, "inner_step": step, "first_metrics": first}
+
+
+# ------------------------------------------------------------------------------ main
+
+
+def _rates(t, a, problem):
+    B, T = a.batch, a.unroll
+    tokens = sum(problem["inner_tokens"])
+    return {"iterations_per_s": 1.0 / t, "train_samples_per_s": T * B / t, "train_tokens_per_s": tokens / t}
+
+
+def main(argv=None) -> dict:
+    a = _defaults(_parser().parse_args(argv))
+    import jax
+
+    if a.device != "default":
+        jax.config.update("jax_platforms", {"gpu": "cuda"}.get(a.device, a.device))
+    from dreamprm_jax.models import prm  # noqa: F401  (imports after the platform choice)
+
+    config = _model_config(a)
+    spec = _spec(a, config)
+    problem = _common.make_problem(config, spec)
+    params, opt, meta_opt, n_params, init_s = _jax_setup(a, config)
+    inner = jax.device_put(problem["inner_jax"])
+    meta = jax.device_put(problem["meta_jax"])
+    dev = jax.devices()[0]
+    peak = a.peak_tflops if a.peak_tflops else (H100_BF16_DENSE_TFLOPS if dev.platform == "gpu" else None)
+    tok_per_step = problem["inner_tokens"][0]
+    print(f"[step_throughput] {a.config} ({n_params / 1e6:.1f} M params, dtype {a.dtype}, remat {a.remat}) on "
+          f"{dev.platform}:{getattr(dev, 'device_kind', dev)}; B={a.batch} L={a.seq_len} T={a.unroll} "
+          f"meta {a.meta_chains}x{a.meta_steps} (L_meta={spec.meta_seq_len}) image {a.image_side}px; "
+          f"init {init_s:.1f}s", flush=True)
+
+    result = {"benchmark": "step_throughput", "args": vars(a), "spec": dataclasses.asdict(spec),
+              "num_params": n_params, "inner_tokens": problem["inner_tokens"], "meta_tokens": problem["meta_tokens"],
+              "versions": _common.versions(), "peak_tflops": peak, "jax": {}, "torch": {},
+              "flops_note": ("mfu uses model_flops = matmul FLOPs of the iteration's jaxpr with loops multiplied out, "
+                             "traced without remat (exact_lowmem: exact's count; recomputation is not useful work); "
+                             "jaxpr_flops = the same count on the program as run (remat recomputation included; "
+                             "exact_lowmem's dynamic-length recomputation loop counted once); "
+                             "xla_cost_analysis_flops = compiled.cost_analysis()['flops'], which counts each while-loop "
+                             "body once (layers and T steps are scanned), so it undercounts")}
+
+    if not a.no_inner_step:
+        try:
+            r = _bench_inner_step(a, config, params, opt, inner)
+            r.update(samples_per_s=a.batch / r["median_s"], tokens_per_s=tok_per_step / r["median_s"])
+            result["jax"]["inner_step"] = r
+            print(f"  jax inner step: compile {r['compile_s']:.1f}s, {1e3 * r['median_s']:.1f} ms", flush=True)
+        except Exception as e:  # noqa: BLE001 - e.g. out of memory: record and go on
+            result["jax"]["inner_step"] = {"error": f"{type(e).__name__}: {str(e)[:500]}"}
+            print(f"  jax inner step failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
+
+    for method in a.methods:
+        try:
+            r = _bench_method(a, config, method, params, opt, meta_opt, inner, meta)
+        except Exception as e:  # noqa: BLE001
+            result["jax"][method] = {"error": f"{type(e).__name__}: {str(e)[:500]}"}
+            print(f"  jax {method} failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
+            gc.collect()
+            continue
+        r.update(_rates(r["median_s"], a, problem))
+        if peak:
+            r["achieved_tflops"] = r["model_flops"] / r["median_s"] / 1e12
+            r["mfu"] = r["achieved_tflops"] / peak
+            if r["xla_cost_analysis_flops"]:
+                r["mfu_xla_cost_analysis"] = r["xla_cost_analysis_flops"] / r["median_s"] / 1e12 / peak
+        result["jax"][method] = r
+        print(f"  jax {method}: compile {r['compile_s']:.1f}s, {1e3 * r['median_s']:.1f} ms/iteration", flush=True)
+        gc.collect()
+
+    if a.torch:
+        params_host = jax.device_get(params)
+        for threads in a.torch_threads:
+            r = _bench_torch(a, config, params_host, problem, threads)
+            r["iteration"].update(_rates(r["iteration"]["median_s"], a, problem))
+            if r["inner_step"]:
+                r["inner_step"].update(samples_per_s=a.batch / r["inner_step"]["median_s"],
+                                       tokens_per_s=tok_per_step / r["inner_step"]["median_s"])
+            result["torch"][f"darts_threads{threads}"] = r
+            print(f"  torch darts ({r['threads']} threads): {1e3 * r['iteration']['median_s']:.1f} ms/iteration",
+                  flush=True)
+
+    result["ratios"] = _ratios(result)
+    _print_table(result, a)
+    _common.write_json(a.out, result)
+    print(f"wrote {a.out}")
+    return result
+
+
+def _ratios(result) -> dict:
+    jx = {k: v for k, v in result["jax"].items() if "median_s" in v}
+    out = {}
+    torch_runs = {k: v["iteration"]["median_s"] for k, v in result["torch"].items()}
+    if torch_runs:
+        best = min(torch_runs, key=torch_runs.get)
+        t_torch = torch_runs[best]
+        out["torch_reference_run"] = best
+        for m in ("exact", "exact_lowmem", "darts", "none"):
+            if m in jx:
+                out[f"speedup_jax_{m}_vs_torch_darts"] = t_torch / jx[m]["median_s"]
+    if "darts" in jx:
+        for m in ("exact", "exact_lowmem"):
+            if m in jx:
+                out[f"time_ratio_jax_{m}_over_jax_darts"] = jx[m]["median_s"] / jx["darts"]["median_s"]
+    if "none" in jx:
+        for m in ("exact", "exact_lowmem", "darts"):
+            if m in jx:
+                out[f"time_ratio_jax_{m}_over_jax_none"] = jx[m]["median_s"] / jx["none"]["median_s"]
+    if "darts" in jx and result["torch"]:
+        fj = jx["darts"]["first_metrics"]
+        ft = next(iter(result["torch"].values()))["first_metrics"]
+        out["first_iteration_check"] = {"meta_loss_jax": fj.get("meta_loss"), "meta_loss_torch": ft.get("meta_loss"),
+                                        "hypergrad_norm_jax": fj.get("hypergrad_norm"),
+                                        "hypergrad_norm_torch": ft.get("hypergrad_norm")}
+    return out
+
+
+def _print_table(result, a):
+    peak = result["peak_tflops"]
+    print()
+    print(f"{'run':<26} {'compile s':>9} {'median ms':>10} {'spread %':>8} {'it/s':>8} {'samples/s':>10} "
+          f"{'tokens/s':>10}" + (f" {'TFLOP/s':>8} {'MFU %':>6}" if peak else ""))
+
+    def row(name, r, compile_s=None, per_step=False):
+        if "error" in r:
+            print(f"{name:<26} {r['error'][:90]}")
+            return
+        its = "" if per_step else f"{1.0 / r['median_s']:8.3f}"
+        sps = r.get("samples_per_s") if per_step else r.get("train_samples_per_s")
+        tps = r.get("tokens_per_s") if per_step else r.get("train_tokens_per_s")
+        line = (f"{name:<26} {'' if compile_s is None else f'{compile_s:9.1f}':>9} {1e3 * r['median_s']:10.1f} "
+                f"{r['spread_pct']:8.1f} {its:>8} {sps:10.1f} {tps:10.0f}")
+        if peak and "mfu" in r:
+            line += f" {r['achieved_tflops']:8.2f} {100 * r['mfu']:6.2f}"
+        print(line)
+
+    if "inner_step" in result["jax"]:
+        r = result["jax"]["inner_step"]
+        row("jax inner step", r, r.get("compile_s"), per_step=True)
+    for k, r in result["torch"].items():
+        if r["inner_step"]:
+            row(f"torch inner step (t={r['threads']})", r["inner_step"], per_step=True)
+    for m in a.methods:
+        if m in result["jax"]:
+            r = result["jax"][m]
+            row(f"jax {m}", r, r.get("compile_s"))
+    for k, r in result["torch"].items():
+        row(f"torch darts (t={r['threads']})", r["iteration"])
+    print("(bi-level rows: samples/s and tokens/s are training rows / real tokens through the T inner steps per "
+          "second of whole iterations; 'inner step' rows: one step alone)")
+    if peak:
+        print(f"MFU: model FLOPs of the whole bi-level iteration counted from its jaxpr (matmuls, second-order terms "
+              f"included, loops multiplied out), peak {peak} TFLOP/s; XLA cost_analysis flops (loop bodies counted "
+              f"once) in the JSON as xla_cost_analysis_flops / mfu_xla_cost_analysis")
+    for k, v in result["ratios"].items():
+        if isinstance(v, float):
+            print(f"  {k}: {v:.2f}")
+        else:
+            print(f"  {k}: {v}")
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main() else 1)
