@@ -28,6 +28,7 @@ def qwen2_vl_2b() -> TrainConfig:
         train_batch_size=1,
         meta_batch_size=1,
         unroll=5,
+        meta_warmup=0,
         inner_lr=5e-7,
         inner_lr_step_size=5000,
         inner_lr_gamma=0.5,

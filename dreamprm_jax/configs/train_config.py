@@ -69,6 +69,10 @@ class TrainConfig:
         "exact", "Hypergradient method: exact | exact_forward | exact_remat | darts | darts_exact | sama | "
         "neumann | cg | truncated.")
     hypergradient_options: str = _field("{}", "JSON dict of method options, e.g. '{\"k\": 2}'.")
+    meta_warmup: int = _field(
+        100, "Iterations of lower-level training only (weights held at 1) before the first meta step: the "
+        "weights only separate once the PRM has learned the task; before that the hypergradient mostly "
+        "tracks label calibration. 0 = meta steps from the start (the reference).")
     reweighting: bool = _field(True, "Learn domain weights (off: the vanilla PRM baseline, uniform weights).")
 
     # --- run -----------------------------------------------------------------------------

@@ -39,7 +39,7 @@ from dreamprm_jax.train.metrics import MetricsLogger, format_postfix
 from dreamprm_jax.train.plots import plot_domain_weights, plot_losses
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
-                   "chat_template.json", "vocab.json", "merges.txt", "preprocessor_config.json")
+                   "chat_template.json", "vocab.json", "merges.txt")
 
 
 class TrainingDiverged(RuntimeError):
@@ -146,10 +146,12 @@ def build_model(cfg: TrainConfig, train_json: str, meta_json: str, image_root: s
 # Export
 # ----------------------------------------------------------------------------------------
 
-def export(out_dir: str, model_config, params, tokenizer_dir: str, domains, weights) -> str:
-    """Hugging Face-compatible PRM directory (backbone + head + tokenizer) and the weights as JSON."""
+def export(out_dir: str, model_config, params, processor, tokenizer_dir: str, domains, weights) -> str:
+    """Hugging Face-compatible PRM directory (backbone + head + tokenizer + image settings) and the
+    weights as JSON."""
     path = os.path.join(out_dir, "export")
     prm.save(path, model_config, jax.device_get(params))
+    processor.save_preprocessor_config(path)
     for name in TOKENIZER_FILES:
         src = os.path.join(tokenizer_dir, name)
         if os.path.isfile(src):
@@ -196,9 +198,14 @@ def train(cfg: TrainConfig) -> TrainResult:
     meta_opt = step_lib.meta_optimizer(cfg.meta_lr, cfg.meta_weight_decay)
     state = step_lib.init_state(params, len(domains), optimizer, meta_opt)
     del params  # the state owns the parameters from here on (its buffers are donated)
-    bilevel_step = step_lib.jit_bilevel_step(step_lib.make_bilevel_step(
-        model_config, optimizer, meta_opt, method=cfg.hypergradient, aggregation=cfg.aggregation,
-        reweighting=cfg.reweighting, method_options=cfg.hypergradient_kwargs()))
+    def make_step(reweighting: bool):
+        return step_lib.jit_bilevel_step(step_lib.make_bilevel_step(
+            model_config, optimizer, meta_opt, method=cfg.hypergradient, aggregation=cfg.aggregation,
+            reweighting=reweighting, method_options=cfg.hypergradient_kwargs()))
+
+    bilevel_step = make_step(cfg.reweighting)
+    # Warm-up iterations train the PRM only (no hypergradient: about 5x cheaper on CPU).
+    warmup_step = make_step(False) if cfg.reweighting and cfg.meta_warmup > 0 else bilevel_step
 
     # --- checkpoint: resume -------------------------------------------------------------
     checkpointer = Checkpointer(os.path.join(cfg.out_dir, "checkpoints"), save_every=cfg.checkpoint_every,
@@ -258,7 +265,8 @@ def train(cfg: TrainConfig) -> TrainResult:
                 inner_batches, train_stats = train_builder.stacked_train(
                     [train_sampler.next() for _ in range(cfg.unroll)])
                 meta_batch, meta_stats = meta_builder.meta_batch(meta_sampler.next())
-                state, metrics = bilevel_step(state, inner_batches, meta_batch)
+                run_step = warmup_step if iteration <= cfg.meta_warmup else bilevel_step
+                state, metrics = run_step(state, inner_batches, meta_batch)
                 if pending is not None:
                     finish(*pending)
                 stats = {"token_waste": float(train_stats.get("token_waste", 0.0)),
@@ -296,10 +304,11 @@ def train(cfg: TrainConfig) -> TrainResult:
         plot_domain_weights(log_path, os.path.join(cfg.out_dir, "domain_weights.png"), planted_quality=planted)
         plot_losses(log_path, os.path.join(cfg.out_dir, "losses.png"))
     if cfg.export and not interrupted:
-        export(cfg.out_dir, model_config, state["params"], tokenizer_dir, domains, weights)
+        export(cfg.out_dir, model_config, state["params"], processor, tokenizer_dir, domains, weights)
     return TrainResult(out_dir=cfg.out_dir, step=step, domains=domains, weights=weights, planted_quality=planted,
                        spearman=rho, interrupted=interrupted, seconds=time.perf_counter() - t_start,
-                       compile_count=bilevel_step._cache_size(), final_metrics=last)
+                       compile_count=bilevel_step._cache_size() + (warmup_step._cache_size() if warmup_step is not bilevel_step else 0),
+                       final_metrics=last)
 
 
 def format_result(result: TrainResult) -> str:
