@@ -17,6 +17,7 @@ logits ``z_s = log(p_s / (1 - p_s))`` and a 0/1 chain label):
 
 from __future__ import annotations
 
+import chex
 import jax
 import jax.numpy as jnp
 
@@ -52,6 +53,9 @@ def weighted_mse(
     """
     if sample_mask is None:
         sample_mask = jnp.ones_like(labels)
+    # Trace-time shape checks: a [B, 1] head output against [B] labels would broadcast to [B, B].
+    chex.assert_rank([probs, raw_weights], 1)
+    chex.assert_equal_shape([probs, labels, domain_ids, sample_mask])
     w = sample_weights(raw_weights, domain_ids)  # [B]
     sq = jnp.square(probs - labels.astype(probs.dtype))  # [B]
     m = sample_mask.astype(sq.dtype)  # [B]
@@ -69,6 +73,8 @@ def chain_scores(step_logits: jax.Array, step_mask: jax.Array, reduce: str = "me
     Returns:
       ``[M]`` chain logits.
     """
+    chex.assert_rank(step_logits, 2)
+    chex.assert_equal_shape([step_logits, step_mask])
     m = step_mask.astype(step_logits.dtype)  # [M, S]
     z = jnp.where(m > 0, step_logits, 0.0)  # [M, S]; padding may hold inf/nan
     total = jnp.sum(z * m, axis=-1)  # [M]
