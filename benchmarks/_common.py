@@ -59,7 +59,8 @@ def versions() -> dict:
     out = {"jax": jax.__version__, "python": platform.python_version(), "machine": platform.machine(),
            "processor": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
            "backend": jax.default_backend(), "device": str(jax.devices()[0]),
-           "device_kind": getattr(jax.devices()[0], "device_kind", "")}
+           "device_kind": getattr(jax.devices()[0], "device_kind", ""),
+           "load_average_1_5_15": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}
     try:
         import jaxlib
 

@@ -16,9 +16,15 @@ the JAX engine a check of equality rather than of rounding):
 * Upper level (Betty ``betty/hypergradient/darts.py``): at the final lower parameters
   ``phi_T``, ``v = dL_meta/dphi``; ``eps = R / (||v|| + 1e-12)`` (Betty's ``darts_alpha`` R,
   default 0.01); ``phi += eps v``, ``grad_p = dL_in/dr`` on the LAST lower batch;
-  ``phi -= 2 eps v``, ``grad_n``; ``phi += eps v`` (in place, as Betty); the
-  hypergradient is ``(grad_n - grad_p) / (2 eps)`` (no direct term: ``L_meta`` does not
-  use ``r``). Then ``torch.optim.AdamW`` on ``r`` (lr 0.01, weight decay 1e-3).
+  ``phi -= 2 eps v``, ``grad_n``; the hypergradient is ``(grad_n - grad_p) / (2 eps)`` (no
+  direct term: ``L_meta`` does not use ``r``). Then ``torch.optim.AdamW`` on ``r`` (lr 0.01,
+  weight decay 1e-3).
+* Betty's "reverse weight change" is ``p.data.add(v.data, alpha=eps)`` -- out of place, its
+  result discarded (leopard-ai/betty ``betty/hypergradient/darts.py``, both versions read) --
+  so the lower parameters are left at ``phi_T - eps v`` and the next lower steps start
+  there. ``restore=False`` (default) reproduces that; ``restore=True`` puts ``phi_T`` back
+  (what ``dreamprm_jax.bilevel.darts`` does: its aux ``params`` are ``phi_T``). Within one
+  iteration (what the parity test checks) both give the same losses and hypergradient.
 * ``L_meta``: per chain, ``A = mean_s z_s`` over the step prefixes' reward logits (``sum``
   optional), ``(sigmoid(A) - label)^2``, masked mean over chains.
 
@@ -85,13 +91,14 @@ class TorchReference:
       inner_lr, inner_weight_decay, inner_lr_step_size, inner_lr_gamma: lower AdamW + StepLR.
       meta_lr, meta_weight_decay: upper AdamW on r.
       R: Betty's ``darts_alpha``.
+      restore: put ``phi_T`` back after the finite difference (Betty does not: see above).
       aggregation: ``"mean"`` (reference code) or ``"sum"`` (paper).
       threads: ``torch.set_num_threads`` (None: leave as is).
     """
 
     def __init__(self, config, params, num_domains: int, *, inner_lr=2e-3, inner_weight_decay=1e-2,
                  inner_lr_step_size=5000, inner_lr_gamma=0.5, meta_lr=1e-2, meta_weight_decay=1e-3, R=0.01,
-                 aggregation="mean", threads: int | None = None):
+                 aggregation="mean", threads: int | None = None, restore: bool = False):
         if threads:
             torch.set_num_threads(int(threads))
         self.config = config
@@ -108,6 +115,7 @@ class TorchReference:
         self.meta_opt = torch.optim.AdamW([self.raw], lr=meta_lr, weight_decay=meta_weight_decay)
         self.R = R
         self.aggregation = aggregation
+        self.restore = restore
 
     # -------------------------------------------------------------------- the model
     def inputs(self, hf: dict) -> dict:
@@ -161,9 +169,10 @@ class TorchReference:
             for p, d in zip(self.params, v):
                 p.add_(d, alpha=-2 * eps)
         (grad_n,) = torch.autograd.grad(self.inner_loss(last_batch, self.raw), [self.raw])
-        with torch.no_grad():
-            for p, d in zip(self.params, v):
-                p.add_(d, alpha=eps)
+        if self.restore:  # Betty's `p.data.add(v, alpha=eps)` is out of place: phi stays at phi_T - eps v
+            with torch.no_grad():
+                for p, d in zip(self.params, v):
+                    p.add_(d, alpha=eps)
         g = (grad_n - grad_p) / (2 * eps)
         return g, {"meta_loss": float(meta_loss.detach()), "epsilon": eps, "v_norm": float(v_norm)}
 

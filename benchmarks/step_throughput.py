@@ -9,7 +9,7 @@ What is timed (everything the trainer runs, built from its own pieces):
 * JAX, per method: ``train.step.make_bilevel_step`` (``none`` = ``reweighting=False``: the plain
   ``T``-step unroll + the meta loss, no hypergradient) jitted with the state donated, as
   ``train.step.jit_bilevel_step`` does. ``jit(...).lower(...).compile()`` is timed apart
-  ("compile"); then ``--warmup`` untimed iterations and ``--repeats`` timed ones, each
+  ("compile"; tracing apart as "trace"); then ``--warmup`` untimed iterations and ``--repeats`` timed ones, each
   ``block_until_ready``; the state is threaded from call to call as in training.
   Batches are on the device before timing (the trainer prefetches them too).
 * JAX inner step alone: one ``bilevel.inner_step`` (PRM forward + backward + AdamW), jitted.
@@ -155,6 +155,9 @@ def _memory(compiled) -> dict | None:
 
 
 def _jax_setup(a, config):
+    """``(make_params, opt, meta_opt, n_params, init_s)``; ``make_params()`` draws the same random PRM
+    each call, allocated directly on the device (one jitted init, sized by ``eval_shape``), so every
+    method starts from identical weights without a spare copy held in device memory."""
     import jax
 
     from dreamprm_jax.models import prm
@@ -163,21 +166,25 @@ def _jax_setup(a, config):
     key = jax.random.key(a.seed)
     shapes = jax.eval_shape(lambda k: prm.init(config, k), key)
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes))
+    init = jax.jit(lambda k: prm.init(config, k))
+
+    def make_params():
+        return init(key)
+
     t0 = time.perf_counter()
-    params = jax.jit(lambda k: prm.init(config, k))(key)  # allocated directly on the device, sized by eval_shape
-    jax.block_until_ready(params)
+    jax.block_until_ready(make_params())
     opt = step_lib.inner_optimizer(a.inner_lr, 5000, 0.5, 0.01)
     meta_opt = step_lib.meta_optimizer(0.01, 1e-3)
-    return params, opt, meta_opt, n_params, time.perf_counter() - t0
+    return make_params, opt, meta_opt, n_params, time.perf_counter() - t0
 
 
-def _fresh_state(params, num_domains, opt, meta_opt):
+def _fresh_state(make_params, num_domains, opt, meta_opt):
     import jax
 
     from dreamprm_jax.train import step as step_lib
 
-    copy = jax.tree.map(lambda x: x.copy(), params)  # the state is donated: never hand over `params` itself
-    return jax.jit(lambda p: step_lib.init_state(p, num_domains, opt, meta_opt))(copy)
+    init = jax.jit(lambda p: step_lib.init_state(p, num_domains, opt, meta_opt), donate_argnums=(0,))
+    return init(make_params())
 
 
 def _make_step(config, method, opt, meta_opt, R):
@@ -197,18 +204,21 @@ def _model_flops(a, config, method, opt, meta_opt, state, inner, meta) -> float:
     return _common.jaxpr_flops(jax.make_jaxpr(fn)(state, inner, meta))["flops"]
 
 
-def _bench_method(a, config, method, params, opt, meta_opt, inner, meta):
+def _bench_method(a, config, method, make_params, opt, meta_opt, inner, meta):
     import jax
 
     from dreamprm_jax.train import step as step_lib
 
     fn = _make_step(config, method, opt, meta_opt, a.R)
     step = step_lib.jit_bilevel_step(fn)
-    state = _fresh_state(params, a.num_domains, opt, meta_opt)
-    hw = _common.jaxpr_flops(jax.make_jaxpr(fn)(state, inner, meta))
+    state = _fresh_state(make_params, a.num_domains, opt, meta_opt)
+    t0 = time.perf_counter()
+    traced = step.trace(state, inner, meta)  # one trace: its jaxpr is counted, then lowered
+    trace_s = time.perf_counter() - t0
+    hw = _common.jaxpr_flops(traced.jaxpr)
     model_flops = _model_flops(a, config, method, opt, meta_opt, state, inner, meta)
     t0 = time.perf_counter()
-    compiled = step.lower(state, inner, meta).compile()
+    compiled = traced.lower().compile()
     compile_s = time.perf_counter() - t0
     holder = {"state": state}
     first = {}
@@ -220,13 +230,13 @@ def _bench_method(a, config, method, params, opt, meta_opt, inner, meta):
             first.update({k: np.asarray(v).tolist() for k, v in metrics.items()})
 
     timing = _common.time_calls(call, a.warmup, a.repeats)
-    del holder
-    return {"compile_s": compile_s, **timing, "xla_cost_analysis_flops": _cost_flops(compiled),
+    holder.clear()
+    return {"trace_s": trace_s, "compile_s": compile_s, **timing, "xla_cost_analysis_flops": _cost_flops(compiled),
             "jaxpr_flops": hw["flops"], "jaxpr_dynamic_while_loops": hw["dynamic_while_loops"],
             "model_flops": model_flops, "memory": _memory(compiled), "first_metrics": first}
 
 
-def _bench_inner_step(a, config, params, opt, inner):
+def _bench_inner_step(a, config, make_params, opt, inner):
     import jax
     import jax.numpy as jnp
 
@@ -237,7 +247,7 @@ def _bench_inner_step(a, config, params, opt, inner):
     batch = jax.tree.map(lambda x: x[0], inner)
     raw = jnp.zeros((a.num_domains,), jnp.float32)
     fn = jax.jit(lambda p, s: bilevel.inner_step(inner_loss, opt, p, s, raw, batch)[:2], donate_argnums=(0, 1))
-    p = jax.tree.map(lambda x: x.copy(), params)
+    p = make_params()
     s = jax.jit(opt.init)(p)
     t0 = time.perf_counter()
     compiled = fn.lower(p, s).compile()
@@ -249,7 +259,7 @@ def _bench_inner_step(a, config, params, opt, inner):
         jax.block_until_ready(holder[0])
 
     timing = _common.time_calls(call, a.warmup, a.repeats)
-    del holder
+    holder.clear()
     return {"compile_s": compile_s, **timing, "xla_cost_analysis_flops": _cost_flops(compiled)}
 
 
@@ -299,7 +309,7 @@ def main(argv=None) -> dict:
     config = _model_config(a)
     spec = _spec(a, config)
     problem = _common.make_problem(config, spec)
-    params, opt, meta_opt, n_params, init_s = _jax_setup(a, config)
+    make_params, opt, meta_opt, n_params, init_s = _jax_setup(a, config)
     inner = jax.device_put(problem["inner_jax"])
     meta = jax.device_put(problem["meta_jax"])
     dev = jax.devices()[0]
@@ -322,7 +332,7 @@ def main(argv=None) -> dict:
 
     if not a.no_inner_step:
         try:
-            r = _bench_inner_step(a, config, params, opt, inner)
+            r = _bench_inner_step(a, config, make_params, opt, inner)
             r.update(samples_per_s=a.batch / r["median_s"], tokens_per_s=tok_per_step / r["median_s"])
             result["jax"]["inner_step"] = r
             print(f"  jax inner step: compile {r['compile_s']:.1f}s, {1e3 * r['median_s']:.1f} ms", flush=True)
@@ -332,7 +342,7 @@ def main(argv=None) -> dict:
 
     for method in a.methods:
         try:
-            r = _bench_method(a, config, method, params, opt, meta_opt, inner, meta)
+            r = _bench_method(a, config, method, make_params, opt, meta_opt, inner, meta)
         except Exception as e:  # noqa: BLE001
             result["jax"][method] = {"error": f"{type(e).__name__}: {str(e)[:500]}"}
             print(f"  jax {method} failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
@@ -349,7 +359,7 @@ def main(argv=None) -> dict:
         gc.collect()
 
     if a.torch:
-        params_host = jax.device_get(params)
+        params_host = jax.device_get(make_params())
         for threads in a.torch_threads:
             r = _bench_torch(a, config, params_host, problem, threads)
             r["iteration"].update(_rates(r["iteration"]["median_s"], a, problem))
@@ -363,6 +373,11 @@ def main(argv=None) -> dict:
     result["ratios"] = _ratios(result)
     _print_table(result, a)
     _common.write_json(a.out, result)
+    load = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    result["versions"]["load_average_1_5_15_end"] = load
+    if load:
+        print(f"load average at the end (1/5/15 min): {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} on "
+              f"{os.cpu_count()} cores (others' work on a shared machine inflates and spreads the times)")
     print(f"wrote {a.out}")
     return result
 

@@ -12,6 +12,8 @@ same left-padded image+text batches, float32, T = 5, R = 0.01. Tolerances and wh
   central difference with eps = R / ||v|| ~ 1e-2 of float32 losses, so rounding in the two
   gradients ``dL_in/dr`` (~1e-7 relative) is amplified by ~1/eps; measured ~1e-4;
 * the meta AdamW step on r: atol 1e-5 (both are ``-lr * g / |g|`` entrywise at step 1).
+
+Plus an exact check of the benchmarks' jaxpr FLOP counter (loops multiplied out).
 """
 
 from __future__ import annotations
@@ -89,3 +91,19 @@ def test_darts_hypergradient_agrees(runs):
 def test_meta_step_agrees(runs):
     j, t = runs
     np.testing.assert_allclose(t["raw_weights"], j["raw"], atol=1e-5)
+
+
+def test_jaxpr_flops_multiplies_loops():
+    """The benchmarks' FLOP counter (exact integers): scan bodies x length, grad adds the backward."""
+    from jax import lax
+
+    def f(x, w):  # x [64, 64], w [10, 64, 64]: ten 64^3 matmuls
+        return lax.scan(lambda c, wi: (jnp.tanh(c @ wi), None), x, w)[0].sum()
+
+    x, w = jnp.ones((64, 64)), jnp.ones((10, 64, 64))
+    one = 2 * 64**3
+    assert _common.jaxpr_flops(jax.make_jaxpr(f)(x, w)) == {"flops": 10 * one, "dynamic_while_loops": 0}
+    # d/dx only: forward + one backward matmul per step
+    assert _common.jaxpr_flops(jax.make_jaxpr(jax.grad(f))(x, w))["flops"] == 20 * one
+    # d/dw too: forward + two backward matmuls per step
+    assert _common.jaxpr_flops(jax.make_jaxpr(jax.grad(f, argnums=(0, 1)))(x, w))["flops"] == 30 * one
