@@ -1,0 +1,364 @@
+"""Device mesh and sharding rules for the bi-level iteration (GSPMD through ``jax.jit``).
+
+One set of rules serves the trainer and ``benchmarks.memory``. The model and the bi-level
+engine contain no device code: shardings are applied at the jit boundary
+(``in_shardings`` / ``out_shardings``) and, for the state the unroll carries from step to
+step, by an optimizer wrapper (:func:`constrain_optimizer`) whose ``update`` pins the
+gradient, the update and the new optimizer state to the same rule as the parameters. XLA's
+SPMD partitioner inserts the collectives; numbers equal the single-device run up to float
+reassociation of the reductions.
+
+Mesh: two named axes ``("data", "fsdp")`` with sizes from ``--mesh data=2,fsdp=4`` (default:
+every device on ``fsdp``).
+
+Rules
+-----
+* **Parameters, gradients, both inner optimizer moments, the unroll's carry**: each leaf of
+  shape ``s`` is sharded over ``fsdp`` on its largest dimension ``d`` with
+  ``s[d] % fsdp == 0`` (ties: the later dimension, i.e. the output side of an ``[in, out]``
+  kernel); a leaf with no such dimension (scalars, step counts, small biases) is
+  replicated. Parameters are replicated over ``data`` (hybrid sharded data parallelism).
+* **Domain weights** ``raw_weights [K]``, their meta optimizer state and the step counter:
+  replicated.
+* **Batches**: the batch axis is sharded over ``("data", "fsdp")`` (every device holds
+  ``B / (data * fsdp)`` rows); if ``B`` is not divisible by ``data * fsdp`` then over
+  ``data`` alone if divisible, else replicated. The batch axis is axis 0 of
+  ``input_ids / attention_mask [B, L]`` and of ``labels / domain_ids / sample_mask [B]``,
+  axis 1 of ``position_ids [3, B, L]``, and of the meta batch's ``step_mask [M, S]``,
+  ``labels / chain_mask [M]`` (chains). Inner batches stacked ``[T, B, ...]`` shift every
+  batch axis by one (``position_ids [T, 3, B, L]`` on axis 2).
+* **Image patches** ``pixel_values [N, D]``, ``vision_position_ids [N, 2]``,
+  ``vision_segment_ids [N]``: replicated by default. Their rows are *global* to the batch:
+  ``prepare_batch`` concatenates the patches of all images of the batch in batch order,
+  pads at the end only, numbers the frames ``0..n-1`` over the whole batch, and the model
+  fills the ``<|image_pad|>`` positions of ``input_ids`` in row-major order by a cumulative
+  count over the whole ``[B, L]`` (``rank = cumsum(is_image) - 1``). Under a single
+  controller any sharding of these rows is still correct (GSPMD keeps the semantics of the
+  global array); ``shard_patches=True`` shards the rows over ``("data", "fsdp")`` when
+  ``N`` is divisible. What is *not* correct is to build the patch rows per host from the
+  host's own samples and concatenate them: the padding would sit between hosts' images,
+  breaking the rank -> feature-row mapping, and the frame ids would collide. So in a
+  multi-host run the patch leaves are built from the global batch on every host (see
+  :func:`put` and :func:`dreamprm_jax.train.distributed.host_rows`).
+
+Example::
+
+    mesh = make_mesh("data=2,fsdp=4")
+    optimizer = constrain_optimizer(step_lib.inner_optimizer(...), mesh)   # pins the carry
+    state = put(step_lib.init_state(params, K, optimizer, meta_opt), state_shardings(state, mesh))
+    step = shard_bilevel_step(step_lib.make_bilevel_step(cfg, optimizer, meta_opt), state,
+                              inner_batches, meta_batch, mesh)
+    state, metrics = step(state, put_batch(inner_batches, mesh, stacked=True),
+                          put_batch(meta_batch, mesh, stacked=False))
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Mapping
+
+import jax
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+__all__ = [
+    "AXES",
+    "parse_mesh_spec",
+    "make_mesh",
+    "leaf_spec",
+    "tree_shardings",
+    "state_shardings",
+    "batch_spec",
+    "batch_shardings",
+    "constrain",
+    "constrain_optimizer",
+    "shard_bilevel_step",
+    "put",
+    "put_batch",
+    "global_batch_shapes",
+    "replicated",
+]
+
+AXES = ("data", "fsdp")
+BATCH_AXES = ("data", "fsdp")
+VISION_KEYS = ("pixel_values", "vision_position_ids", "vision_segment_ids")
+#: Leaves of the training state that are replicated (the upper level and the counter).
+REPLICATED_STATE_KEYS = ("raw_weights", "meta_opt_state", "step")
+
+
+# ---------------------------------------------------------------------------------- mesh
+
+def parse_mesh_spec(spec: str | None, num_devices: int) -> dict[str, int]:
+    """``"data=2,fsdp=4"`` -> ``{"data": 2, "fsdp": 4}``.
+
+    ``None`` / ``""`` puts every device on ``fsdp``. One size may be ``-1`` (or omitted) and
+    is then inferred from ``num_devices``. The product must not exceed ``num_devices`` (a
+    smaller mesh uses the first ``data * fsdp`` devices).
+    """
+    sizes: dict[str, int] = {}
+    if spec:
+        for part in spec.split(","):
+            part = part.strip()
+            if not part:
+                continue
+            if "=" not in part:
+                raise ValueError(f"--mesh {spec!r}: expected comma-separated name=size pairs, e.g. 'data=2,fsdp=4'; "
+                                 f"got {part!r}")
+            name, value = (s.strip() for s in part.split("=", 1))
+            if name not in AXES:
+                raise ValueError(f"--mesh {spec!r}: unknown axis {name!r}; expected one of {AXES}")
+            if name in sizes:
+                raise ValueError(f"--mesh {spec!r}: axis {name!r} given twice")
+            try:
+                sizes[name] = int(value)
+            except ValueError:
+                raise ValueError(f"--mesh {spec!r}: size of {name!r} must be an integer, got {value!r}") from None
+    for name in AXES:
+        sizes.setdefault(name, -1)
+    unknown = [n for n in AXES if sizes[n] == -1]
+    known = math.prod(sizes[n] for n in AXES if sizes[n] != -1)
+    if any(sizes[n] == 0 or sizes[n] < -1 for n in AXES):
+        raise ValueError(f"--mesh {spec!r}: axis sizes must be positive, got {sizes}")
+    if len(unknown) == 2:
+        sizes["data"], unknown = 1, ["fsdp"]
+    if unknown:
+        if num_devices % known:
+            raise ValueError(f"--mesh {spec!r}: {known} does not divide the {num_devices} devices")
+        sizes[unknown[0]] = num_devices // known
+    if math.prod(sizes.values()) > num_devices:
+        raise ValueError(f"--mesh {spec!r}: data*fsdp = {sizes['data']}*{sizes['fsdp']} > {num_devices} devices")
+    return sizes
+
+
+def make_mesh(spec: str | Mapping[str, int] | None = None, devices=None) -> Mesh:
+    """A :class:`jax.sharding.Mesh` with axes ``("data", "fsdp")``.
+
+    Args:
+      spec: ``"data=2,fsdp=4"``, a mapping, or ``None`` (all devices on ``fsdp``).
+      devices: devices to use (default ``jax.devices()``, every process's devices in a
+        multi-host run, ordered so each process holds a contiguous block of the mesh).
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    if isinstance(spec, Mapping):
+        spec = ",".join(f"{k}={v}" for k, v in spec.items())
+    sizes = parse_mesh_spec(spec, len(devices))
+    shape = tuple(sizes[n] for n in AXES)
+    devices = devices[:math.prod(shape)]
+    try:
+        from jax.experimental import mesh_utils
+
+        grid = mesh_utils.create_device_mesh(shape, devices=devices)
+    except Exception:  # noqa: BLE001 - unusual topologies: plain process-major order
+        grid = np.array(sorted(devices, key=lambda d: (d.process_index, d.id))).reshape(shape)
+    return Mesh(grid, AXES)
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+# ------------------------------------------------------------------------- state rules
+
+def leaf_spec(shape, axis_size: int, axis_name: str = "fsdp") -> P:
+    """``P`` sharding the largest dimension divisible by ``axis_size`` (ties: the later one)."""
+    shape = tuple(int(s) for s in shape)
+    if axis_size <= 1 or not shape:
+        return P()
+    best = None
+    for d, s in enumerate(shape):
+        if s % axis_size == 0 and s >= axis_size and (best is None or s >= shape[best]):
+            best = d
+    if best is None:
+        return P()
+    spec = [None] * len(shape)
+    spec[best] = axis_name
+    return P(*spec)
+
+
+def _shape(x) -> tuple[int, ...]:
+    return tuple(np.shape(x)) if not hasattr(x, "shape") else tuple(x.shape)
+
+
+def tree_shardings(tree: Any, mesh: Mesh) -> Any:
+    """The FSDP rule on every array leaf of ``tree`` (parameters, gradients, moments)."""
+    n = mesh.shape["fsdp"]
+    return jax.tree.map(lambda x: NamedSharding(mesh, leaf_spec(_shape(x), n)), tree)
+
+
+def state_shardings(state: Mapping[str, Any], mesh: Mesh) -> dict[str, Any]:
+    """Shardings for the training state ``{params, opt_state, raw_weights, meta_opt_state, step}``.
+
+    ``params`` and ``opt_state`` follow the FSDP rule (scalars such as Adam's count come out
+    replicated); the upper-level entries (:data:`REPLICATED_STATE_KEYS`) and any other key
+    are replicated. Works on concrete arrays and on ``jax.ShapeDtypeStruct`` trees.
+    """
+    rep = replicated(mesh)
+    out = {}
+    for key, value in state.items():
+        if key in ("params", "opt_state"):
+            out[key] = tree_shardings(value, mesh)
+        else:
+            out[key] = jax.tree.map(lambda _: rep, value)
+    return out
+
+
+# ------------------------------------------------------------------------- batch rules
+
+def _batch_axis(key: str, ndim: int, stacked: bool) -> int | None:
+    """Index of the batch (or chain) axis of batch leaf ``key``; ``None`` for patch rows."""
+    if key in VISION_KEYS:
+        return None
+    base = 1 if key == "position_ids" else 0
+    axis = base + (1 if stacked else 0)
+    return axis if axis < ndim else None
+
+
+def batch_spec(key: str, shape, mesh: Mesh, *, stacked: bool, shard_patches: bool = False) -> P:
+    """Partition spec of one batch leaf (see the module docstring)."""
+    shape = tuple(int(s) for s in shape)
+    ndim = len(shape)
+    axis = _batch_axis(key, ndim, stacked)
+    if axis is None and key in VISION_KEYS and shard_patches:
+        axis = 1 if stacked else 0
+    if axis is None or axis >= ndim:
+        return P()
+    size = shape[axis]
+    n_all, n_data = mesh.shape["data"] * mesh.shape["fsdp"], mesh.shape["data"]
+    if n_all > 1 and size % n_all == 0:
+        names: Any = BATCH_AXES
+    elif n_data > 1 and size % n_data == 0:
+        names = "data"
+    else:
+        return P()
+    spec = [None] * ndim
+    spec[axis] = names
+    return P(*spec)
+
+
+def batch_shardings(batch: Mapping[str, Any], mesh: Mesh, stacked: bool, *, shard_patches: bool = False) -> dict:
+    """``NamedSharding`` per leaf of a model / train / meta batch dict (``stacked``: ``[T, ...]``)."""
+    return {k: NamedSharding(mesh, batch_spec(k, _shape(v), mesh, stacked=stacked, shard_patches=shard_patches))
+            for k, v in batch.items()}
+
+
+# ----------------------------------------------------------------- carried-state pinning
+
+def constrain(tree: Any, mesh: Mesh) -> Any:
+    """``with_sharding_constraint`` of every leaf to the FSDP rule (inside jit; vmap/jvp-safe)."""
+    n = mesh.shape["fsdp"]
+
+    def one(x):
+        if not hasattr(x, "shape") or np.ndim(x) == 0:
+            return x
+        return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, leaf_spec(x.shape, n)))
+
+    return jax.tree.map(one, tree)
+
+
+def constrain_optimizer(optimizer: optax.GradientTransformation, mesh: Mesh) -> optax.GradientTransformation:
+    """``optimizer`` whose ``update`` pins gradient, update and new state to the FSDP rule.
+
+    The unroll carries ``(phi_t, s_t)`` through ``lax.scan``; pinning the optimizer's inputs
+    and outputs fixes the carry's sharding (and that of the reverse-mode tape of
+    ``exact``) instead of leaving it to propagation. Numerically the identity.
+    """
+    if mesh.shape["fsdp"] <= 1:
+        return optimizer
+
+    def init(params):
+        return optimizer.init(params)
+
+    def update(grads, state, params=None, **extra):
+        grads = constrain(grads, mesh)
+        updates, state = optimizer.update(grads, state, params, **extra)
+        return constrain(updates, mesh), constrain(state, mesh)
+
+    return optax.GradientTransformation(init, update)
+
+
+# ----------------------------------------------------------------------------- jit
+
+def shard_bilevel_step(step_fn: Callable, state, inner_batches, meta_batch, mesh: Mesh, *,
+                       shard_patches: bool = False, donate: bool = True):
+    """``jax.jit(step_fn)`` with the rules above as ``in_shardings`` / ``out_shardings``.
+
+    Args:
+      step_fn: ``step(state, inner_batches, meta_batch) -> (state, metrics)``
+        (:func:`dreamprm_jax.train.step.make_bilevel_step`).
+      state, inner_batches, meta_batch: examples (arrays or ``jax.ShapeDtypeStruct``) that fix
+        the shapes the shardings are computed from; a batch of another bucket gets its own
+        shardings by calling this again (jit caches one program per shape).
+      mesh: from :func:`make_mesh`.
+      donate: donate the state (its buffers are reused for the new state).
+
+    Returns:
+      the jitted function; metrics come back replicated.
+    """
+    s_sh = state_shardings(state, mesh)
+    in_sh = (s_sh, batch_shardings(inner_batches, mesh, True, shard_patches=shard_patches),
+             batch_shardings(meta_batch, mesh, False, shard_patches=shard_patches))
+    return jax.jit(step_fn, in_shardings=in_sh, out_shardings=(s_sh, replicated(mesh)),
+                   donate_argnums=(0,) if donate else ())
+
+
+# ------------------------------------------------------------------------- placement
+
+def put(tree: Any, shardings: Any, *, process_local: bool = False, global_shapes: Any = None) -> Any:
+    """Host -> device placement of ``tree`` (numpy or jax leaves) with ``shardings``.
+
+    * one process: ``jax.device_put``.
+    * several processes, ``process_local=False``: every process passes the *global* value of
+      each leaf; each process uploads only the shards its devices hold
+      (``jax.make_array_from_callback``).
+    * several processes, ``process_local=True``: each process passes only the rows its devices
+      hold along the sharded axis, in global order (see
+      :func:`dreamprm_jax.train.distributed.host_rows`); replicated leaves are global
+      (``jax.make_array_from_process_local_data``). ``global_shapes``, a tree like ``tree`` of
+      ``jax.ShapeDtypeStruct`` (or arrays) of the global shapes, is required: a local shape
+      does not determine the global one.
+    """
+    if jax.process_count() == 1 and not process_local:
+        return jax.device_put(tree, shardings)
+    if process_local and global_shapes is None:
+        raise ValueError("sharding.put: process_local=True needs global_shapes (the global batch's shapes)")
+
+    def one(x, sh, shape=None):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            return x  # already a global array
+        x = np.asarray(x)
+        if process_local:
+            return jax.make_array_from_process_local_data(sh, x, tuple(shape))
+        return jax.make_array_from_callback(x.shape, sh, lambda idx: x[idx])
+
+    if process_local:
+        return jax.tree.map(lambda x, sh, g: one(x, sh, _shape(g)), tree, shardings, global_shapes)
+    return jax.tree.map(one, tree, shardings)
+
+
+def global_batch_shapes(batch: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
+    """``{key: shape}`` of a batch (or of ``jax.ShapeDtypeStruct`` leaves)."""
+    return {k: tuple(_shape(v)) for k, v in batch.items()}
+
+
+def put_batch(batch: Mapping[str, Any], mesh: Mesh, *, stacked: bool, process_local: bool = False,
+              global_shapes: Mapping[str, tuple] | None = None, shard_patches: bool = False) -> dict:
+    """:func:`put` of a batch with :func:`batch_shardings`.
+
+    With ``process_local=True`` the shardings are computed from ``global_shapes`` (every host
+    must use the same global shapes, i.e. the same sequence / patch buckets), ``batch`` holds
+    this host's rows (:func:`dreamprm_jax.train.distributed.host_rows`) and the patch leaves
+    are global (see the module docstring).
+    """
+    if not process_local:
+        return put(dict(batch), batch_shardings(batch, mesh, stacked, shard_patches=shard_patches))
+    if shard_patches:
+        raise ValueError("sharding.put_batch: process-local batches need global (replicated) patch rows; "
+                         "use shard_patches=False (see the module docstring)")
+    if global_shapes is None:
+        raise ValueError("sharding.put_batch: process_local=True needs global_shapes (the global batch's shapes)")
+    shapes = {k: tuple(global_shapes[k]) for k in batch}
+    abstract = {k: jax.ShapeDtypeStruct(shapes[k], np.asarray(v).dtype) for k, v in batch.items()}
+    shardings = batch_shardings(abstract, mesh, stacked)
+    return {k: jax.make_array_from_process_local_data(shardings[k], np.asarray(v), shapes[k])
+            for k, v in batch.items()}
