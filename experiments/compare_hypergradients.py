@@ -1,6 +1,7 @@
 """Compare hypergradient methods against the exact one on a registered toy problem.
 
-    python -m experiments.compare_hypergradients                 # MLP, all methods, CPU, a few minutes
+    python -m experiments.compare_hypergradients                 # tiny Qwen2-VL PRM on generated data, all methods
+    python -m experiments.compare_hypergradients --model mlp     # the pure-engine case
     python -m experiments.compare_hypergradients --model tiny_transformer --methods exact,darts,sama
     python -m experiments.compare_hypergradients --model my_pkg.my_module:factory
 
@@ -38,8 +39,8 @@ from dreamprm_jax.bilevel import problems
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", default="mlp",
-                   help=f"problem name (registered: {', '.join(problems.available_problems())}) or 'module:factory'")
+    p.add_argument("--model", default="prm",
+                   help=f"problem name ({', '.join(sorted({'prm', *problems.available_problems()}))}) or 'module:factory'")
     p.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
                    help="import MODULE first (repeatable), e.g. one that calls problems.register_problem('prm')")
     p.add_argument("--methods", default=",".join(bilevel.METHODS),
@@ -109,6 +110,8 @@ def main(argv=None):
     args = parse_args(argv)
     for module in args.imports:
         importlib.import_module(module)
+    if args.model == "prm" and "prm" not in problems.PROBLEMS:
+        importlib.import_module("dreamprm_jax.train.prm_problem")  # registers "prm" (lazy: model + data imports)
     if args.x64:
         jax.config.update("jax_enable_x64", True)
     dtype = jnp.float64 if args.x64 else jnp.float32

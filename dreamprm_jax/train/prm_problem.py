@@ -1,7 +1,7 @@
 """The ``"prm"`` bilevel problem: a tiny Qwen2-VL PRM on the generated benchmark.
 
 The real training pieces, shrunk to a size where every hypergradient method runs on a
-CPU in seconds::
+2-core CPU in about a second per call (compiling each takes tens of seconds)::
 
     synthetic.generate (K domains, 32 px images)  ->  offline BPE tokenizer  ->  Processor
         -> build_train_dataset / build_meta_dataset (cached Arrow tables)  ->  BatchBuilder
@@ -20,10 +20,12 @@ registers it (``experiments.compare_hypergradients`` does so for ``--model prm``
 
 Precision: the Qwen2-VL forward accepts compute dtypes float32 / bfloat16 / float16 only
 (``qwen2_vl.DTYPES``). With ``dtype=jnp.float64`` the parameters, optimizer state, domain
-weights and float batch entries are float64, but the model still computes its norm
-statistics, rotary tables, attention scores / softmax, the logits and the reward head in
-float32 (explicit casts in the model code), so the losses are float32-accurate functions of
-float64 inputs; see :func:`model_supports_float64`.
+weights and float batch entries are float64, but the model still computes in float32: its
+``dense`` casts kernels to ``config.dtype`` and it casts norm statistics, rotary tables,
+attention scores, logits and the reward head to float32 explicitly. The losses are then
+float32-accurate functions of float64 inputs (finite differences at h = 1e-5 see nothing);
+tests/test_prm_hypergradient.py shows how the model runs in true float64. Once
+:func:`model_supports_float64` holds, float64 ``dtype`` selects float64 compute here.
 """
 
 from __future__ import annotations
@@ -123,7 +125,8 @@ def _prepare(data_dir, model, num_domains, synthetic_seed, chains_per_domain, me
 
     # --- generated benchmark ------------------------------------------------------------
     # one directory per benchmark config, so the tokenizer learnt from its texts stays in step
-    bench = os.path.join(data_dir, f"synthetic_k{num_domains}_s{synthetic_seed}_c{chains_per_domain}_m{meta}_i{image_size}")
+    name = f"synthetic_k{num_domains}_s{synthetic_seed}_c{chains_per_domain}_m{meta}_i{image_size}"
+    bench = os.path.join(data_dir, name)
     config = synthetic.select_domains(synthetic.default_config(), [d.name for d in all_domains[:num_domains]])
     config = dataclasses.replace(config, seed=synthetic_seed, train_per_domain=chains_per_domain, meta=meta, test=0,
                                  image_size=image_size)
