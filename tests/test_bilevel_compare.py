@@ -11,7 +11,7 @@ from experiments import compare_hypergradients
 
 def test_cli_writes_json_and_png(tmp_path):
     out = compare_hypergradients.main([
-        "--methods", "exact,darts", "--states", "1", "--draws", "1", "--inner-steps", "2",
+        "--model", "mlp", "--methods", "exact,darts", "--states", "1", "--draws", "1", "--inner-steps", "2",
         "--num-domains", "2", "--repeats", "1", "--out", str(tmp_path)])
     data = json.load(open(tmp_path / "compare_mlp.json"))
     assert os.path.exists(tmp_path / "compare_mlp.png")
