@@ -25,6 +25,12 @@
 # card, e.g. 989.4 for H200 too). Expect `exact` (reverse mode through 5 steps keeps 5 copies
 # of parameters + AdamW moments: ~130 GB in float32) to fail with RESOURCE_EXHAUSTED on an
 # 80 GB card: that is a result, recorded as such.
+#
+# Knobs (environment): OUT, PEAK_TFLOPS, PER_METHOD_S (time limit per method, default 155),
+# METHODS (default "exact_lowmem darts exact"), EXTRA_ARGS (appended to every
+# step_throughput call; the last occurrence of a flag wins, e.g. "--text-layers 14"),
+# ALLOW_CPU=1 (run without a GPU: only to rehearse the script, e.g.
+# ALLOW_CPU=1 EXTRA_ARGS="--config demo --device cpu --batch 2" bash benchmarks/gpu_check.sh).
 set -u
 cd "$(dirname "$0")/.."
 OUT="${OUT:-benchmarks/results/gpu}"
@@ -38,7 +44,8 @@ export TF_CPP_MIN_LOG_LEVEL="${TF_CPP_MIN_LOG_LEVEL:-2}"
 
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || echo "nvidia-smi: not available"; } \
   | tee "$OUT/nvidia_smi.txt"
-python - <<'EOF' || { echo "gpu_check: JAX sees no GPU (install jax[cuda12])"; exit 2; }
+EXTRA_ARGS="${EXTRA_ARGS:-}"
+python - <<'EOF' || [ "${ALLOW_CPU:-0}" = 1 ] || { echo "gpu_check: JAX sees no GPU (install jax[cuda12])"; exit 2; }
 import jax
 print("jax", jax.__version__, jax.devices())
 assert jax.default_backend() == "gpu", jax.default_backend()
@@ -48,7 +55,7 @@ for m in $METHODS; do
   echo "=== $m (limit ${PER_METHOD_S}s) ==="
   timeout --signal=KILL "$PER_METHOD_S" python -m benchmarks.step_throughput --config qwen2_vl_2b --device gpu \
       --methods "$m" --no-torch --no-inner-step --warmup 1 --repeats 5 --peak-tflops "$PEAK_TFLOPS" \
-      --out "$OUT/step_throughput_2b_$m.json" 2>&1 | grep -v "^WARNING" | tee "$OUT/step_throughput_2b_$m.log"
+      --out "$OUT/step_throughput_2b_$m.json" $EXTRA_ARGS 2>&1 | grep -v "^WARNING" | tee "$OUT/step_throughput_2b_$m.log"
   rc=${PIPESTATUS[0]}
   [ "$rc" -eq 0 ] || echo "gpu_check: $m exited with status $rc (137 = time limit)" | tee -a "$OUT/step_throughput_2b_$m.log"
 done
