@@ -1,0 +1,190 @@
+"""End-to-end tests of the training loop on a tiny generated benchmark and a tiny model."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from dreamprm_jax import configs
+from dreamprm_jax.data import synthetic
+from dreamprm_jax.train import loop
+from dreamprm_jax.train.checkpointing import Checkpointer
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    """A generated benchmark with a handful of chains per domain (all seven domains)."""
+    out = tmp_path_factory.mktemp("synthetic")
+    config = dataclasses.replace(synthetic.default_config(), train_per_domain=6, meta=8, test=4)
+    synthetic.generate(out, config)
+    return str(out)
+
+
+def tiny_config(data_dir: str, out_dir: str, **overrides) -> configs.TrainConfig:
+    base = dataclasses.replace(
+        configs.default(),
+        train_json=os.path.join(data_dir, "train.json"), meta_json=os.path.join(data_dir, "meta.json"),
+        image_root=data_dir, cache_dir=os.path.join(data_dir, "cache"), out_dir=out_dir,
+        model_hidden_size=32, model_layers=1, train_batch_size=4, meta_batch_size=2, unroll=2,
+        iterations=4, checkpoint_every=2, log_every=1, progress=False, export=False, meta_warmup=0,
+        seq_buckets=(192,), patch_buckets=(256,))  # one static shape: one compiled program per run
+    return dataclasses.replace(base, **overrides)
+
+
+def final_state(out_dir: str):
+    with Checkpointer(os.path.join(out_dir, "checkpoints")) as ckpt:
+        step, state, extra = ckpt.restore_latest()
+    return step, jax.tree.map(np.asarray, state), extra
+
+
+def assert_trees_equal(a, b):
+    leaves_a, tree_a = jax.tree.flatten(a)
+    leaves_b, tree_b = jax.tree.flatten(b)
+    assert tree_a == tree_b
+    for x, y in zip(leaves_a, leaves_b):
+        np.testing.assert_array_equal(x, y)  # bit for bit (atol=0, rtol=0)
+
+
+def test_resume_continues_bit_for_bit(tiny_data, tmp_path):
+    straight = loop.train(tiny_config(tiny_data, str(tmp_path / "straight")))
+    assert straight.step == 4 and not straight.interrupted
+    assert np.all(np.isfinite(straight.weights))
+
+    half = str(tmp_path / "halves")
+    first = loop.train(tiny_config(tiny_data, half, iterations=2))
+    assert first.step == 2
+    second = loop.train(tiny_config(tiny_data, half, iterations=4, resume=True))
+    assert second.step == 4
+
+    step_a, state_a, extra_a = final_state(str(tmp_path / "straight"))
+    step_b, state_b, extra_b = final_state(half)
+    assert step_a == step_b == 4
+    assert_trees_equal(state_a, state_b)
+    assert extra_a["train_sampler"] == extra_b["train_sampler"]
+    assert extra_a["meta_sampler"] == extra_b["meta_sampler"]
+    # The metrics log of the resumed run has one record per iteration, none duplicated.
+    with open(os.path.join(half, "metrics.jsonl")) as f:
+        steps = [json.loads(line)["step"] for line in f]
+    assert steps == [1, 2, 3, 4]
+
+
+def test_sigterm_saves_and_resume_matches(tiny_data, tmp_path):
+    """SIGTERM mid-run: a checkpoint is written, the process exits 0, and resuming gives
+    the same state as an uninterrupted run of the same length."""
+    out = str(tmp_path / "interrupted")
+    cfg = tiny_config(tiny_data, out, iterations=10_000, checkpoint_every=10_000)
+    args = [sys.executable, "-m", "experiments.train", "--train-json", cfg.train_json, "--meta-json", cfg.meta_json,
+            "--image-root", cfg.image_root, "--cache-dir", cfg.cache_dir, "--out-dir", out,
+            "--model-hidden-size", "32", "--model-layers", "1", "--train-batch-size", "4", "--meta-batch-size", "2",
+            "--unroll", "2", "--seq-buckets", "192", "--patch-buckets", "256", "--log-every", "1", "--progress", "false", "--export", "false",
+            "--iterations", "10000", "--checkpoint-every", "10000", "--meta-warmup", "0"]
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log = os.path.join(out, "metrics.jsonl")
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None:
+        if os.path.isfile(log) and os.path.getsize(log) > 0:
+            with open(log) as f:
+                if sum(1 for _ in f) >= 2:
+                    break
+        time.sleep(0.2)
+    assert proc.poll() is None, proc.communicate()
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=240)
+    assert proc.returncode == 0, stderr
+    assert "[interrupted]" in stdout
+
+    step, state, _ = final_state(out)
+    assert step >= 2
+    resumed = loop.train(dataclasses.replace(cfg, iterations=step + 1, resume=True))
+    assert resumed.step == step + 1
+    straight_dir = str(tmp_path / "straight")
+    loop.train(dataclasses.replace(cfg, out_dir=straight_dir, iterations=step + 1, checkpoint_every=1000))
+    _, state_resumed, _ = final_state(out)
+    _, state_straight, _ = final_state(straight_dir)
+    assert_trees_equal(state_resumed, state_straight)
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tiny_data, tmp_path):
+    out = str(tmp_path / "diverged")
+    cfg = tiny_config(tiny_data, out, iterations=2)
+    loop.train(cfg)  # a good checkpoint at step 2
+    with pytest.raises(loop.TrainingDiverged, match="non-finite.*last good checkpoint is step 2"):
+        loop.train(dataclasses.replace(cfg, iterations=4, resume=True, inner_lr=float("inf")))
+    step, state, _ = final_state(out)
+    assert step == 2
+    assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state) if np.issubdtype(x.dtype, np.floating))
+
+
+def test_vanilla_prm_keeps_uniform_weights_and_exports(tiny_data, tmp_path):
+    out = str(tmp_path / "vanilla")
+    result = loop.train(tiny_config(tiny_data, out, iterations=2, reweighting=False, export=True))
+    np.testing.assert_allclose(result.weights, np.ones(len(result.domains)), rtol=1e-6, atol=0)
+    assert os.path.isfile(os.path.join(out, "export", "prm_head.safetensors"))
+    assert os.path.isfile(os.path.join(out, "export", "tokenizer.json"))
+    with open(os.path.join(out, "domain_weights.json")) as f:
+        assert set(json.load(f)) == set(result.domains)
+    assert os.path.isfile(os.path.join(out, "domain_weights.png"))
+
+
+def test_trains_from_transformers_checkpoint_directory(tiny_data, tmp_path):
+    """The CLI trains from a tiny Qwen2-VL saved by transformers plus DreamPRM JSON and images."""
+    import shutil
+
+    import transformers
+
+    from dreamprm_jax.data.processor import Processor
+    from dreamprm_jax.data.records import iter_texts, load_train_records
+    from dreamprm_jax.data.tokenizer import build_offline_tokenizer
+    from dreamprm_jax.models import qwen2_vl
+
+    model_dir = str(tmp_path / "hf_model")
+    texts = list(iter_texts(load_train_records(os.path.join(tiny_data, "train.json"), check_images=False).records))
+    build_offline_tokenizer(texts, 300, model_dir)
+    ids = Processor.from_directory(model_dir).special_token_ids
+    config = qwen2_vl.tiny(vocab_size=ids.vocab_size, image_token_id=ids.image_pad, video_token_id=ids.video_pad,
+                           vision_start_token_id=ids.vision_start, vision_end_token_id=ids.vision_end)
+    hf_config = transformers.Qwen2VLConfig.from_dict(config.to_hf_dict())
+    transformers.Qwen2VLForConditionalGeneration(hf_config).save_pretrained(model_dir)
+    assert not any(name.endswith((".bin", ".pt")) for name in os.listdir(model_dir))
+
+    out = str(tmp_path / "from_hf")
+    from experiments.train import main
+
+    code = main(["--model-dir", model_dir, "--train-json", os.path.join(tiny_data, "train.json"),
+                 "--meta-json", os.path.join(tiny_data, "meta.json"), "--image-root", tiny_data,
+                 "--cache-dir", os.path.join(tiny_data, "cache"), "--out-dir", out, "--max-pixels", str(32 * 32),
+                 "--train-batch-size", "4", "--meta-batch-size", "2", "--unroll", "2", "--iterations", "2",
+                 "--seq-buckets", "320", "--patch-buckets", "1024",
+                 "--checkpoint-every", "2", "--progress", "false"])
+    assert code == 0
+    exported = os.path.join(out, "export")
+    assert os.path.isfile(os.path.join(exported, "prm_head.safetensors"))
+    reloaded = transformers.Qwen2VLForConditionalGeneration.from_pretrained(exported)
+    assert reloaded.get_input_embeddings().weight.shape[0] == ids.vocab_size
+    shutil.rmtree(out)
+
+
+def test_cli_reports_bad_record_with_file_and_field(tiny_data, tmp_path, capsys):
+    bad = tmp_path / "bad_train.json"
+    records = json.load(open(os.path.join(tiny_data, "train.json")))[:3]
+    records[1]["accuracy"] = 1.5
+    bad.write_text(json.dumps(records))
+    from experiments.train import main
+
+    code = main(["--train-json", str(bad), "--meta-json", os.path.join(tiny_data, "meta.json"),
+                 "--image-root", tiny_data, "--out-dir", str(tmp_path / "run"), "--progress", "false"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "bad_train.json" in err and "accuracy" in err and "record 1" in err
