@@ -41,15 +41,14 @@ Rules
   multi-host run the patch leaves are built from the global batch on every host (see
   :func:`put` and :func:`dreamprm_jax.train.distributed.host_rows`).
 
-Example::
+Example (what the training loop does)::
 
     mesh = make_mesh("data=2,fsdp=4")
     optimizer = constrain_optimizer(step_lib.inner_optimizer(...), mesh)   # pins the carry
-    state = put(step_lib.init_state(params, K, optimizer, meta_opt), state_shardings(state, mesh))
-    step = shard_bilevel_step(step_lib.make_bilevel_step(cfg, optimizer, meta_opt), state,
-                              inner_batches, meta_batch, mesh)
-    state, metrics = step(state, put_batch(inner_batches, mesh, stacked=True),
-                          put_batch(meta_batch, mesh, stacked=False))
+    state = sharded_init(lambda p: step_lib.init_state(p, K, optimizer, meta_opt), mesh, params)
+    bilevel_step = ShardedStep(step_lib.make_bilevel_step(cfg, optimizer, meta_opt, ...), mesh)
+    state, metrics = bilevel_step(state, inner_batches, meta_batch)   # host numpy batches in
+    host_params = to_host(state["params"], mesh)                       # e.g. for the export
 """
 
 from __future__ import annotations
@@ -74,6 +73,9 @@ __all__ = [
     "constrain",
     "constrain_optimizer",
     "shard_bilevel_step",
+    "ShardedStep",
+    "sharded_init",
+    "to_host",
     "put",
     "put_batch",
     "global_batch_shapes",
@@ -300,6 +302,67 @@ def shard_bilevel_step(step_fn: Callable, state, inner_batches, meta_batch, mesh
              batch_shardings(meta_batch, mesh, False, shard_patches=shard_patches))
     return jax.jit(step_fn, in_shardings=in_sh, out_shardings=(s_sh, replicated(mesh)),
                    donate_argnums=(0,) if donate else ())
+
+
+class ShardedStep:
+    """The bi-level iteration, jitted per batch-shape bucket with the sharding rules.
+
+    ``step(state, inner_batches, meta_batch)`` places host (numpy) batches with
+    :func:`put_batch` and calls the program compiled for their shapes (one per bucket, built
+    on first use by :func:`shard_bilevel_step`; the state is donated). With
+    ``process_local=True`` the batches are this host's rows and ``global_shapes`` must be
+    passed per call. Drop-in for ``jit_bilevel_step(step_fn)`` in the training loop.
+    """
+
+    def __init__(self, step_fn: Callable, mesh: Mesh, *, shard_patches: bool = False, donate: bool = True):
+        self.step_fn, self.mesh, self.shard_patches, self.donate = step_fn, mesh, shard_patches, donate
+        self._programs: dict = {}
+
+    def _key(self, inner_shapes, meta_shapes):
+        return (tuple(sorted(inner_shapes.items())), tuple(sorted(meta_shapes.items())))
+
+    def __call__(self, state, inner_batches, meta_batch, *, global_shapes: tuple | None = None):
+        process_local = global_shapes is not None
+        inner_shapes, meta_shapes = global_shapes or (global_batch_shapes(inner_batches), global_batch_shapes(meta_batch))
+        key = self._key(inner_shapes, meta_shapes)
+        program = self._programs.get(key)
+        if program is None:
+            abstract = lambda b, sh: {k: jax.ShapeDtypeStruct(sh[k], np.asarray(v).dtype) for k, v in b.items()}  # noqa: E731
+            program = shard_bilevel_step(self.step_fn, state, abstract(inner_batches, inner_shapes),
+                                         abstract(meta_batch, meta_shapes), self.mesh,
+                                         shard_patches=self.shard_patches, donate=self.donate)
+            self._programs[key] = program
+        ib = put_batch(inner_batches, self.mesh, stacked=True, process_local=process_local,
+                       global_shapes=inner_shapes if process_local else None, shard_patches=self.shard_patches)
+        mb = put_batch(meta_batch, self.mesh, stacked=False, process_local=process_local,
+                       global_shapes=meta_shapes if process_local else None, shard_patches=self.shard_patches)
+        return program(state, ib, mb)
+
+    def compile_count(self) -> int:
+        return sum(p._cache_size() for p in self._programs.values())
+
+
+def sharded_init(init_fn: Callable[..., Any], mesh: Mesh, *args) -> Any:
+    """``init_fn(*args)`` -> training state, built directly in its shards (jit with the state
+    rules as ``out_shardings``): with a random initialisation inside ``init_fn`` no device
+    ever holds the whole state. Pass arrays (e.g. loaded parameters) as ``args``, not by
+    closure (a closure would embed them in the program as constants)."""
+    abstract = jax.eval_shape(init_fn, *args)
+    return jax.jit(init_fn, out_shardings=state_shardings(abstract, mesh))(*args)
+
+
+def to_host(tree: Any, mesh: Mesh) -> Any:
+    """numpy copy of a (possibly multi-host, sharded) tree on every host; every process must call it."""
+
+    def one(x):
+        if not isinstance(x, jax.Array):
+            return np.asarray(x)
+        if x.is_fully_addressable:
+            return np.asarray(jax.device_get(x))
+        x = jax.jit(lambda a: a, out_shardings=replicated(mesh))(x)
+        return np.asarray(x.addressable_data(0))
+
+    return jax.tree.map(one, tree)
 
 
 # ------------------------------------------------------------------------- placement
