@@ -26,6 +26,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from dreamprm_jax import bilevel
 from dreamprm_jax import data as data_lib
 from dreamprm_jax.configs import TrainConfig
 from dreamprm_jax.data import synthetic
@@ -198,6 +199,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     meta_opt = step_lib.meta_optimizer(cfg.meta_lr, cfg.meta_weight_decay)
     state = step_lib.init_state(params, len(domains), optimizer, meta_opt)
     del params  # the state owns the parameters from here on (its buffers are donated)
+
     def make_step(reweighting: bool):
         return step_lib.jit_bilevel_step(step_lib.make_bilevel_step(
             model_config, optimizer, meta_opt, method=cfg.hypergradient, aggregation=cfg.aggregation,
@@ -295,7 +297,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     checkpointer.close()
 
     # --- report and export ----------------------------------------------------------------
-    weights = np.asarray(jax.device_get(step_lib.bilevel.domain_weights(state["raw_weights"])))
+    weights = np.asarray(jax.device_get(bilevel.domain_weights(state["raw_weights"])))
     rho = None
     if planted is not None:
         rho = spearman(weights, [planted[d] for d in domains])
