@@ -86,6 +86,23 @@ class TrainConfig:
     export: bool = _field(True, "At the end, export the PRM as a Hugging Face directory and the weights as JSON.")
     progress: bool = _field(True, "Show a progress bar.")
 
+    # --- devices -------------------------------------------------------------------------
+    mesh: str | None = _field(
+        None, "Device mesh 'data=D,fsdp=F' (axes of dreamprm_jax.train.sharding; one size may be omitted or -1 "
+        "and is inferred). Parameters, gradients and optimizer moments are sharded over fsdp, batch rows over "
+        "data x fsdp, domain weights replicated. Omitted: every device of every process on fsdp (one device: 1x1, "
+        "the plain single-device run).")
+    coordinator_address: str | None = _field(
+        None, "Multi-process (multi-host) run: host:port of process 0's coordinator (env JAX_COORDINATOR_ADDRESS), "
+        "or 'auto' to let jax.distributed detect the cluster (Cloud TPU pod slices, Slurm, Open MPI). "
+        "Omitted with --num-processes unset: one process.")
+    num_processes: int | None = _field(
+        None, "Number of processes of a multi-process run (env JAX_NUM_PROCESSES; default 1). Every process runs "
+        "the same command with its own --process-id.")
+    process_id: int | None = _field(
+        None, "This process's index 0..num_processes-1 (env JAX_PROCESS_ID). Process 0 writes the metrics, plots, "
+        "export and domain_weights.json; all processes write their shards of the checkpoints.")
+
     def hypergradient_kwargs(self) -> dict[str, Any]:
         try:
             options = json.loads(self.hypergradient_options)

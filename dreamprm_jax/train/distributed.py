@@ -27,13 +27,15 @@ On Cloud TPU / Slurm / Open MPI, ``initialize(auto=True)`` lets JAX detect all o
 
 from __future__ import annotations
 
+import contextlib
 import os
-from typing import Any
+from typing import Any, Iterator
 
 import jax
 import numpy as np
 
-__all__ = ["DistributedConfig", "resolve", "initialize", "is_initialized", "host_rows", "host_slice", "is_primary"]
+__all__ = ["DistributedConfig", "resolve", "initialize", "is_initialized", "host_rows", "host_slice", "is_primary",
+           "barrier", "primary_first"]
 
 _initialized = False
 
@@ -114,6 +116,32 @@ def is_initialized() -> bool:
 def is_primary() -> bool:
     """Process 0 (the one that logs, plots and exports)."""
     return jax.process_index() == 0
+
+
+def barrier(name: str) -> None:
+    """Every process waits here until all have arrived (a no-op for one process)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+@contextlib.contextmanager
+def primary_first(name: str) -> Iterator[None]:
+    """Runs the ``with`` body on process 0 first, then on the others.
+
+    For work that writes files other processes read (generated data, a preprocessing cache,
+    a tokenizer): on a shared file system the others then find the files ready (and reuse
+    them) instead of racing to write them; without one, each process builds its own copy.
+    A no-op for one process. If process 0 fails inside the body, the others wait at the
+    barrier until the job is torn down.
+    """
+    multi = jax.process_count() > 1
+    if multi and not is_primary():
+        barrier(name)
+    yield
+    if multi and is_primary():
+        barrier(name)
 
 
 def host_rows(sharding: Any, global_shape, axis: int = 0, process_index: int | None = None) -> np.ndarray:

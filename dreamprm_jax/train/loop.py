@@ -11,6 +11,17 @@
 The state is a dict of pytrees; the jitted iteration donates it. Metrics of iteration k are
 fetched from the device after iteration k + 1 has been dispatched, so the host never waits
 for the device except at logging and checkpoint boundaries.
+
+Devices (``--mesh``, :mod:`dreamprm_jax.train.sharding`): the state lives on a
+``("data", "fsdp")`` mesh, built in its shards; the iteration is jitted with the sharding
+rules (:class:`~dreamprm_jax.train.sharding.ShardedStep`). One device gives a 1x1 mesh, the
+plain single-device program. Several processes (``--num-processes``, ``--coordinator-address``,
+``--process-id``, :mod:`dreamprm_jax.train.distributed`) run this same function: every
+process reads the same files and runs the same samplers, so every process builds the same
+*global* batch, and each uploads only the rows its own devices hold (``put`` slices the
+global batch; the image-patch rows stay global, as the sharding module requires). Process 0
+alone writes metrics, plots, the export and ``domain_weights.json``; all processes take part
+in checkpoints (each writes its shards) and in the final gather of the parameters.
 """
 
 from __future__ import annotations
@@ -33,6 +44,7 @@ from dreamprm_jax.data import synthetic
 from dreamprm_jax.data.processor import Processor
 from dreamprm_jax.data.tokenizer import build_offline_tokenizer
 from dreamprm_jax.models import prm, qwen2_vl
+from dreamprm_jax.train import distributed, sharding
 from dreamprm_jax.train import step as step_lib
 from dreamprm_jax.train.checkpointing import Checkpointer, abstract_like
 from dreamprm_jax.train.interrupts import GracefulInterrupt
@@ -81,6 +93,23 @@ def spearman(x, y) -> float:
 def _say(cfg: TrainConfig, message: str) -> None:
     if cfg.progress:
         print(message, file=sys.stderr, flush=True)
+
+
+def start_processes(cfg: TrainConfig) -> None:
+    """``jax.distributed.initialize`` when flags or environment ask for several processes
+    (``--coordinator-address auto``: cluster auto-detection); a no-op for one process."""
+    distributed.initialize(None if cfg.coordinator_address == "auto" else cfg.coordinator_address,
+                           cfg.num_processes, cfg.process_id, auto=cfg.coordinator_address == "auto")
+
+
+class _NoLogger:
+    """Stands in for :class:`MetricsLogger` on processes other than process 0."""
+
+    def log(self, *args, **kwargs) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 # ----------------------------------------------------------------------------------------
@@ -168,15 +197,20 @@ def export(out_dir: str, model_config, params, processor, tokenizer_dir: str, do
 
 def train(cfg: TrainConfig) -> TrainResult:
     t_start = time.perf_counter()
+    start_processes(cfg)  # before anything touches a device
+    primary = distributed.is_primary()
+    cfg = dataclasses.replace(cfg, progress=cfg.progress and primary)
     os.makedirs(cfg.out_dir, exist_ok=True)
 
     # --- data and model ------------------------------------------------------------------
-    train_json, meta_json, image_root, planted = resolve_data(cfg)
-    model_config, params, processor, tokenizer_dir = build_model(cfg, train_json, meta_json, image_root)
-    train_table = data_lib.build_train_dataset(train_json, processor, cfg.cache_dir, image_root=image_root,
-                                               on_bad_record=cfg.on_bad_record)
-    meta_table = data_lib.build_meta_dataset(meta_json, processor, cfg.cache_dir, image_root=image_root,
-                                             on_bad_record=cfg.on_bad_record)
+    # Process 0 first: the generated data, tokenizer and cache are then reused by the others.
+    with distributed.primary_first("dreamprm_jax.data"):
+        train_json, meta_json, image_root, planted = resolve_data(cfg)
+        model_config, params, processor, tokenizer_dir = build_model(cfg, train_json, meta_json, image_root)
+        train_table = data_lib.build_train_dataset(train_json, processor, cfg.cache_dir, image_root=image_root,
+                                                   on_bad_record=cfg.on_bad_record)
+        meta_table = data_lib.build_meta_dataset(meta_json, processor, cfg.cache_dir, image_root=image_root,
+                                                 on_bad_record=cfg.on_bad_record)
     for name, table in (("train", train_table), ("meta", meta_table)):
         if table.skipped:
             _say(cfg, f"[data] {name}: skipped bad records: " + ", ".join(f"{r}: {n}" for r, n in table.skipped.items()))
@@ -193,17 +227,21 @@ def train(cfg: TrainConfig) -> TrainResult:
     _say(cfg, f"[data] {len(train_table.samples)} training samples in {len(domains)} domains, "
               f"{meta_builder.num_chains} meta chains" + (" (cached)" if train_table.from_cache else ""))
 
-    # --- optimizers and the bi-level iteration --------------------------------------------
-    optimizer = step_lib.inner_optimizer(cfg.inner_lr, cfg.inner_lr_step_size, cfg.inner_lr_gamma,
-                                         cfg.inner_weight_decay, cfg.inner_grad_clip)
+    # --- mesh, optimizers and the bi-level iteration ---------------------------------------
+    mesh = sharding.make_mesh(cfg.mesh)
+    _say(cfg, f"[devices] mesh data={mesh.shape['data']} x fsdp={mesh.shape['fsdp']} over "
+              f"{jax.process_count()} process(es), {jax.device_count()} {jax.default_backend()} device(s)")
+    optimizer = sharding.constrain_optimizer(step_lib.inner_optimizer(
+        cfg.inner_lr, cfg.inner_lr_step_size, cfg.inner_lr_gamma, cfg.inner_weight_decay, cfg.inner_grad_clip), mesh)
     meta_opt = step_lib.meta_optimizer(cfg.meta_lr, cfg.meta_weight_decay)
-    state = step_lib.init_state(params, len(domains), optimizer, meta_opt)
+    state = sharding.sharded_init(lambda p: step_lib.init_state(p, len(domains), optimizer, meta_opt), mesh,
+                                  sharding.shard_tree(params, mesh))
     del params  # the state owns the parameters from here on (its buffers are donated)
 
     def make_step(reweighting: bool):
-        return step_lib.jit_bilevel_step(step_lib.make_bilevel_step(
+        return sharding.ShardedStep(step_lib.make_bilevel_step(
             model_config, optimizer, meta_opt, method=cfg.hypergradient, aggregation=cfg.aggregation,
-            reweighting=reweighting, method_options=cfg.hypergradient_kwargs()))
+            reweighting=reweighting, method_options=cfg.hypergradient_kwargs()), mesh)
 
     bilevel_step = make_step(cfg.reweighting)
     # Warm-up iterations train the PRM only (no hypergradient: about 5x cheaper on CPU).
@@ -214,7 +252,7 @@ def train(cfg: TrainConfig) -> TrainResult:
                                 keep=cfg.keep_checkpoints)
     start = 0
     if cfg.resume:
-        restored = checkpointer.restore_latest(abstract_like(state))
+        restored = checkpointer.restore_latest(abstract_like(state))  # lands in the live state's shards
         if restored is None:
             _say(cfg, f"[resume] no checkpoint in {cfg.out_dir}/checkpoints; starting from scratch")
         else:
@@ -231,7 +269,7 @@ def train(cfg: TrainConfig) -> TrainResult:
                  "meta_sampler": meta_sampler.state_dict(), "config": cfg.to_dict()}
         checkpointer.save(step, state, extra, force=force)
 
-    logger = MetricsLogger(cfg.out_dir, resume_step=start)
+    logger = MetricsLogger(cfg.out_dir, resume_step=start) if primary else _NoLogger()
 
     # --- the loop -------------------------------------------------------------------------
     from tqdm.auto import tqdm
@@ -268,7 +306,7 @@ def train(cfg: TrainConfig) -> TrainResult:
                     [train_sampler.next() for _ in range(cfg.unroll)])
                 meta_batch, meta_stats = meta_builder.meta_batch(meta_sampler.next())
                 run_step = warmup_step if iteration <= cfg.meta_warmup else bilevel_step
-                state, metrics = run_step(state, inner_batches, meta_batch)
+                state, metrics = run_step(state, inner_batches, meta_batch)  # global host batches in
                 if pending is not None:
                     finish(*pending)
                 stats = {"token_waste": float(train_stats.get("token_waste", 0.0)),
@@ -296,21 +334,23 @@ def train(cfg: TrainConfig) -> TrainResult:
     checkpointer.wait_until_finished()
     checkpointer.close()
 
-    # --- report and export ----------------------------------------------------------------
-    weights = np.asarray(jax.device_get(bilevel.domain_weights(state["raw_weights"])))
+    # --- report and export (process 0; every process joins the gathers) -------------------
+    weights = np.asarray(jax.device_get(bilevel.domain_weights(sharding.to_host(state["raw_weights"], mesh))))
     rho = None
     if planted is not None:
         rho = spearman(weights, [planted[d] for d in domains])
     log_path = os.path.join(cfg.out_dir, "metrics.jsonl")
-    if os.path.isfile(log_path) and os.path.getsize(log_path) > 0:
+    if primary and os.path.isfile(log_path) and os.path.getsize(log_path) > 0:
         plot_domain_weights(log_path, os.path.join(cfg.out_dir, "domain_weights.png"), planted_quality=planted)
         plot_losses(log_path, os.path.join(cfg.out_dir, "losses.png"))
     if cfg.export and not interrupted:
-        export(cfg.out_dir, model_config, state["params"], processor, tokenizer_dir, domains, weights)
+        host_params = sharding.to_host(state["params"], mesh)
+        if primary:
+            export(cfg.out_dir, model_config, host_params, processor, tokenizer_dir, domains, weights)
+    compile_count = bilevel_step.compile_count() + (warmup_step.compile_count() if warmup_step is not bilevel_step else 0)
     return TrainResult(out_dir=cfg.out_dir, step=step, domains=domains, weights=weights, planted_quality=planted,
                        spearman=rho, interrupted=interrupted, seconds=time.perf_counter() - t_start,
-                       compile_count=bilevel_step._cache_size() + (warmup_step._cache_size() if warmup_step is not bilevel_step else 0),
-                       final_metrics=last)
+                       compile_count=compile_count, final_metrics=last)
 
 
 def format_result(result: TrainResult) -> str:

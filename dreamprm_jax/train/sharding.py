@@ -75,6 +75,7 @@ __all__ = [
     "shard_bilevel_step",
     "ShardedStep",
     "sharded_init",
+    "shard_tree",
     "to_host",
     "put",
     "put_batch",
@@ -340,6 +341,14 @@ class ShardedStep:
 
     def compile_count(self) -> int:
         return sum(p._cache_size() for p in self._programs.values())
+
+
+def shard_tree(tree: Any, mesh: Mesh) -> Any:
+    """``tree`` (numpy or single-device arrays, the same global value on every process) placed
+    with the FSDP rule (:func:`tree_shardings`); each process uploads only its shards. Use it for
+    loaded parameters before :func:`sharded_init`: a jit over the mesh cannot take arrays
+    committed to one local device when the mesh spans several processes."""
+    return put(tree, tree_shardings(tree, mesh))
 
 
 def sharded_init(init_fn: Callable[..., Any], mesh: Mesh, *args) -> Any:
