@@ -35,7 +35,7 @@ import jax
 import numpy as np
 
 __all__ = ["DistributedConfig", "resolve", "initialize", "is_initialized", "host_rows", "host_slice", "is_primary",
-           "barrier", "primary_first"]
+           "barrier", "primary_first", "any_process"]
 
 _initialized = False
 
@@ -124,6 +124,15 @@ def barrier(name: str) -> None:
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices(name)
+
+
+def any_process(flag: bool) -> bool:
+    """Whether ``flag`` is true on any process (a collective: every process must call it)."""
+    if jax.process_count() == 1:
+        return bool(flag)
+    from jax.experimental import multihost_utils
+
+    return bool(np.any(multihost_utils.process_allgather(np.asarray(flag, np.int32))))
 
 
 @contextlib.contextmanager

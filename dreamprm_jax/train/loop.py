@@ -102,6 +102,15 @@ def start_processes(cfg: TrainConfig) -> None:
                            cfg.num_processes, cfg.process_id, auto=cfg.coordinator_address == "auto")
 
 
+def stop_requested(interrupt: GracefulInterrupt, iteration: int, every: int) -> bool:
+    """One process: whether SIGTERM/SIGINT arrived. Several processes: checked every ``every``
+    iterations, true if any process got the signal, so all of them save the same iteration
+    and stop together (a checkpoint is a collective: one process saving alone would hang)."""
+    if jax.process_count() == 1:
+        return interrupt.requested
+    return iteration % every == 0 and distributed.any_process(interrupt.requested)
+
+
 class _NoLogger:
     """Stands in for :class:`MetricsLogger` on processes other than process 0."""
 
@@ -313,11 +322,12 @@ def train(cfg: TrainConfig) -> TrainResult:
                          "meta_token_waste": float(meta_stats.get("token_waste", 0.0))}
                 pending = (iteration, metrics, stats)
                 bar.update(1)
-                if checkpointer.should_save(iteration) or interrupt.requested:
+                stop = stop_requested(interrupt, iteration, cfg.log_every)
+                if checkpointer.should_save(iteration) or stop:
                     finish(*pending)  # never save a state whose metrics were not checked
                     pending = None
-                    save(iteration, force=interrupt.requested)
-                if interrupt.requested:
+                    save(iteration, force=stop)
+                if stop:
                     interrupted = True
                     _say(cfg, f"\n[interrupt] checkpoint written at iteration {iteration}; resume with --resume")
                     break
