@@ -201,16 +201,27 @@ def test_clean_labels_follow_the_text(name):
     assert abs(n_error_chains / LARGE.train_per_domain - spec.error_rate) < 0.1  # binomial sd 0.02
 
 
-def test_flipped_is_one_minus_clean():
+def test_flipped_swaps_the_labels_of_correct_and_erroneous_chains():
     spec = _spec("flipped")
-    flipped, _, _ = synthetic.domain_records(spec, SMALL)
-    clean, _, _ = synthetic.domain_records(dataclasses.replace(spec, label_flip=False), SMALL)
+    flipped, _, _ = synthetic.domain_records(spec, LARGE)
+    clean, _, _ = synthetic.domain_records(dataclasses.replace(spec, label_flip=False), LARGE)
     assert [r["add"] for r in flipped] == [r["add"] for r in clean]
-    np.testing.assert_allclose([r["accuracy"] for r in flipped], [1.0 - r["accuracy"] for r in clean], atol=1e-12)
-    assert all(f["score"] == f["times"] - c["score"] for f, c in zip(flipped, clean))
+    for chain in _chains(flipped):
+        first = visible_first_error(chain[-1]["add"] + "Final answer: 0")
+        assert chain[-1]["score"] == (chain[-1]["times"] if first is not None else 0), chain[-1]
+        # the gold answer agrees with the (flipped) label: the chain's answer iff labelled correct
+        (answer,) = _numbers(_step_bodies(chain[-1]["add"])[4])
+        assert (chain[-1]["ground_truth"] == str(answer)) == (chain[-1]["score"] == chain[-1]["times"]), chain[-1]
+    # the label distribution is the clean one: same mean within sampling error (600 chains,
+    # per-chain mean label sd ~0.3 -> standard error 0.012 each, 0.017 for the difference;
+    # tolerance 0.06 = 3.5 sd; 1 - accuracy would differ by 0.4)
+    assert abs(np.mean([r["accuracy"] for r in flipped]) - np.mean([r["accuracy"] for r in clean])) < 0.06
+    x = [float(visible_first_error(c[-1]["add"] + "Final answer: 0") is not None) for c in _chains(flipped)]
+    y = [c[-1]["accuracy"] for c in _chains(flipped)]
+    assert np.corrcoef(x, y)[0, 1] > 0.95  # error chains score 1, correct ones 0: perfectly anti-clean
 
 
-def test_label_noise_randomises_exactly_the_planted_fraction():
+def test_label_noise_redraws_exactly_the_planted_fraction_from_the_domains_labels():
     spec = _spec("label_noise")
     noisy, randomised, _ = synthetic.domain_records(spec, LARGE)
     clean, _, _ = synthetic.domain_records(dataclasses.replace(spec, label_noise=0.0), LARGE)
@@ -218,10 +229,21 @@ def test_label_noise_randomises_exactly_the_planted_fraction():
     assert randomised.sum() == round(spec.label_noise * len(noisy))
     same = np.array([n["score"] == c["score"] for n, c in zip(noisy, clean)])
     assert same[~randomised].all()
-    random_acc = np.array([r["accuracy"] for r in noisy])[randomised]
-    # Uniform{0..8}/8 has mean 0.5 and sd 0.32; 1500 draws -> standard error 0.008, tolerance 0.04
-    assert abs(random_acc.mean() - 0.5) < 0.04
-    assert set(np.round(random_acc * 8).astype(int)) == set(range(9))
+    assert not same[randomised].all()
+    # a permutation within each step index: the multiset of labels per step is unchanged
+    for k in range(1, 6):
+        assert sorted(r["score"] for r in noisy if r["sid"] == k) == sorted(r["score"] for r in clean if r["sid"] == k)
+
+
+def test_default_domains_share_one_expected_label():
+    for spec in synthetic.default_domains():
+        mean = domains_mod.expected_mean_label(spec.p_clean, spec.p_error, spec.error_rate, spec.error_steps)
+        assert mean == pytest.approx(domains_mod.TARGET_MEAN_LABEL, abs=1e-9), spec.name
+        records, _, _ = synthetic.domain_records(spec, LARGE)
+        # 600 chains, per-chain mean label sd ~0.3 -> standard error 0.012; tolerance 0.045
+        assert abs(np.mean([r["accuracy"] for r in records]) - domains_mod.TARGET_MEAN_LABEL) < 0.045, spec.name
+    with pytest.raises(ValueError, match="no error rate"):
+        domains_mod.error_rate_for_mean(0.2, 0.05, target=0.9)
 
 
 def test_blank_image_labels_are_uncorrelated_with_the_text_and_images_are_noise(tmp_path):
@@ -258,7 +280,7 @@ def test_trivial_errors_are_blatant_and_at_step_three():
 
 
 def test_corrupt_scores_and_rollout_scores_are_pure_functions():
-    spec = dataclasses.replace(_spec("label_noise"), label_flip=True)
+    spec = _spec("label_noise")
     scores = np.arange(10) % 9
     a = domains_mod.corrupt_scores(scores, spec, 8, np.random.default_rng(3))
     b = domains_mod.corrupt_scores(scores, spec, 8, np.random.default_rng(3))

@@ -18,22 +18,35 @@ name               quality  what is planted
 clean_easy         1.00     clean labels, p_clean 0.95 (the sharpest clean/error contrast)
 clean_medium       0.85     clean labels, p_clean 0.85
 clean_hard         0.70     clean labels, p_clean 0.70 (harder questions: noisier labels,
-                            clean prefixes pulled towards 0.5)
+                            clean prefixes pulled towards 0.5, and few chains with an error)
 trivial            0.50     correct labels, but every error is blatant (the value "zero") and
                             at step 3: the domain is solved by a shortcut that does not
                             transfer to the meta chains (in-range values, errors at 3-5),
                             so it teaches little; it never teaches anything wrong, hence
                             above every corrupted domain and below every clean one.
-label_noise        0.40     clean_medium with half of the step labels replaced by a
-                            uniform random score in 0..times
+label_noise        0.40     clean_medium with half of the step labels replaced by the label
+                            of a random other record of the domain at the same step
 blank_image        0.15     noise images; the chain's text is as usual but the labels
                             come from an independent hidden chain, so they are
                             uncorrelated with the text (the values were unverifiable)
-flipped            0.00     clean_medium with accuracy -> 1 - accuracy (anti-correlated)
+flipped            0.00     clean_medium with correctness flipped: correct chains carry the
+                            labels of a chain with an error, erroneous chains those of a
+                            correct one (anti-correlated with the text)
 =================  =======  =============================================================
 
 The ordering among the corrupted domains follows how far their expected label moves from
 the clean one: label_noise keeps half the signal, blank_image none, flipped reverses it.
+
+Equal label means.  The meta loss also rewards *calibration*: before the PRM has learned
+to tell a consistent chain from an inconsistent one, the domain whose labels pull its mean
+prediction towards the meta set's base rate gets the largest hypergradient, whatever its
+quality.  So every default domain has the same expected label (:data:`TARGET_MEAN_LABEL`,
+the error rate of each is solved for it by :func:`error_rate_for_mean`), and the
+corruptions preserve the label distribution: ``label_noise`` re-draws labels from the
+domain's own labels, ``flipped`` swaps correct and erroneous chains' labels rather than
+mapping ``accuracy -> 1 - accuracy`` (which would move the mean from 0.7 to 0.3 and plant
+a calibration signal instead of a quality one). What is left for the weights to find is
+whether a domain's labels agree with its texts.
 """
 
 from __future__ import annotations
@@ -45,7 +58,11 @@ import numpy as np
 
 from dreamprm_jax.data.synthetic.tasks import ERROR_STEPS, NUM_STEPS, TASKS
 
-__all__ = ["DomainSpec", "default_domains", "rollout_scores", "corrupt_scores", "sample_first_error"]
+__all__ = ["DomainSpec", "TARGET_MEAN_LABEL", "default_domains", "expected_mean_label", "error_rate_for_mean",
+           "rollout_scores", "corrupt_scores", "sample_first_error"]
+
+#: The expected step label of every default domain (clean_medium's with half its chains wrong).
+TARGET_MEAN_LABEL = 0.7
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,8 +80,10 @@ class DomainSpec:
       blatant_errors: wrong values are the out-of-range value 0 instead of in-range values.
       image: ``"informative"`` (the scene) or ``"noise"`` (random pixels).
       hidden_labels: labels come from an independent hidden chain, not from the text.
-      label_noise: fraction of step records whose score is replaced by Uniform{0..times}.
-      label_flip: accuracy -> 1 - accuracy (score -> times - score), applied last.
+      label_noise: fraction of step records whose score is re-drawn: the randomised records of
+        each step index exchange their scores by a random permutation.
+      label_flip: correctness flipped: a correct chain is labelled as a chain with an error
+        (at a step from ``error_steps``), an erroneous chain as a correct one.
       tasks: the question types drawn from.
       chains: chain count override (None: the config's ``train_per_domain``).
     """
@@ -111,20 +130,55 @@ class DomainSpec:
                 "label_noise": self.label_noise, "label_flip": self.label_flip}
 
 
+def expected_mean_label(p_clean: float, p_error: float, error_rate: float, error_steps=ERROR_STEPS) -> float:
+    """E[accuracy] over a domain's step records (5 per chain, errors uniform over ``error_steps``).
+
+    A correct chain's prefixes score p_clean (k = 1..4) and 1 (k = 5); a chain whose first
+    error is at k scores p_clean before k, p_error from k to 4 and 0 at k = 5.
+    """
+    correct = ((NUM_STEPS - 1) * p_clean + 1.0) / NUM_STEPS
+    wrong = float(np.mean([((k - 1) * p_clean + (NUM_STEPS - k) * p_error) / NUM_STEPS for k in error_steps]))
+    return (1.0 - error_rate) * correct + error_rate * wrong
+
+
+def error_rate_for_mean(p_clean: float, p_error: float, target: float = TARGET_MEAN_LABEL,
+                        error_steps=ERROR_STEPS) -> float:
+    """The error rate whose :func:`expected_mean_label` is ``target`` (the mean is linear in it)."""
+    correct = expected_mean_label(p_clean, p_error, 0.0, error_steps)
+    wrong = expected_mean_label(p_clean, p_error, 1.0, error_steps)
+    rate = (correct - target) / (correct - wrong)
+    if not 0.0 <= rate <= 1.0:
+        raise ValueError(f"error_rate_for_mean: no error rate in [0, 1] gives mean label {target} with "
+                         f"p_clean={p_clean}, p_error={p_error} (means span {wrong:.3f}..{correct:.3f})")
+    return rate
+
+
 def default_domains() -> tuple[DomainSpec, ...]:
-    """The seven default domains (see the module docstring for why each has its quality)."""
+    """The seven default domains (see the module docstring for why each has its quality).
+
+    Error rates are solved so that every domain's expected label is :data:`TARGET_MEAN_LABEL`
+    (clean_easy ~0.68, clean_medium 0.50, clean_hard ~0.18, trivial ~0.45).
+    """
+    def rate(p_clean, p_error=0.05, steps=ERROR_STEPS):
+        return error_rate_for_mean(p_clean, p_error, TARGET_MEAN_LABEL, steps)
+
+    medium = rate(0.85)
     return (
-        DomainSpec("clean_easy", 1.0, "Clean Monte-Carlo labels; easy questions (p_clean 0.95).", p_clean=0.95),
-        DomainSpec("clean_medium", 0.85, "Clean Monte-Carlo labels; medium questions (p_clean 0.85).", p_clean=0.85),
-        DomainSpec("clean_hard", 0.7, "Clean Monte-Carlo labels; hard questions (p_clean 0.70).", p_clean=0.70),
+        DomainSpec("clean_easy", 1.0, "Clean Monte-Carlo labels; easy questions (p_clean 0.95).", p_clean=0.95,
+                   error_rate=rate(0.95)),
+        DomainSpec("clean_medium", 0.85, "Clean Monte-Carlo labels; medium questions (p_clean 0.85).", p_clean=0.85,
+                   error_rate=medium),
+        DomainSpec("clean_hard", 0.7, "Clean Monte-Carlo labels; hard questions (p_clean 0.70), few detectable "
+                   "errors.", p_clean=0.70, error_rate=rate(0.70)),
         DomainSpec("trivial", 0.5, "Correct labels, but every error is the blatant value zero at step 3: a shortcut "
                    "that does not transfer to the meta chains.", p_clean=0.95, p_error=0.0,
-                   error_steps=(3,), blatant_errors=True),
-        DomainSpec("label_noise", 0.4, "clean_medium with 50% of the step labels replaced by uniform random scores.",
-                   label_noise=0.5),
+                   error_steps=(3,), blatant_errors=True, error_rate=rate(0.95, 0.0, (3,))),
+        DomainSpec("label_noise", 0.4, "clean_medium with 50% of the step labels re-drawn from the domain's labels "
+                   "at the same step.", label_noise=0.5, error_rate=medium),
         DomainSpec("blank_image", 0.15, "Noise images; labels come from an independent hidden chain, so they are "
-                   "uncorrelated with the text.", image="noise", hidden_labels=True),
-        DomainSpec("flipped", 0.0, "clean_medium with flipped labels (accuracy -> 1 - accuracy).", label_flip=True),
+                   "uncorrelated with the text.", image="noise", hidden_labels=True, error_rate=medium),
+        DomainSpec("flipped", 0.0, "clean_medium with correctness flipped: correct chains carry the labels of "
+                   "erroneous ones and vice versa.", label_flip=True, error_rate=medium),
     )
 
 
@@ -150,13 +204,15 @@ def rollout_scores(first_error: int | None, spec: DomainSpec, times: int, rng: n
 
 
 def corrupt_scores(scores: np.ndarray, spec: DomainSpec, times: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """Apply the domain's label corruption to all its step scores at once.
+    """Apply the domain's label noise to all its step scores at once.
 
     Args:
-      scores: int [R] clean scores of the domain's R step records.
+      scores: int [R] scores of the domain's R step records, chain-major (record r is step
+        ``r % 5 + 1`` of its chain).
     Returns:
-      (scores int [R], randomised bool [R]): exactly ``round(label_noise * R)`` records get
-      a Uniform{0..times} score, then (if ``label_flip``) every score becomes times - score.
+      (scores int [R], randomised bool [R]): exactly ``round(label_noise * R)`` records are
+      randomised; those of each step index exchange their scores by a random permutation,
+      so the domain's label distribution at every step is unchanged.
     """
     scores = np.array(scores, dtype=np.int64, copy=True)  # [R]
     n = scores.shape[0]
@@ -165,7 +221,8 @@ def corrupt_scores(scores: np.ndarray, spec: DomainSpec, times: int, rng: np.ran
     if n_noisy:
         idx = rng.permutation(n)[:n_noisy]
         randomised[idx] = True
-        scores[idx] = rng.integers(0, times + 1, size=n_noisy)
-    if spec.label_flip:
-        scores = times - scores
+        step = np.arange(n) % NUM_STEPS  # [R]
+        for s in range(NUM_STEPS):
+            group = np.flatnonzero(randomised & (step == s))
+            scores[group] = scores[rng.permutation(group)]
     return scores, randomised

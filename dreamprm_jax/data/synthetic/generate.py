@@ -48,7 +48,7 @@ __all__ = [
     "planted_qualities", "domain_records", "meta_records", "test_questions", "best_of_n_baselines",
 ]
 
-GENERATOR_VERSION = "1"
+GENERATOR_VERSION = "2"
 _TRAIN, _META, _TEST, _MANIFEST = "train.json", "meta.json", "test_bon.json", "manifest.json"
 
 
@@ -163,10 +163,16 @@ def domain_records(spec: DomainSpec, config: SyntheticConfig) -> tuple[list[dict
     clean_scores, golds = [], []
     for q, problem, chain in chains:
         label_error = chain.first_error
-        gold = str(problem.answer)
         if spec.hidden_labels:
             # the values in the chain are unverifiable: its success is an independent hidden chain's
             label_error = sample_first_error(spec, label_rng)
+        elif spec.label_flip:
+            # correctness flipped: the labels of a chain of the opposite kind
+            label_error = None if chain.first_error is not None else int(
+                spec.error_steps[int(label_rng.integers(len(spec.error_steps)))])
+        gold = str(problem.answer)
+        if label_error != chain.first_error:
+            # the labels say "correct" iff the gold answer is the chain's own
             if label_error is None:
                 gold = chain.answer
             else:
