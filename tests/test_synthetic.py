@@ -179,7 +179,7 @@ def _chains(records: list[dict]) -> list[list[dict]]:
 LARGE = dataclasses.replace(SMALL, train_per_domain=600)
 
 
-@pytest.mark.parametrize("name", ["clean_easy", "clean_hard"])
+@pytest.mark.parametrize("name", ["clean_easy", "trivial"])
 def test_clean_labels_follow_the_text(name):
     spec = _spec(name)
     records, randomised, _ = synthetic.domain_records(spec, LARGE)
@@ -235,15 +235,36 @@ def test_label_noise_redraws_exactly_the_planted_fraction_from_the_domains_label
         assert sorted(r["score"] for r in noisy if r["sid"] == k) == sorted(r["score"] for r in clean if r["sid"] == k)
 
 
-def test_default_domains_share_one_expected_label():
-    for spec in synthetic.default_domains():
-        mean = domains_mod.expected_mean_label(spec.p_clean, spec.p_error, spec.error_rate, spec.error_steps)
-        assert mean == pytest.approx(domains_mod.TARGET_MEAN_LABEL, abs=1e-9), spec.name
+def test_default_domains_share_one_label_distribution():
+    specs = synthetic.default_domains()
+    assert len({(d.p_clean, d.p_error, d.error_rate, d.error_steps) for d in specs}) == 1
+    expected = domains_mod.expected_mean_label(specs[0].p_clean, specs[0].p_error, specs[0].error_rate)
+    by_step = {}
+    for spec in specs:
         records, _, _ = synthetic.domain_records(spec, LARGE)
+        acc = np.array([r["accuracy"] for r in records])  # [3000]
+        sid = np.array([r["sid"] for r in records])  # [3000]
         # 600 chains, per-chain mean label sd ~0.3 -> standard error 0.012; tolerance 0.045
-        assert abs(np.mean([r["accuracy"] for r in records]) - domains_mod.TARGET_MEAN_LABEL) < 0.045, spec.name
-    with pytest.raises(ValueError, match="no error rate"):
-        domains_mod.error_rate_for_mean(0.2, 0.05, target=0.9)
+        assert abs(acc.mean() - expected) < 0.045, spec.name
+        by_step[spec.name] = [acc[sid == k].mean() for k in range(1, 6)]
+    # per step: 600 labels, sd <= 0.5 -> standard error 0.02; tolerance 0.08 between any two domains
+    spread = np.ptp(np.array(list(by_step.values())), axis=0)  # [5]
+    assert (spread < 0.08).all(), by_step
+
+
+@pytest.mark.parametrize("name,fraction", [("clean_easy", 0.75), ("trivial", 1.0)])
+def test_blatant_fraction_of_errors(name, fraction):
+    spec = _spec(name)
+    records, _, _ = synthetic.domain_records(spec, LARGE)
+    blatant = subtle = 0
+    for chain in _chains(records):
+        first = visible_first_error(chain[-1]["add"] + "Final answer: 0")
+        if first is not None:
+            is_blatant = BLATANT_VALUE in _numbers(_step_bodies(chain[-1]["add"])[first - 1])
+            blatant += is_blatant
+            subtle += not is_blatant
+    # ~300 error chains: binomial sd <= 0.03; tolerance 0.1
+    assert abs(blatant / (blatant + subtle) - fraction) < 0.1, (blatant, subtle)
 
 
 def test_blank_image_labels_are_uncorrelated_with_the_text_and_images_are_noise(tmp_path):
@@ -255,7 +276,7 @@ def test_blank_image_labels_are_uncorrelated_with_the_text_and_images_are_noise(
         return float(np.corrcoef(x, y)[0, 1])
 
     blank, _, jobs = synthetic.domain_records(spec, LARGE)
-    clean, _, _ = synthetic.domain_records(_spec("clean_medium"), LARGE)
+    clean, _, _ = synthetic.domain_records(_spec("clean_easy"), LARGE)
     # 600 chains: the sample correlation of independent variables has sd ~0.04; tolerance 0.15
     assert abs(text_label_corr(blank)) < 0.15
     assert text_label_corr(clean) < -0.95
@@ -263,20 +284,6 @@ def test_blank_image_labels_are_uncorrelated_with_the_text_and_images_are_noise(
         pixels = np.asarray(render(), dtype=np.float32)  # [H, W, 3]
         assert pixels.std() > 50.0  # uniform noise on 0..255 has sd 73.9; a scene is mostly white
     assert all(r["ground_truth"].isdigit() for r in blank)
-
-
-def test_trivial_errors_are_blatant_and_at_step_three():
-    spec = _spec("trivial")
-    records, _, _ = synthetic.domain_records(spec, SMALL)
-    n_errors = 0
-    for chain in _chains(records):
-        first = visible_first_error(chain[-1]["add"] + "Final answer: 0")
-        if first is not None:
-            n_errors += 1
-            assert first == 3
-            assert BLATANT_VALUE in _numbers(_step_bodies(chain[2]["add"])[2])
-            assert [r["score"] for r in chain[2:]] == [0, 0, 0]  # p_error = 0
-    assert n_errors > 0
 
 
 def test_corrupt_scores_and_rollout_scores_are_pure_functions():

@@ -8,45 +8,48 @@ is simulated::
     score_k ~ Binomial(times, p_error)   if it contains the error   (k >= first_error)
     score_5 = times * [chain correct]    (a complete chain has nothing left to roll out)
 
-A domain's planted ``quality`` (higher = better for the clean meta distribution) is the
-ordering the learned domain weights should recover; it is recorded in ``manifest.json``.
-The default domains, best first:
+Errors.  An error chain uses a wrong value from its first error on (step 3, 4 or 5). It is
+*blatant* (the value "zero", which no question here has as its answer: one token gives
+it away, and a small PRM learns it in a few dozen iterations) or *subtle* (an in-range
+value, visible only by comparing with the value step 2 read from the image).
+
+A domain's planted ``quality`` (higher = better for the clean meta distribution, whose
+errors are 75% blatant, 25% subtle) is the ordering the learned domain weights should
+recover; it is recorded in ``manifest.json``. The default domains, best first:
 
 =================  =======  =============================================================
 name               quality  what is planted
 =================  =======  =============================================================
-clean_easy         1.00     clean labels, p_clean 0.95 (the sharpest clean/error contrast)
-clean_medium       0.85     clean labels, p_clean 0.85
-clean_hard         0.70     clean labels, p_clean 0.70 (harder questions: noisier labels,
-                            clean prefixes pulled towards 0.5, and few chains with an error)
-trivial            0.50     correct labels, but every error is blatant (the value "zero") and
-                            at step 3: the domain is solved by a shortcut that does not
-                            transfer to the meta chains (in-range values, errors at 3-5),
-                            so it teaches little; it never teaches anything wrong, hence
-                            above every corrupted domain and below every clean one.
-label_noise        0.40     clean_medium with half of the step labels replaced by the label
-                            of a random other record of the domain at the same step
+clean_easy         1.00     clean labels; the meta set's mix of errors
+clean_medium       0.85     as clean_easy, but 10% of the step labels are exchanged at
+                            random among the domain's records of the same step (harder
+                            questions: Monte-Carlo estimates are less reliable)
+clean_hard         0.70     as clean_medium with 20% of the labels exchanged
+trivial            0.50     clean labels, but every error is blatant: it teaches the easy
+                            part of the task and never anything wrong, but overstates how
+                            often a chain without a blatant error is correct
+label_noise        0.40     as clean_easy with 50% of the labels exchanged
 blank_image        0.15     noise images; the chain's text is as usual but the labels
                             come from an independent hidden chain, so they are
                             uncorrelated with the text (the values were unverifiable)
-flipped            0.00     clean_medium with correctness flipped: correct chains carry the
-                            labels of a chain with an error, erroneous chains those of a
-                            correct one (anti-correlated with the text)
+flipped            0.00     correctness flipped: correct chains carry the labels of a
+                            chain with an error, erroneous chains those of a correct one
+                            (anti-correlated with the text)
 =================  =======  =============================================================
 
-The ordering among the corrupted domains follows how far their expected label moves from
-the clean one: label_noise keeps half the signal, blank_image none, flipped reverses it.
+The ordering follows how much of the text-label agreement is left: clean_easy keeps all of
+it, the exchanged fraction removes its share, blank_image keeps none, flipped reverses it.
 
-Equal label means.  The meta loss also rewards *calibration*: before the PRM has learned
-to tell a consistent chain from an inconsistent one, the domain whose labels pull its mean
-prediction towards the meta set's base rate gets the largest hypergradient, whatever its
-quality.  So every default domain has the same expected label (:data:`TARGET_MEAN_LABEL`,
-the error rate of each is solved for it by :func:`error_rate_for_mean`), and the
-corruptions preserve the label distribution: ``label_noise`` re-draws labels from the
-domain's own labels, ``flipped`` swaps correct and erroneous chains' labels rather than
-mapping ``accuracy -> 1 - accuracy`` (which would move the mean from 0.7 to 0.3 and plant
-a calibration signal instead of a quality one). What is left for the weights to find is
-whether a domain's labels agree with its texts.
+One label distribution.  The meta loss also rewards *calibration*: a domain whose labels
+pull the PRM's predictions (at some step, or on average) towards what the meta loss
+prefers gets a larger hypergradient, whatever its quality; with mean aggregation the meta
+loss prefers low predictions on early steps, for instance, since an error at step 5 must
+out-vote four clean steps. So every default domain has the same label distribution at
+every step: the same p_clean, p_error, error rate and error steps; the domains differ only
+in *which* texts carry which labels. The corruptions keep it: ``label_noise`` exchanges
+labels within a step, ``flipped`` swaps correct and erroneous chains' labels rather than
+mapping ``accuracy -> 1 - accuracy`` (which would move the mean label from 0.7 to 0.3 and
+plant a calibration signal instead of a quality one).
 """
 
 from __future__ import annotations
@@ -58,11 +61,8 @@ import numpy as np
 
 from dreamprm_jax.data.synthetic.tasks import ERROR_STEPS, NUM_STEPS, TASKS
 
-__all__ = ["DomainSpec", "TARGET_MEAN_LABEL", "default_domains", "expected_mean_label", "error_rate_for_mean",
-           "rollout_scores", "corrupt_scores", "sample_first_error"]
-
-#: The expected step label of every default domain (clean_medium's with half its chains wrong).
-TARGET_MEAN_LABEL = 0.7
+__all__ = ["DomainSpec", "default_domains", "expected_mean_label", "rollout_scores", "corrupt_scores",
+           "sample_first_error"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,7 +77,9 @@ class DomainSpec:
       p_error: rollout success probability from a prefix that contains the error.
       error_rate: fraction of chains with a planted error.
       error_steps: steps the first error is drawn from (uniformly).
-      blatant_errors: wrong values are the out-of-range value 0 instead of in-range values.
+      blatant_fraction: fraction of the error chains whose wrong value is the blatant "zero" (no
+        question here has the answer 0, so one token gives it away) instead of an in-range value
+        (visible only by comparing with step 2).
       image: ``"informative"`` (the scene) or ``"noise"`` (random pixels).
       hidden_labels: labels come from an independent hidden chain, not from the text.
       label_noise: fraction of step records whose score is re-drawn: the randomised records of
@@ -95,7 +97,7 @@ class DomainSpec:
     p_error: float = 0.05
     error_rate: float = 0.5
     error_steps: tuple[int, ...] = ERROR_STEPS
-    blatant_errors: bool = False
+    blatant_fraction: float = 0.75
     image: str = "informative"
     hidden_labels: bool = False
     label_noise: float = 0.0
@@ -107,8 +109,8 @@ class DomainSpec:
         if not 0.0 <= self.p_error <= self.p_clean <= 1.0:
             raise ValueError(f"domain {self.name!r}: expected 0 <= p_error <= p_clean <= 1, got "
                              f"p_error={self.p_error}, p_clean={self.p_clean}")
-        if not 0.0 <= self.error_rate <= 1.0 or not 0.0 <= self.label_noise <= 1.0:
-            raise ValueError(f"domain {self.name!r}: error_rate and label_noise must be in [0, 1]")
+        if not all(0.0 <= x <= 1.0 for x in (self.error_rate, self.label_noise, self.blatant_fraction)):
+            raise ValueError(f"domain {self.name!r}: error_rate, label_noise and blatant_fraction must be in [0, 1]")
         if not self.error_steps or any(k not in ERROR_STEPS for k in self.error_steps):
             raise ValueError(f"domain {self.name!r}: error_steps must be a non-empty subset of {ERROR_STEPS}, "
                              f"got {self.error_steps}")
@@ -125,7 +127,7 @@ class DomainSpec:
 
     def corruption(self) -> dict[str, Any]:
         """The corruption parameters in one dict (for the manifest)."""
-        return {"blatant_errors": self.blatant_errors, "error_steps": list(self.error_steps),
+        return {"blatant_fraction": self.blatant_fraction, "error_steps": list(self.error_steps),
                 "image": self.image, "hidden_labels": self.hidden_labels,
                 "label_noise": self.label_noise, "label_flip": self.label_flip}
 
@@ -141,44 +143,24 @@ def expected_mean_label(p_clean: float, p_error: float, error_rate: float, error
     return (1.0 - error_rate) * correct + error_rate * wrong
 
 
-def error_rate_for_mean(p_clean: float, p_error: float, target: float = TARGET_MEAN_LABEL,
-                        error_steps=ERROR_STEPS) -> float:
-    """The error rate whose :func:`expected_mean_label` is ``target`` (the mean is linear in it)."""
-    correct = expected_mean_label(p_clean, p_error, 0.0, error_steps)
-    wrong = expected_mean_label(p_clean, p_error, 1.0, error_steps)
-    rate = (correct - target) / (correct - wrong)
-    if not 0.0 <= rate <= 1.0:
-        raise ValueError(f"error_rate_for_mean: no error rate in [0, 1] gives mean label {target} with "
-                         f"p_clean={p_clean}, p_error={p_error} (means span {wrong:.3f}..{correct:.3f})")
-    return rate
-
-
 def default_domains() -> tuple[DomainSpec, ...]:
     """The seven default domains (see the module docstring for why each has its quality).
 
-    Error rates are solved so that every domain's expected label is :data:`TARGET_MEAN_LABEL`
-    (clean_easy ~0.68, clean_medium 0.50, clean_hard ~0.18, trivial ~0.45).
+    All share p_clean 0.85, p_error 0.05, error rate 0.5 and error steps 3..5, hence one label
+    distribution (mean label :func:`expected_mean_label` = 0.70).
     """
-    def rate(p_clean, p_error=0.05, steps=ERROR_STEPS):
-        return error_rate_for_mean(p_clean, p_error, TARGET_MEAN_LABEL, steps)
-
-    medium = rate(0.85)
     return (
-        DomainSpec("clean_easy", 1.0, "Clean Monte-Carlo labels; easy questions (p_clean 0.95).", p_clean=0.95,
-                   error_rate=rate(0.95)),
-        DomainSpec("clean_medium", 0.85, "Clean Monte-Carlo labels; medium questions (p_clean 0.85).", p_clean=0.85,
-                   error_rate=medium),
-        DomainSpec("clean_hard", 0.7, "Clean Monte-Carlo labels; hard questions (p_clean 0.70), few detectable "
-                   "errors.", p_clean=0.70, error_rate=rate(0.70)),
-        DomainSpec("trivial", 0.5, "Correct labels, but every error is the blatant value zero at step 3: a shortcut "
-                   "that does not transfer to the meta chains.", p_clean=0.95, p_error=0.0,
-                   error_steps=(3,), blatant_errors=True, error_rate=rate(0.95, 0.0, (3,))),
-        DomainSpec("label_noise", 0.4, "clean_medium with 50% of the step labels re-drawn from the domain's labels "
-                   "at the same step.", label_noise=0.5, error_rate=medium),
+        DomainSpec("clean_easy", 1.0, "Clean Monte-Carlo labels, the meta set's mix of errors."),
+        DomainSpec("clean_medium", 0.85, "10% of the step labels exchanged at random within a step (less reliable "
+                   "Monte-Carlo estimates).", label_noise=0.1),
+        DomainSpec("clean_hard", 0.7, "20% of the step labels exchanged at random within a step.", label_noise=0.2),
+        DomainSpec("trivial", 0.5, "Clean labels, but every error is the blatant value zero: teaches only the easy "
+                   "part of the task.", blatant_fraction=1.0),
+        DomainSpec("label_noise", 0.4, "50% of the step labels exchanged at random within a step.", label_noise=0.5),
         DomainSpec("blank_image", 0.15, "Noise images; labels come from an independent hidden chain, so they are "
-                   "uncorrelated with the text.", image="noise", hidden_labels=True, error_rate=medium),
-        DomainSpec("flipped", 0.0, "clean_medium with correctness flipped: correct chains carry the labels of "
-                   "erroneous ones and vice versa.", label_flip=True, error_rate=medium),
+                   "uncorrelated with the text.", image="noise", hidden_labels=True),
+        DomainSpec("flipped", 0.0, "Correctness flipped: correct chains carry the labels of erroneous ones and vice "
+                   "versa.", label_flip=True),
     )
 
 

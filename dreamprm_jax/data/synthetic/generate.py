@@ -69,6 +69,8 @@ class SyntheticConfig:
       times: Monte-Carlo rollouts per training prefix.
       domains: the training domains.
       tasks: question types of the meta and test sets.
+      blatant_fraction: fraction of the meta chains' errors (and of the test candidates'
+        non-systematic errors) that are the blatant value "zero"; the rest are in-range.
     """
 
     seed: int = 0
@@ -81,6 +83,7 @@ class SyntheticConfig:
     times: int = 8
     domains: tuple[DomainSpec, ...] = dataclasses.field(default_factory=default_domains)
     tasks: tuple[str, ...] = TASKS
+    blatant_fraction: float = 0.75
 
     def __post_init__(self):
         names = [d.name for d in self.domains]
@@ -144,7 +147,8 @@ def _domain_chains(spec: DomainSpec, config: SyntheticConfig) -> list[tuple[int,
         if j == 0:
             problem = sample_problem(rng, spec.tasks)
         first_error = sample_first_error(spec, rng)
-        wrong = sample_wrong_value(problem, rng, spec.blatant_errors) if first_error is not None else None
+        blatant = rng.random() < spec.blatant_fraction
+        wrong = sample_wrong_value(problem, rng, blatant) if first_error is not None else None
         out.append((q, problem, make_chain(problem, rng, first_error, wrong)))
     return out
 
@@ -219,7 +223,7 @@ def domain_records(spec: DomainSpec, config: SyntheticConfig) -> tuple[list[dict
 # ----------------------------------------------------------------------------------------
 
 def meta_records(config: SyntheticConfig) -> tuple[list[dict], list[ImageJob]]:
-    """Balanced clean meta chains: ceil(n/2) correct, the rest with an in-range error at step 3-5."""
+    """Balanced clean meta chains: ceil(n/2) correct, the rest with an error at step 3-5 (blatant or in-range)."""
     rng = _rng(config.seed, "meta")
     n = config.meta
     n_true = n - n // 2
@@ -231,7 +235,8 @@ def meta_records(config: SyntheticConfig) -> tuple[list[dict], list[ImageJob]]:
     for i in range(n):
         first_error = errors[int(order[i])]
         problem = sample_problem(rng, config.tasks)
-        wrong = sample_wrong_value(problem, rng) if first_error is not None else None
+        blatant = rng.random() < config.blatant_fraction
+        wrong = sample_wrong_value(problem, rng, blatant) if first_error is not None else None
         chain = make_chain(problem, rng, first_error, wrong)
         rel = f"images/meta_{i:05d}.png"
         jobs.append((rel, lambda p=problem: render_problem(p, size)))
@@ -264,7 +269,8 @@ def test_questions(config: SyntheticConfig) -> tuple[list[dict], list[ImageJob]]
             if c < n_correct:
                 chain = make_chain(problem, rng)
             else:
-                wrong = popular if rng.random() < 0.5 else sample_wrong_value(problem, rng)
+                blatant = rng.random() < config.blatant_fraction
+                wrong = popular if rng.random() < 0.5 else sample_wrong_value(problem, rng, blatant)
                 step = int(ERROR_STEPS[int(rng.integers(len(ERROR_STEPS)))])
                 chain = make_chain(problem, rng, step, wrong)
             candidates.append({"text": chain_text(chain), "correct": chain.correct, "step_labels": chain.step_labels()})
