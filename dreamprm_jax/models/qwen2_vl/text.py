@@ -25,8 +25,16 @@ def compute_dtype(config: Qwen2VLConfig):
 
 
 def dense(x, p, dtype):
-    """``x @ kernel + bias`` with float32 master weights cast to the compute dtype."""
-    y = jnp.matmul(x, p["kernel"].astype(dtype))
+    """``x @ kernel + bias`` with float32 master weights cast to the compute dtype.
+
+    ``x [..., in]`` is flattened to one ``[rows, in]`` matrix first, so the kernel's gradient
+    ``x^T dy`` contracts a single axis. With ``[B, L, in]`` kept 3-D it contracts two
+    (``B`` and ``L``), which XLA:CPU lowers with a transposed copy of the cotangent fused
+    into its producer (e.g. SiLU's derivative): ~2.5x slower MLP backward on CPU.
+    """
+    kernel = p["kernel"].astype(dtype)  # [in, out]
+    y = jnp.matmul(x.reshape(-1, x.shape[-1]), kernel)  # [rows, out]
+    y = y.reshape(*x.shape[:-1], kernel.shape[-1])  # [..., out]
     if "bias" in p:
         y = y + p["bias"].astype(dtype)
     return y
@@ -72,8 +80,19 @@ def remat_policy(name: str):
     return policies[name]
 
 
+#: Stacks of at most this many blocks run as a Python loop (unrolled in the program); deeper
+#: stacks run under ``lax.scan``, whose compile time does not grow with depth.
+UNROLL_MAX_BLOCKS = 4
+
+
 def scan_blocks(config: Qwen2VLConfig, block: Callable, x, stacked_params):
-    """``x = block(x, params[i])`` for every row of the stacked params, under ``lax.scan``.
+    """``x = block(x, params[i])`` for every row of the stacked params.
+
+    Up to ``UNROLL_MAX_BLOCKS`` rows: a Python loop over static slices (the demo models); more:
+    ``lax.scan``. Same values either way. The loop is faster for shallow stacks: a scan keeps
+    every per-block residual the backward pass needs in a ``[depth, ...]`` buffer (zero-filled,
+    then written and read by dynamic slices: ~10% of a demo bi-level step on XLA:CPU, the
+    attention probabilities being the largest), the loop keeps them as plain values.
 
     With ``config.remat != "none"`` each block is wrapped in ``jax.checkpoint`` with the
     selected policy, so the backward pass recomputes block activations instead of storing them.
@@ -84,6 +103,11 @@ def scan_blocks(config: Qwen2VLConfig, block: Callable, x, stacked_params):
 
     if config.remat != "none":
         body = jax.checkpoint(body, policy=remat_policy(config.remat), prevent_cse=False)
+    depth = jax.tree_util.tree_leaves(stacked_params)[0].shape[0]
+    if depth <= UNROLL_MAX_BLOCKS:
+        for i in range(depth):
+            x, _ = body(x, jax.tree_util.tree_map(lambda a: a[i], stacked_params))
+        return x
     x, _ = jax.lax.scan(body, x, stacked_params)
     return x
 
@@ -114,19 +138,33 @@ def mrope_cos_sin(config: Qwen2VLConfig, position_ids):
 
 
 def attention_mask_bias(attention_mask):
-    """Causal + key-padding mask ``[B, 1, 1, L, L]`` (True = may attend)."""
+    """Additive causal + key-padding mask ``[B, 1, L, 1, L]`` float32: 0 = may attend, else the
+    most negative float32 (axes: batch, kv head, query, query group, key; see ``self_attention``).
+
+    Added to finite scores it gives exactly ``where(mask, scores, min)``: ``s + 0 = s`` and
+    ``s + min = min`` (``|s| << ulp(min) = 2^104``). Its backward, unlike ``where``'s, passes the
+    cotangent through without a select over the ``[.., L, L]`` scores.
+    """
     length = attention_mask.shape[-1]
     causal = jnp.tril(jnp.ones((length, length), dtype=bool))  # [L(query), L(key)]
     keys = attention_mask.astype(bool)[:, None, None, None, :]  # [B, 1, 1, 1, L]
-    return causal[None, None, None] & keys
+    allowed = causal[None, None, :, None, :] & keys  # [B, 1, L, 1, L]
+    return jnp.where(allowed, 0.0, jnp.finfo(jnp.float32).min).astype(jnp.float32)
 
 
 def self_attention(config: Qwen2VLConfig, p, x, cos, sin, mask):
-    """Grouped-query attention with M-RoPE. x: [B, L, H] -> [B, L, H].
+    """Grouped-query attention with M-RoPE. x: [B, L, H] -> [B, L, H]; mask from
+    ``attention_mask_bias``.
 
     Query head ``h`` reads key/value head ``h // (num_heads / num_kv_heads)`` (transformers'
     ``repeat_kv``); ``softmax(q k^T / sqrt(head_dim) + mask) v`` with the softmax in float32.
     Fully masked query rows (left padding) get a uniform softmax, never NaN.
+
+    Layout: the ``G = num_heads / num_kv_heads`` query heads of a kv head are folded into the
+    query axis, so both products are plain batched matmuls over ``n = (batch, kv head)`` with one
+    contracting axis, ``[n, L*G, D] x [n, L, D]`` and ``[n, L*G, L] x [n, L, D]``, and the
+    ``[.., L, L]`` scores are never transposed (on XLA:CPU every transposed copy of them is a
+    slow strided pass).
     """
     t = config.text
     dtype = x.dtype
@@ -139,13 +177,16 @@ def self_attention(config: Qwen2VLConfig, p, x, cos, sin, mask):
     cos, sin = cos.astype(dtype), sin.astype(dtype)
     q = apply_rotary(q, cos[:, :, None, None, :], sin[:, :, None, None, :])
     k = apply_rotary(k, cos[:, :, None, :], sin[:, :, None, :])
-    scores = jnp.einsum("bqkgd,bskd->bkgqs", q, k, preferred_element_type=jnp.float32)  # [B, KV, G, L, L]
-    scores = scores * (hd**-0.5)
-    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
-    out = jnp.einsum("bkgqs,bskd->bqkgd", probs, v)  # [B, L, KV, G, D]
-    out = out.reshape(batch, length, t.num_attention_heads * hd)
-    return dense(out, p["o_proj"], dtype)
+    n = batch * kvh
+    q = q.transpose(0, 2, 1, 3, 4).reshape(n, length * groups, hd)  # [B*KV, L*G, D]
+    k = k.transpose(0, 2, 1, 3).reshape(n, length, hd)  # [B*KV, L, D]
+    v = v.transpose(0, 2, 1, 3).reshape(n, length, hd)  # [B*KV, L, D]
+    scores = jnp.einsum("nqd,nsd->nqs", q, k, preferred_element_type=jnp.float32)  # [B*KV, L*G, L]
+    scores = scores.reshape(batch, kvh, length, groups, length) * (hd**-0.5) + mask  # [B, KV, L, G, L]
+    probs = jax.nn.softmax(scores, axis=-1).astype(dtype).reshape(n, length * groups, length)
+    out = jnp.einsum("nqs,nsd->nqd", probs, v)  # [B*KV, L*G, D]
+    out = out.reshape(batch, kvh, length, groups, hd).transpose(0, 2, 1, 3, 4)  # [B, L, KV, G, D]
+    return dense(out.reshape(batch, length, t.num_attention_heads * hd), p["o_proj"], dtype)
 
 
 def decoder_layer(config: Qwen2VLConfig, p, x, cos, sin, mask):
@@ -163,7 +204,7 @@ def decoder_layer(config: Qwen2VLConfig, p, x, cos, sin, mask):
 def decoder(config: Qwen2VLConfig, params, inputs_embeds, position_ids, attention_mask):
     """All decoder layers and the final RMSNorm. inputs_embeds [B, L, H] -> [B, L, H]."""
     cos, sin = mrope_cos_sin(config, position_ids)  # [B, L, D]
-    mask = attention_mask_bias(attention_mask)  # [B, 1, 1, L, L]
+    mask = attention_mask_bias(attention_mask)  # [B, 1, L, 1, L]
 
     def block(x, p):
         return decoder_layer(config, p, x, cos, sin, mask)

@@ -53,7 +53,11 @@ def vision_cos_sin(config: Qwen2VLConfig, vision_position_ids):
 
 
 def vision_attention(config: Qwen2VLConfig, p, x, cos, sin, mask):
-    """Block-diagonal multi-head attention. x: [N, E] -> [N, E]; rotary applied in float32."""
+    """Block-diagonal multi-head attention. x: [N, E] -> [N, E]; rotary applied in float32.
+
+    ``mask``: the additive ``[N, N]`` float32 segment mask (0 = same frame, else the most
+    negative float32; see ``text.attention_mask_bias`` for why it is added, not selected).
+    """
     v = config.vision
     dtype = x.dtype
     n = x.shape[0]
@@ -62,8 +66,7 @@ def vision_attention(config: Qwen2VLConfig, p, x, cos, sin, mask):
     q = apply_rotary(q.astype(jnp.float32), cos[:, None, :], sin[:, None, :]).astype(dtype)
     k = apply_rotary(k.astype(jnp.float32), cos[:, None, :], sin[:, None, :]).astype(dtype)
     scores = jnp.einsum("qhd,khd->hqk", q, k, preferred_element_type=jnp.float32)  # [Hv, N, N]
-    scores = scores * (v.head_dim**-0.5)
-    scores = jnp.where(mask[None], scores, jnp.finfo(jnp.float32).min)
+    scores = scores * (v.head_dim**-0.5) + mask  # [Hv, N, N]
     probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
     out = jnp.einsum("hqk,khd->qhd", probs, val).reshape(n, v.embed_dim)  # [N, E]
     return dense(out, p["proj"], dtype)
@@ -96,7 +99,8 @@ def encode_images(config: Qwen2VLConfig, params, pixel_values, vision_position_i
     x = dense(pixel_values.astype(dtype), params["patch_embed"], dtype)  # [N, E]
     cos, sin = vision_cos_sin(config, vision_position_ids)  # [N, D]
     segments = vision_segment_ids
-    mask = segments[:, None] == segments[None, :]  # [N, N]
+    same = segments[:, None] == segments[None, :]  # [N, N]
+    mask = jnp.where(same, 0.0, jnp.finfo(jnp.float32).min).astype(jnp.float32)  # [N, N]
 
     def block(h, p):
         return vision_block(config, p, h, cos, sin, mask)
