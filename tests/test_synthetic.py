@@ -65,8 +65,12 @@ def test_same_seed_gives_byte_identical_files(bench, tmp_path):
     assert other["files"]["train.json"]["sha256"] != manifest["files"]["train.json"]["sha256"]
 
 
+def _spec_of(config, name):
+    return next(d for d in config.domains if d.name == name)
+
+
 def test_dropping_a_domain_leaves_the_others_unchanged():
-    full, _, _ = synthetic.domain_records(SMALL.domains[1], SMALL)
+    full, _, _ = synthetic.domain_records(_spec_of(SMALL, "clean_medium"), SMALL)
     sub = synthetic.select_domains(SMALL, ["clean_medium"])
     alone, _, _ = synthetic.domain_records(sub.domains[0], sub)
     assert full == alone
@@ -80,8 +84,8 @@ def test_manifest_contents(bench):
     assert {"clean_easy", "label_noise", "trivial", "blank_image", "flipped"} <= set(names)
     qualities = synthetic.planted_qualities(manifest)
     assert manifest["quality_order"] == sorted(names, key=lambda n: -qualities[n])
-    assert qualities["flipped"] < qualities["blank_image"] < qualities["label_noise"] < qualities["trivial"] \
-        < qualities["clean_hard"] < qualities["clean_medium"] < qualities["clean_easy"]
+    assert qualities["flipped"] < qualities["blank_image"] < qualities["label_noise"] \
+        < qualities["clean_hard"] < qualities["clean_medium"] < qualities["clean_easy"] < qualities["trivial"]
     for d in manifest["domains"]:
         assert d["description"] and isinstance(d["corruption"], dict)
         assert d["records"] == 5 * SMALL.train_per_domain  # equal counts per domain by default
@@ -179,7 +183,7 @@ def _chains(records: list[dict]) -> list[list[dict]]:
 LARGE = dataclasses.replace(SMALL, train_per_domain=600)
 
 
-@pytest.mark.parametrize("name", ["clean_easy", "trivial"])
+@pytest.mark.parametrize("name", ["clean_easy", "clean_hard", "trivial"])
 def test_clean_labels_follow_the_text(name):
     spec = _spec(name)
     records, randomised, _ = synthetic.domain_records(spec, LARGE)
@@ -252,7 +256,15 @@ def test_default_domains_share_one_label_distribution():
     assert (spread < 0.08).all(), by_step
 
 
-@pytest.mark.parametrize("name,fraction", [("clean_easy", 0.75), ("trivial", 1.0)])
+def test_meta_errors_are_blatant_by_default(bench):
+    _, _, files = bench
+    wrong = [r for r in files["meta.json"] if not r["true_false"]]
+    assert wrong and all(BLATANT_VALUE in _numbers(r["input"].split("Final answer:")[0]) for r in wrong)
+    right = [r for r in files["meta.json"] if r["true_false"]]
+    assert not any(BLATANT_VALUE in _numbers(r["input"]) for r in right)
+
+
+@pytest.mark.parametrize("name,fraction", [("clean_easy", 0.75), ("clean_hard", 0.25), ("trivial", 1.0)])
 def test_blatant_fraction_of_errors(name, fraction):
     spec = _spec(name)
     records, _, _ = synthetic.domain_records(spec, LARGE)

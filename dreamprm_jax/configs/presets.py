@@ -29,6 +29,7 @@ def qwen2_vl_2b() -> TrainConfig:
         meta_batch_size=1,
         unroll=5,
         meta_warmup=0,
+        sampler="shuffle",
         inner_lr=5e-7,
         inner_lr_step_size=5000,
         inner_lr_gamma=0.5,

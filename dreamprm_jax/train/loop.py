@@ -231,7 +231,9 @@ def train(cfg: TrainConfig) -> TrainResult:
     meta_builder = data_lib.BatchBuilder(
         meta_table, data_lib.BatchSpec(cfg.meta_batch_size, cfg.seq_buckets, cfg.patch_buckets, pad_id=pad,
                                        max_steps=int(meta_table.info["max_steps"])), prepare)
-    train_sampler = data_lib.Sampler(len(train_table.samples), cfg.train_batch_size, seed=cfg.seed)
+    groups = np.asarray(train_table.samples["domain_id"]) if cfg.sampler in ("stratified", "balanced") else None
+    train_sampler = data_lib.Sampler(len(train_table.samples), cfg.train_batch_size, seed=cfg.seed, mode=cfg.sampler,
+                                     groups=groups)
     meta_sampler = data_lib.Sampler(meta_builder.num_chains, cfg.meta_batch_size, seed=cfg.seed + 1)
     _say(cfg, f"[data] {len(train_table.samples)} training samples in {len(domains)} domains, "
               f"{meta_builder.num_chains} meta chains" + (" (cached)" if train_table.from_cache else ""))

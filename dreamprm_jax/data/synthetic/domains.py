@@ -13,32 +13,34 @@ Errors.  An error chain uses a wrong value from its first error on (step 3, 4 or
 it away, and a small PRM learns it in a few dozen iterations) or *subtle* (an in-range
 value, visible only by comparing with the value step 2 read from the image).
 
-A domain's planted ``quality`` (higher = better for the clean meta distribution, whose
-errors are 75% blatant, 25% subtle) is the ordering the learned domain weights should
-recover; it is recorded in ``manifest.json``. The default domains, best first:
+A domain's planted ``quality`` (higher = better for the clean meta set, whose errors are
+all blatant: a held-out set drawn from the kind of errors a small PRM can learn on a CPU
+budget) is the ordering the learned domain weights should recover; it is recorded in
+``manifest.json``. The default domains, best first:
 
 =================  =======  =============================================================
 name               quality  what is planted
 =================  =======  =============================================================
-clean_easy         1.00     clean labels; the meta set's mix of errors
-clean_medium       0.85     as clean_easy, but 10% of the step labels are exchanged at
-                            random among the domain's records of the same step (harder
-                            questions: Monte-Carlo estimates are less reliable)
-clean_hard         0.70     as clean_medium with 20% of the labels exchanged
-trivial            0.50     clean labels, but every error is blatant: it teaches the easy
-                            part of the task and never anything wrong, but overstates how
-                            often a chain without a blatant error is correct
-label_noise        0.40     as clean_easy with 50% of the labels exchanged
+trivial            1.00     clean labels, every error blatant: trivially easy, and exactly
+                            the meta set's kind of error
+clean_easy         0.85     clean labels; 25% of the errors subtle
+clean_medium       0.70     clean labels; 50% of the errors subtle
+clean_hard         0.55     clean labels; 75% of the errors subtle (harder questions: the
+                            errors need a comparison the PRM has not learnt yet, so their
+                            labels look like noise to it and do not transfer to the meta set)
+label_noise        0.40     clean_medium with half of the step labels exchanged at random
+                            among the domain's records of the same step
 blank_image        0.15     noise images; the chain's text is as usual but the labels
                             come from an independent hidden chain, so they are
                             uncorrelated with the text (the values were unverifiable)
-flipped            0.00     correctness flipped: correct chains carry the labels of a
-                            chain with an error, erroneous chains those of a correct one
-                            (anti-correlated with the text)
+flipped            0.00     clean_medium with correctness flipped: correct chains carry the
+                            labels of a chain with an error, erroneous chains those of a
+                            correct one (anti-correlated with the text)
 =================  =======  =============================================================
 
-The ordering follows how much of the text-label agreement is left: clean_easy keeps all of
-it, the exchanged fraction removes its share, blank_image keeps none, flipped reverses it.
+The ordering follows how much of a domain's text-label agreement the meta set rewards:
+the clean domains differ in how much of it is about the meta set's errors, label_noise
+keeps half of clean_medium's, blank_image none, flipped reverses it.
 
 One label distribution.  The meta loss also rewards *calibration*: a domain whose labels
 pull the PRM's predictions (at some step, or on average) towards what the meta loss
@@ -97,7 +99,7 @@ class DomainSpec:
     p_error: float = 0.05
     error_rate: float = 0.5
     error_steps: tuple[int, ...] = ERROR_STEPS
-    blatant_fraction: float = 0.75
+    blatant_fraction: float = 0.5
     image: str = "informative"
     hidden_labels: bool = False
     label_noise: float = 0.0
@@ -150,17 +152,18 @@ def default_domains() -> tuple[DomainSpec, ...]:
     distribution (mean label :func:`expected_mean_label` = 0.70).
     """
     return (
-        DomainSpec("clean_easy", 1.0, "Clean Monte-Carlo labels, the meta set's mix of errors."),
-        DomainSpec("clean_medium", 0.85, "10% of the step labels exchanged at random within a step (less reliable "
-                   "Monte-Carlo estimates).", label_noise=0.1),
-        DomainSpec("clean_hard", 0.7, "20% of the step labels exchanged at random within a step.", label_noise=0.2),
-        DomainSpec("trivial", 0.5, "Clean labels, but every error is the blatant value zero: teaches only the easy "
-                   "part of the task.", blatant_fraction=1.0),
-        DomainSpec("label_noise", 0.4, "50% of the step labels exchanged at random within a step.", label_noise=0.5),
+        DomainSpec("trivial", 1.0, "Every error is the blatant value zero, the meta set's kind of error.",
+                   blatant_fraction=1.0),
+        DomainSpec("clean_easy", 0.85, "Clean labels; 25% of the errors are subtle (in-range values).",
+                   blatant_fraction=0.75),
+        DomainSpec("clean_medium", 0.7, "Clean labels; 50% of the errors subtle.", blatant_fraction=0.5),
+        DomainSpec("clean_hard", 0.55, "Clean labels; 75% of the errors subtle.", blatant_fraction=0.25),
+        DomainSpec("label_noise", 0.4, "clean_medium with 50% of the step labels exchanged at random within a step.",
+                   label_noise=0.5, blatant_fraction=0.5),
         DomainSpec("blank_image", 0.15, "Noise images; labels come from an independent hidden chain, so they are "
-                   "uncorrelated with the text.", image="noise", hidden_labels=True),
-        DomainSpec("flipped", 0.0, "Correctness flipped: correct chains carry the labels of erroneous ones and vice "
-                   "versa.", label_flip=True),
+                   "uncorrelated with the text.", image="noise", hidden_labels=True, blatant_fraction=0.5),
+        DomainSpec("flipped", 0.0, "clean_medium with correctness flipped: correct chains carry the labels of "
+                   "erroneous ones and vice versa.", label_flip=True, blatant_fraction=0.5),
     )
 
 
