@@ -198,8 +198,8 @@ def prm_problem(*, seed: int = 0, dtype=jnp.float32, num_domains: int = 4, inner
       seed: parameter init seed (backbone and head).
       dtype: dtype of params, optimizer state, alpha and float batch entries (see the module
         docstring for float64).
-      num_domains: K (the first K generated domains: clean_easy, clean_medium, clean_hard,
-        trivial, label_noise, blank_image, flipped; ids follow their sorted names).
+      num_domains: K (the first K generated domains: trivial, clean_easy, clean_medium,
+        clean_hard, label_noise, blank_image, flipped; ids follow their sorted names).
       inner_steps: T.
       inner_lr: AdamW learning rate (StepLR 5000 / 0.5 as in training).
       batch_size: B step records per inner step; meta_chains: M chains (x 5 step prefixes).

@@ -9,18 +9,19 @@ A chain has the DreamPRM structure, one line per step::
     Step 5: <conclusion>
     Final answer: <value of step 5>
 
-Steps 3, 4 and 5 each state the value they use.  A *planted error* at step k (k in 3..5)
-is a copy-consistency error: from step k on the chain uses a wrong value w != v, and the
-final answer is w (w is also different from the image's other quantity u).  The error is
-therefore visible in the text alone, as a contradiction with step 2 (an arithmetic rule
-is not learnable on the CPU demo's budget).  ``blatant`` errors use the value 0 ("zero"),
-which no correct chain ever states.
+Steps 3, 4 and 5 each state the value they use.  A *planted error* at step k (k in 3..5):
+from step k on the chain uses a wrong value w != v, and the final answer is w.  A *subtle*
+error takes an in-range w (also different from the image's other quantity u), visible in
+the text alone only as a contradiction with step 2 (a copy-consistency check; an
+arithmetic rule is not learnable on the CPU demo's budget).  A *blatant* error takes the
+value 0 ("zero"), which no question's answer and no correct chain ever states, so one token
+gives it away.
 
 Values are written as words ("seven"; the final answer in digits), so they never share a
 token with the step markers ("Step 3"), and no template contains a number word of its
 own.  Step 2 states exactly one value, so a prefix is consistent iff it names one value:
 "two different number words present" is the whole check.  Texts are short on purpose
-(about 60-80 tokens per question + full chain with a byte-level BPE of ~1000 tokens), and
+(44-100 tokens per step prefix, chat template included, with the demo's offline BPE), and
 every step has two paraphrases so that a position in the template is not a label.
 """
 
