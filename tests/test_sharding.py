@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -30,6 +29,7 @@ import pytest
 from jax.sharding import AbstractMesh, PartitionSpec as P
 
 from dreamprm_jax.train import distributed, sharding
+from processes import free_port, wait_all
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 WORKER = os.path.join(HERE, "_sharding_worker.py")
@@ -218,29 +218,15 @@ def test_checkpoint_2x4_restores_on_other_meshes(mesh_results):
 
 # ------------------------------------------------------------ two processes over loopback
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_process_run_matches_single_process(mesh_results, tmp_path):
     out = tmp_path / "multihost.json"
-    port = _free_port()
+    port = free_port()
     procs = []
     for pid in range(2):
         env = _env(2, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(pid))
         procs.append(subprocess.Popen([sys.executable, WORKER, "multihost", str(out)], env=env,
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    errors = []
-    for pid, p in enumerate(procs):
-        try:
-            _, err = p.communicate(timeout=600)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            _, err = p.communicate()
-        if p.returncode != 0:
-            errors.append(f"process {pid} exited {p.returncode}:\n{err[-3000:]}")
+    errors = wait_all(procs, timeout=600)
     assert not errors, "\n".join(errors)
     with open(out) as f:
         multi = json.load(f)

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -44,6 +43,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 
+from processes import free_port, wait_all  # noqa: E402
 from test_train_loop import tiny_config, tiny_data  # noqa: E402,F401 - tiny_data is a fixture
 
 FAST_XLA = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
@@ -154,12 +154,6 @@ def test_two_devices_match_one(mesh_runs):
         assert os.path.isfile(os.path.join(run["out_dir"], "export", "prm_head.safetensors"))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_processes_match_one_process(mesh_runs, tiny_data, tmp_path):
     """``python -m experiments.train`` as two processes of one device each (mesh 1x2 over both)."""
     out = str(tmp_path / "two_processes")
@@ -170,18 +164,10 @@ def test_two_processes_match_one_process(mesh_runs, tiny_data, tmp_path):
             "--unroll", "2", "--seq-buckets", "192", "--patch-buckets", "256", "--log-every", "1",
             "--progress", "false", "--iterations", str(ITERATIONS), "--checkpoint-every", "2", "--meta-warmup", "0",
             "--hypergradient", cfg.hypergradient,
-            "--coordinator-address", f"127.0.0.1:{_free_port()}", "--num-processes", "2"]
+            "--coordinator-address", f"127.0.0.1:{free_port()}", "--num-processes", "2"]
     procs = [subprocess.Popen(args + ["--process-id", str(pid)], cwd=REPO, env=_env(1), stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for pid in range(2)]
-    errors = []
-    for pid, p in enumerate(procs):
-        try:
-            _, err = p.communicate(timeout=400)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            _, err = p.communicate()
-        if p.returncode != 0:
-            errors.append(f"process {pid} exited {p.returncode}:\n{err[-3000:]}")
+    errors = wait_all(procs, timeout=400)
     assert not errors, "\n".join(errors)
 
     ref = mesh_runs["default"]  # one process, two devices: the same mesh and program
