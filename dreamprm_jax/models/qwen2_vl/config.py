@@ -424,7 +424,6 @@ def demo(
     eos_token_id: int | None = None,
     dtype: str = "float32",
     remat: str = "none",
-    initializer_range: float = 0.02,
 ) -> Qwen2VLConfig:
     """The CPU training-demo model: small enough for 2 cores, large enough to learn.
 
@@ -451,7 +450,6 @@ def demo(
             max_position_embeddings=8192,
             bos_token_id=bos_token_id,
             eos_token_id=eos_token_id,
-            initializer_range=initializer_range,
         ),
         vision=VisionConfig(
             depth=vision_depth,
@@ -463,7 +461,6 @@ def demo(
             spatial_merge_size=2,
             in_channels=3,
             hidden_size=hidden_size,
-            initializer_range=initializer_range,
         ),
         dtype=dtype,
         remat=remat,
