@@ -10,7 +10,11 @@ of a ``image_side`` px square), in the exact layout the trainer feeds the model:
   mask 0. Left padding makes DreamPRM's ``logits[:, -1]`` (the reference) and the JAX
   PRM's mask-based last token the same position;
 * a meta chain of ``S`` steps gives ``S`` step-prefix rows (chain-major): the same image
-  and question, then steps ``1..s`` (each ``step_len`` tokens), left-padded to ``L_meta``;
+  and question, then steps ``1..s`` (each ``step_len`` tokens), then ``template_len`` fixed
+  tokens (the chat template's ``<|im_end|>\n<|im_start|>assistant\n`` after every prefix),
+  left-padded to ``L_meta``; ``meta_jax_packed`` is the same meta batch packed one row per
+  chain (``data.batching.pack_chain``: the image once, the shared tokens once, the template
+  tails as branches), which scores the same;
 * labels: Monte-Carlo accuracies in ``{0, .25, .5, .75, 1}`` for training rows, 0/1 for
   chains; domain ids uniform in ``[0, K)``.
 
@@ -98,6 +102,7 @@ class ProblemSpec:
     meta_chains: int = 8  # M
     meta_steps: int = 5  # S step prefixes per chain
     step_len: int = 8  # tokens per reasoning step in a meta chain
+    template_len: int = 5  # chat-template tokens closing every step prefix
     question_len: int = 16  # question tokens of a meta chain (besides the image)
     image_side: int = 56  # px, multiple of 28; 0 = text only
     num_domains: int = 4  # K
@@ -106,7 +111,11 @@ class ProblemSpec:
 
     @property
     def meta_seq_len(self) -> int:
-        return 3 + self.image_tokens + self.question_len + self.meta_steps * self.step_len
+        return 3 + self.image_tokens + self.question_len + self.meta_steps * self.step_len + self.template_len
+
+    @property
+    def packed_meta_seq_len(self) -> int:
+        return self.meta_seq_len + (self.meta_steps - 1) * self.template_len
 
     @property
     def grid(self) -> int:
@@ -194,12 +203,13 @@ def make_problem(config, spec: ProblemSpec) -> dict:
         inner_hf.append(hf)
 
     rows, pixels, grids = [], [], []
+    template = _text_ids(config, np.random.default_rng(spec.seed + 1), spec.template_len)
     for _ in range(spec.meta_chains):
         head, pix, grid = _image(config, spec, rng)
         question = _text_ids(config, rng, spec.question_len)
         steps = [_text_ids(config, rng, spec.step_len) for _ in range(spec.meta_steps)]
         for s in range(1, spec.meta_steps + 1):
-            rows.append(np.concatenate([head, question, *steps[:s]]).astype(np.int64))
+            rows.append(np.concatenate([head, question, *steps[:s], template]).astype(np.int64))
             pixels.append(pix)
             grids.append(grid)
     meta_hf = _rows_to_batch(config, rows, pixels, grids, spec.meta_seq_len)
@@ -214,9 +224,26 @@ def make_problem(config, spec: ProblemSpec) -> dict:
         "meta_hf": meta_hf,
         "inner_jax": stacked,
         "meta_jax": to_jax_batch(config, meta_hf),
+        "meta_jax_packed": _packed_meta(config, spec, rows, pixels, grids, meta_hf["labels"]),
         "inner_tokens": [int(hf["attention_mask"].sum()) for hf in inner_hf],
         "meta_tokens": int(meta_hf["attention_mask"].sum()),
     }
+
+
+def _packed_meta(config, spec: ProblemSpec, rows, pixels, grids, labels) -> dict:
+    """The meta rows packed one row per chain by the trainer's own ``collate_meta(pack_chains=True)``."""
+    from dreamprm_jax.data import batching
+
+    S = spec.meta_steps
+    samples = [batching.Sample(r.astype(np.int32), p, None if g is None else np.asarray(g, np.int64))
+               for r, p, g in zip(rows, pixels, grids)]
+    chains = [samples[m * S:(m + 1) * S] for m in range(spec.meta_chains)]
+    patches = spec.meta_chains * spec.grid * spec.grid if spec.image_side else None
+    bspec = batching.BatchSpec(spec.meta_chains, (spec.packed_meta_seq_len,), None if patches is None else (patches,),
+                               pad_id=0, patch_dim=config.vision.patch_dim, padding_side="left", max_steps=S,
+                               pack_chains=True)
+    batch, _ = batching.collate_meta(chains, list(labels), bspec, batching.model_prepare_fn(config))
+    return batch
 
 
 # ------------------------------------------------------------------------------ FLOPs

@@ -75,6 +75,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--meta-chains", type=int, default=None, help="M meta chains (8 demo, 1 2B)")
     p.add_argument("--meta-steps", type=int, default=None, help="S step prefixes per chain (5 demo, 4 2B)")
     p.add_argument("--num-domains", type=int, default=4)
+    p.add_argument("--pack-meta", action=argparse.BooleanOptionalAction, default=True,
+                   help="JAX scores each meta chain as one packed row (the trainer's default, --pack-meta); "
+                        "--no-pack-meta: one row per step prefix, as the PyTorch reference does")
     p.add_argument("--R", type=float, default=0.01, help="DARTS radius (Betty's darts_alpha)")
     p.add_argument("--inner-lr", type=float, default=2e-3)
     p.add_argument("--warmup", type=int, default=1, help="untimed iterations after compiling")
@@ -122,7 +125,7 @@ def _spec(a, config) -> _common.ProblemSpec:
     head = 3 + (a.image_side // 14) ** 2 // 4 if a.image_side else 0
     if a.config == "qwen2_vl_2b":  # meta prefixes up to the same 1024-token bucket
         step_len = max(1, (a.seq_len - head) // (2 * a.meta_steps))
-        question = max(1, a.seq_len - head - a.meta_steps * step_len)
+        question = max(1, a.seq_len - head - a.meta_steps * step_len - _common.ProblemSpec.template_len)
         min_fill = 1.0
     else:
         step_len, question, min_fill = 8, 16, 0.6
@@ -311,13 +314,15 @@ def main(argv=None) -> dict:
     problem = _common.make_problem(config, spec)
     make_params, opt, meta_opt, n_params, init_s = _jax_setup(a, config)
     inner = jax.device_put(problem["inner_jax"])
-    meta = jax.device_put(problem["meta_jax"])
+    meta = jax.device_put(problem["meta_jax_packed" if a.pack_meta else "meta_jax"])
     dev = jax.devices()[0]
     peak = a.peak_tflops if a.peak_tflops else (H100_BF16_DENSE_TFLOPS if dev.platform == "gpu" else None)
     tok_per_step = problem["inner_tokens"][0]
     print(f"[step_throughput] {a.config} ({n_params / 1e6:.1f} M params, dtype {a.dtype}, remat {a.remat}) on "
           f"{dev.platform}:{getattr(dev, 'device_kind', dev)}; B={a.batch} L={a.seq_len} T={a.unroll} "
-          f"meta {a.meta_chains}x{a.meta_steps} (L_meta={spec.meta_seq_len}) image {a.image_side}px; "
+          f"meta {a.meta_chains}x{a.meta_steps} " + (f"packed ({a.meta_chains} rows of {spec.packed_meta_seq_len})" if a.pack_meta
+                                                     else f"({a.meta_chains * a.meta_steps} rows of {spec.meta_seq_len})")
+          + f" image {a.image_side}px; "
           f"init {init_s:.1f}s", flush=True)
 
     result = {"benchmark": "step_throughput", "args": vars(a), "spec": dataclasses.asdict(spec),

@@ -19,6 +19,7 @@ from dreamprm_jax.data.batching import (
     choose_bucket,
     collate_meta,
     collate_train,
+    pack_chain,
     power_of_two_buckets,
     stack_meta,
     stack_train,
@@ -147,6 +148,49 @@ def test_collate_meta_chain_major_masks():
     assert stats["num_steps"] == 3 and batch["pixel_values"].shape == (64, D)
     with pytest.raises(ValueError, match="max_steps"):
         collate_meta([[sample(2)] * 4], [1.0], spec, fake_prepare)
+
+
+def _prefix_chain(bodies, patches=4, head=(IMAGE_TOKEN, IMAGE_TOKEN, 10, 11), suffix=(90, 91, 92)):
+    """A chain's step prefixes: ``head + bodies[k] + suffix`` (one shared image)."""
+    px = np.ones((patches, D), np.float32)
+    grid = np.asarray([1, 2, patches // 2])
+    return [Sample(np.asarray(list(head) + list(b) + list(suffix), np.int32), px, grid) for b in bodies]
+
+
+def _visible_prefix(batch, m, s):
+    """Tokens and positions that the score position of step s of packed row m attends to."""
+    q = batch["score_index"][m, s]
+    branch, mask = batch["branch_ids"][m], batch["attention_mask"][m]
+    keys = [j for j in range(q + 1) if mask[j] and (branch[j] == 0 or branch[j] == branch[q])]
+    return batch["input_ids"][m, keys], batch["position_ids"][0, m, keys]
+
+
+@pytest.mark.parametrize("padding_side", ["right", "left"])
+def test_packed_meta_rows_show_each_prefix_exactly(padding_side):
+    """Packing: each step's score position sees exactly its own prefix's tokens, at the positions
+    they have in the prefix alone (0..n-1 with fake_prepare); one image per chain; same masks."""
+    bodies = [[20, 21], [20, 21, 30], [20, 21, 30, 31, 32]]
+    divergent = [[40], [41, 42]]  # the tokenizer merged step 1's end differently
+    chains = [_prefix_chain(bodies), _prefix_chain(divergent)]
+    spec = BatchSpec(batch_size=3, seq_buckets=(32,), patch_buckets=(16,), pad_id=PAD, patch_dim=D, max_steps=3,
+                     padding_side=padding_side, pack_chains=True)
+    batch, _ = collate_meta(chains, [1.0, 0.0], spec, fake_prepare)
+    unpacked, _ = collate_meta(chains, [1.0, 0.0], BatchSpec(**{**spec.__dict__, "pack_chains": False,
+                                                                "patch_buckets": (64,)}), fake_prepare)
+    assert batch["input_ids"].shape == (3, 32) and batch["score_index"].shape == (3, 3)
+    assert batch["branch_ids"].shape == (3, 32) and batch["pixel_values"].shape == (16, D)
+    for key in ("step_mask", "labels", "chain_mask"):
+        np.testing.assert_array_equal(batch[key], unpacked[key])
+    for m, chain in enumerate(chains):
+        for s, row in enumerate(chain):
+            ids, pos = _visible_prefix(batch, m, s)
+            np.testing.assert_array_equal(ids, row.input_ids)
+            np.testing.assert_array_equal(pos, np.arange(len(row.input_ids)))
+    packed, branch, score_pos = pack_chain(chains[0])
+    assert len(packed.input_ids) == len(chains[0][-1].input_ids) + 2 * 3  # trunk + two 3-token tails
+    np.testing.assert_array_equal(branch[score_pos[:2]], [1, 2])
+    with pytest.raises(ValueError, match="different images"):
+        pack_chain([chains[0][0], Sample(chains[0][1].input_ids)], "chain 7")
 
 
 def test_stacking_uses_one_bucket():
@@ -342,3 +386,39 @@ def test_integration_real_processor_and_model(data_dir, tmp_path_factory):
     alone = np.asarray(forward(config, params, alone_batch))
     n = len(rows[0].input_ids)
     np.testing.assert_allclose(full[1, :n], alone[0, :n], rtol=0, atol=2e-5)
+
+
+def test_packed_meta_scores_equal_one_row_per_step(data_dir, tmp_path_factory):
+    """prm.score on a packed meta batch == on one row per step prefix (real processor, tiny
+    Qwen2-VL with an image, float32; atol 1e-5 on the logits, the summation order differs)."""
+    qwen2_vl = pytest.importorskip("dreamprm_jax.models.qwen2_vl")
+    import dataclasses
+
+    import jax
+
+    from dreamprm_jax.data.batching import model_prepare_fn
+    from dreamprm_jax.data.processor import Processor, build_offline_tokenizer
+    from dreamprm_jax.models import prm
+
+    tok = tmp_path_factory.mktemp("tok_pack")
+    build_offline_tokenizer(["Q Step 1: a Step 2: bb Step 3: c Final answer: d"] * 5, 300, tok)
+    sp = Processor.from_directory(tok).special_token_ids
+    config = qwen2_vl.tiny(vocab_size=max(256, sp.vocab_size), image_token_id=sp.image_pad,
+                           video_token_id=sp.video_pad, vision_start_token_id=sp.vision_start,
+                           vision_end_token_id=sp.vision_end)
+    processor = Processor.from_directory(tok, vision=config.vision, max_image_side=32, min_pixels=64,
+                                         max_pixels=32 * 32)
+    data = build_meta_dataset(data_dir / "meta.jsonl", processor, tmp_path_factory.mktemp("cache_pack"))
+    spec = BatchSpec(3, power_of_two_buckets(512, 64), power_of_two_buckets(1024, 16), pad_id=sp.pad, max_steps=4)
+    plain = BatchBuilder(data, spec, model_prepare_fn(config))
+    packed = BatchBuilder(data, dataclasses.replace(spec, pack_chains=True), model_prepare_fn(config))
+    params = prm.init(config, jax.random.PRNGKey(0))
+    model_keys = lambda b: {k: v for k, v in b.items() if k not in ("step_mask", "labels", "chain_mask")}  # noqa: E731
+    a, _ = plain.meta_batch([0, 1])
+    b, stats = packed.meta_batch([0, 1])
+    assert b["input_ids"].shape[0] == 3 and a["input_ids"].shape[0] == 3 * 4
+    assert b["pixel_values"].shape[0] < a["pixel_values"].shape[0]  # the image once per chain
+    za = np.asarray(prm.score(config, params, model_keys(a))[1])  # [M * S]
+    zb = np.asarray(prm.score(config, params, model_keys(b))[1])  # [M * S]
+    real = a["step_mask"].reshape(-1) > 0
+    np.testing.assert_allclose(zb[real], za[real], rtol=0, atol=1e-5)

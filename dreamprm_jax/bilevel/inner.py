@@ -34,7 +34,14 @@ __all__ = [
     "num_steps",
     "batch_at",
     "resolve_remat_policy",
+    "FULL_UNROLL_MAX_STEPS",
 ]
+
+# ``lax.scan`` over at most this many inner steps is unrolled into straight-line code. With the
+# paper's T = 5 this is cheap to compile and removes the loop's per-iteration bookkeeping, which
+# in reverse mode is large: the loop stores every step's residuals into [T, ...] stacks
+# (dynamic-update-slice) and reads them back, and XLA cannot fuse or schedule across iterations.
+FULL_UNROLL_MAX_STEPS = 8
 
 InnerLoss = Callable[[Any, Any, Any], jax.Array]
 
@@ -181,6 +188,7 @@ def unroll(
     inner_batches: Any,
     *,
     remat: Any = False,
+    scan_unroll: int | bool | None = None,
 ):
     """``T`` inner steps with ``lax.scan`` over the leading axis of ``inner_batches``.
 
@@ -188,11 +196,16 @@ def unroll(
     ``(phi_t, s_t)`` at every step, plus the step's activations unless ``remat`` is set,
     in which case ``jax.checkpoint`` recomputes them from the carry in the backward pass.
 
+    ``scan_unroll`` is ``lax.scan``'s ``unroll``; ``None`` unrolls fully when
+    ``T <= FULL_UNROLL_MAX_STEPS`` (same maths, one straight-line program) and loops otherwise.
+
     Returns:
       ``(params_T, opt_state_T, metrics)``; each metric is stacked ``[T]``.
     """
-    num_steps(inner_batches)  # validates the stacking
+    T = num_steps(inner_batches)  # validates the stacking
     policy = resolve_remat_policy(remat)
+    if scan_unroll is None:
+        scan_unroll = T if T <= FULL_UNROLL_MAX_STEPS else 1
 
     def body(carry, batch):
         p, s = carry
@@ -201,5 +214,5 @@ def unroll(
 
     if policy is not None:
         body = jax.checkpoint(body, policy=policy)
-    (params, opt_state), metrics = lax.scan(body, (params, opt_state), inner_batches)
+    (params, opt_state), metrics = lax.scan(body, (params, opt_state), inner_batches, unroll=scan_unroll)
     return params, opt_state, metrics

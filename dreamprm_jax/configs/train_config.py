@@ -68,6 +68,8 @@ class TrainConfig:
 
     # --- upper level (the domain weights) -------------------------------------------------
     meta_batch_size: int = _field(16, "Meta chains per meta step.")
+    pack_meta: bool = _field(True, "Score each meta chain's step prefixes in one packed row (one image encoding, "
+                             "shared tokens run once, a tree attention mask; the same scores as one row per step).")
     meta_lr: float = _field(0.03, "Meta AdamW learning rate on the raw domain weights (the paper: 0.01 over 10,000 "
                             "iterations; the 160-iteration demo uses 0.03).")
     meta_weight_decay: float = _field(1e-3, "Meta AdamW weight decay.")

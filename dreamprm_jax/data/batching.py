@@ -17,6 +17,18 @@ Batches (CONTRACTS.md "Training / meta batches"):
   ``chain_mask`` [M] f32;
 * T batches stacked: every leaf gets a leading ``[T, ...]`` axis; all T share one bucket.
 
+Packed meta batches (``BatchSpec.pack_chains``).  A chain's S step prefixes share their
+beginning (system prompt, image, question, the earlier steps), so scoring them as S rows
+encodes the image S times and runs the shared tokens S times. :func:`pack_chain` puts them
+in ONE row as a tree: the longest prefix is the trunk, and each shorter prefix contributes
+only the tokens where it leaves the trunk (its chat-template tail, or more where the
+tokenizer merged differently), inserted right after the shared part. ``branch_ids`` make
+each tail visible only to itself (``qwen2_vl.text.attention_mask_bias``) and the position
+ids are those each token has in its own prefix row, so every score equals the unpacked
+one (up to float summation order): the model sees exactly the same sequences. The batch
+then has M rows plus ``branch_ids`` [M, L] i32 and ``score_index`` [M, S] i32 (where each
+step is read), and ``prm.score`` returns the same ``[M * S]`` scores as for M*S rows.
+
 Empty slots (a short last batch, a chain with fewer than S steps, fewer than M chains)
 are *dummy rows*: one pad token with attention 1 and no image.  A row with no attended
 token would make a softmax over an all-masked row, i.e. NaN, and NaN * 0 = NaN in a
@@ -43,6 +55,7 @@ __all__ = [
     "collate",
     "collate_train",
     "collate_meta",
+    "pack_chain",
     "stack_train",
     "stack_meta",
     "model_prepare_fn",
@@ -96,6 +109,8 @@ class BatchSpec:
       max_steps: S of meta batches (``None``: the longest chain of each batch, bucketed by
         ``seq_buckets``-like ``step_buckets``).
       step_buckets: allowed S when ``max_steps`` is None (default: powers of two).
+      pack_chains: meta batches put each chain's step prefixes in one packed row
+        (:func:`pack_chain`) instead of one row per step.
     """
 
     batch_size: int
@@ -106,6 +121,7 @@ class BatchSpec:
     padding_side: str = "right"
     max_steps: int | None = None
     step_buckets: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
+    pack_chains: bool = False
 
     def __post_init__(self):
         if self.padding_side not in ("right", "left"):
@@ -233,6 +249,118 @@ def _num_steps(chain_groups, spec: BatchSpec) -> int:
     return choose_bucket(longest, spec.step_buckets, "steps per chain")
 
 
+def pack_chain(chain: Sequence[Sample], where: str = "chain") -> tuple[Sample, np.ndarray, np.ndarray]:
+    """One packed row for a chain's step-prefix samples (see the module docstring).
+
+    Args:
+      chain: the S prefix samples of steps 1..S (same image); the last one is the trunk.
+      where: names the chain in errors.
+
+    Returns:
+      ``(sample, branch [L'] int32, score_pos [S] int32)``: the packed tokens (the chain's
+      image once), 0 for trunk tokens and ``k + 1`` for the tail of prefix ``k``, and the
+      position of each prefix's last token in the packed row.
+
+    Raises ValueError when the prefixes carry different images or share no beginning. The
+    shared part must also cover the image tokens (a tail holding image tokens would make
+    ``prepare_batch`` reject the row for its image-token count); DreamPRM's prefixes differ
+    only in the text after the question, well past the image.
+    """
+    full = np.asarray(chain[-1].input_ids, np.int32)
+    for sample in chain:
+        if (sample.pixel_values is None) != (chain[-1].pixel_values is None) or (
+                sample.pixel_values is not None and (sample.pixel_values.shape != chain[-1].pixel_values.shape
+                                                     or not np.array_equal(sample.image_grid_thw, chain[-1].image_grid_thw))):
+            raise ValueError(f"pack_chain: {where}: its step prefixes carry different images; expected one image per chain")
+    tails = []  # (insertion point c, k, tail tokens)
+    for k, sample in enumerate(chain[:-1]):
+        ids = np.asarray(sample.input_ids, np.int32)
+        n = min(len(ids), len(full))
+        diff = np.nonzero(ids[:n] != full[:n])[0]
+        c = int(diff[0]) if diff.size else n
+        if c == 0:
+            raise ValueError(f"pack_chain: {where}: step {k + 1}'s prefix shares no beginning with the last step's; "
+                             "expected prefixes of one chain")
+        tails.append((c, k, ids[c:]))
+    ids_out: list[np.ndarray] = []
+    branch_out: list[np.ndarray] = []
+    score_pos = np.zeros((len(chain),), np.int32)
+    length = t = 0
+    trunk_last = -1  # packed position of the trunk token full[t - 1]
+    for c, k, tail in sorted(tails, key=lambda x: (x[0], x[1])):
+        if c > t:
+            ids_out.append(full[t:c])
+            branch_out.append(np.zeros((c - t,), np.int32))
+            length += c - t
+            t, trunk_last = c, length - 1
+        if len(tail) == 0:  # prefix k is a prefix of the trunk: read it there
+            score_pos[k] = trunk_last
+            continue
+        ids_out.append(tail)
+        branch_out.append(np.full((len(tail),), k + 1, np.int32))
+        length += len(tail)
+        score_pos[k] = length - 1
+    ids_out.append(full[t:])
+    branch_out.append(np.zeros((len(full) - t,), np.int32))
+    length += len(full) - t
+    score_pos[-1] = length - 1
+    packed = Sample(np.concatenate(ids_out), chain[-1].pixel_values, chain[-1].image_grid_thw)
+    return packed, np.concatenate(branch_out), score_pos
+
+
+def _own_prefix_positions(position_ids: np.ndarray, branch: np.ndarray) -> np.ndarray:
+    """Position ids ``[3, L]`` of a packed row, moved to each token's position in its own prefix.
+
+    Computed on the packed order, a token sits after the tails of other prefixes inserted
+    before it; it must not count them: ``pos[i] -= #{j < i : branch[j] not in (0, branch[i])}``.
+    Those tokens are text after the image, where M-RoPE's three components advance together.
+    """
+    other = branch != 0  # [L]
+    before = np.cumsum(other) - other  # [L] branch tokens before i
+    own = np.zeros_like(before)
+    for b in np.unique(branch[other]):
+        sel = branch == b
+        own[sel] = (np.cumsum(sel) - sel)[sel]
+    return position_ids - (before - own)[None, :].astype(position_ids.dtype)
+
+
+def _collate_packed_meta(chains: Sequence[Sequence[Sample]], spec: BatchSpec, prepare_fn: Callable, S: int, *,
+                         seq_bucket: int | None, patch_bucket: int | None):
+    M = spec.batch_size
+    if len(chains) > M:
+        raise ValueError(f"collate_meta: expected at most {M} chains, got {len(chains)}")
+    rows: list[Sample | None] = []
+    branches, positions = [], []
+    step_mask = np.zeros((M, S), np.float32)  # [M, S]
+    for m in range(M):
+        chain = chains[m] if m < len(chains) else []
+        if len(chain) > S:
+            raise ValueError(f"collate_meta: chain {m} has {len(chain)} steps, more than S = {S}")
+        if not chain:
+            rows.append(None)
+            branches.append(np.zeros((1,), np.int32))
+            positions.append(np.zeros((S,), np.int32))
+            continue
+        packed, branch, pos = pack_chain(chain, f"chain {m}")
+        rows.append(packed)
+        branches.append(branch)
+        positions.append(np.concatenate([pos, np.full((S - len(pos),), pos[-1], np.int32)]))
+        step_mask[m, : len(chain)] = 1.0
+    batch, stats = collate(rows, spec, prepare_fn, seq_bucket=seq_bucket, patch_bucket=patch_bucket)
+    L = batch["input_ids"].shape[1]
+    branch_ids = np.zeros((M, L), np.int32)  # [M, L]
+    score_index = np.zeros((M, S), np.int32)  # [M, S]
+    position_ids = np.array(batch["position_ids"])  # [3, M, L]
+    for m, (branch, pos) in enumerate(zip(branches, positions)):
+        offset = 0 if spec.padding_side == "right" else L - len(branch)
+        branch_ids[m, offset: offset + len(branch)] = branch
+        score_index[m] = pos + offset
+        real = batch["attention_mask"][m] > 0  # [L] (padding keeps its position)
+        position_ids[:, m, real] = _own_prefix_positions(position_ids[:, m, real], branch_ids[m, real])
+    batch.update(position_ids=position_ids, branch_ids=branch_ids, score_index=score_index)
+    return batch, stats
+
+
 def collate_meta(chains: Sequence[Sequence[Sample]], labels: Sequence[float], spec: BatchSpec, prepare_fn: Callable,
                  *, num_steps: int | None = None, seq_bucket: int | None = None, patch_bucket: int | None = None):
     """Meta batch: M = ``spec.batch_size`` chains x S steps, rows flattened chain-major.
@@ -243,8 +371,14 @@ def collate_meta(chains: Sequence[Sequence[Sample]], labels: Sequence[float], sp
     if len(labels) != len(chains):
         raise ValueError(f"collate_meta: expected one label per chain; got {len(chains)} chains, {len(labels)} labels")
     S = num_steps if num_steps is not None else _num_steps([chains], spec)
-    rows, step_mask = _meta_rows(chains, spec, S)
-    batch, stats = collate(rows, spec, prepare_fn, seq_bucket=seq_bucket, patch_bucket=patch_bucket)
+    if spec.pack_chains:
+        batch, stats = _collate_packed_meta(chains, spec, prepare_fn, S, seq_bucket=seq_bucket, patch_bucket=patch_bucket)
+        step_mask = np.zeros((spec.batch_size, S), np.float32)  # [M, S]
+        for m, chain in enumerate(chains):
+            step_mask[m, : len(chain)] = 1.0
+    else:
+        rows, step_mask = _meta_rows(chains, spec, S)
+        batch, stats = collate(rows, spec, prepare_fn, seq_bucket=seq_bucket, patch_bucket=patch_bucket)
     M = spec.batch_size
     lab = np.zeros((M,), np.float32)
     lab[: len(chains)] = np.asarray(labels, np.float32)

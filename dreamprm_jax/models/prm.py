@@ -115,7 +115,9 @@ def score(config, params, batch):
       config: the backbone's ``Qwen2VLConfig`` (static under jit).
       params: ``{"backbone": ..., "head": ...}`` (or ``"hidden_head"``).
       batch: ``input_ids [B, L]``, ``attention_mask [B, L]``, ``position_ids [3, B, L]`` and
-        the optional image entries.
+        the optional image entries. A packed batch (``data.batching.collate_meta(...,
+        pack=True)``) adds ``branch_ids [B, L]`` and ``score_index [B, S]``: then row ``b``
+        is scored at its ``S`` positions and the outputs are ``[B * S]``, row-major.
 
     Returns:
       ``(probs [B] float32, logits [B] float32)`` with ``probs = sigmoid(logits)``; ``logits``
@@ -124,8 +126,13 @@ def score(config, params, batch):
     kind = _head_kind(params)
     backbone = params["backbone"]
     hidden = qwen2_vl.hidden_states(config, backbone, batch)  # [B, L, H]
-    index = last_token_index(batch["attention_mask"])  # [B]
-    last = jnp.take_along_axis(hidden, index[:, None, None], axis=1)[:, 0]  # [B, H]
+    if "score_index" in batch:  # packed rows: S scored positions per row, flattened row-major
+        index = batch["score_index"]  # [B, S]
+        last = jnp.take_along_axis(hidden, index[:, :, None], axis=1)  # [B, S, H]
+        last = last.reshape(-1, last.shape[-1])  # [B*S, H]
+    else:
+        index = last_token_index(batch["attention_mask"])  # [B]
+        last = jnp.take_along_axis(hidden, index[:, None, None], axis=1)[:, 0]  # [B, H]
     if kind == "vocab":
         features = qwen2_vl.lm_head(config, backbone, last)  # [B, V] float32
     else:

@@ -230,7 +230,8 @@ def train(cfg: TrainConfig) -> TrainResult:
         train_table, data_lib.BatchSpec(cfg.train_batch_size, cfg.seq_buckets, cfg.patch_buckets, pad_id=pad), prepare)
     meta_builder = data_lib.BatchBuilder(
         meta_table, data_lib.BatchSpec(cfg.meta_batch_size, cfg.seq_buckets, cfg.patch_buckets, pad_id=pad,
-                                       max_steps=int(meta_table.info["max_steps"])), prepare)
+                                       max_steps=int(meta_table.info["max_steps"]), pack_chains=cfg.pack_meta),
+        prepare)
     groups = np.asarray(train_table.samples["domain_id"]) if cfg.sampler in ("stratified", "balanced") else None
     train_sampler = data_lib.Sampler(len(train_table.samples), cfg.train_batch_size, seed=cfg.seed, mode=cfg.sampler,
                                      groups=groups)

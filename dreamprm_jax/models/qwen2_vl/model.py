@@ -165,6 +165,8 @@ def hidden_states(config: Qwen2VLConfig, params, batch) -> jax.Array:
             config, params["visual"], batch["pixel_values"], batch["vision_position_ids"], batch["vision_segment_ids"]
         )  # [N/m^2, H]
         x = scatter_image_features(config, x, input_ids, features)
+    if "branch_ids" in batch:  # several sequences packed into one row (tree attention)
+        return decoder(config, lm, x, batch["position_ids"], batch["attention_mask"], batch["branch_ids"])
     return decoder(config, lm, x, batch["position_ids"], batch["attention_mask"])
 
 

@@ -137,18 +137,26 @@ def mrope_cos_sin(config: Qwen2VLConfig, position_ids):
 # ---------------------------------------------------------------------- decoder
 
 
-def attention_mask_bias(attention_mask):
+def attention_mask_bias(attention_mask, branch_ids=None):
     """Additive causal + key-padding mask ``[B, 1, L, 1, L]`` float32: 0 = may attend, else the
     most negative float32 (axes: batch, kv head, query, query group, key; see ``self_attention``).
 
     Added to finite scores it gives exactly ``where(mask, scores, min)``: ``s + 0 = s`` and
     ``s + min = min`` (``|s| << ulp(min) = 2^104``). Its backward, unlike ``where``'s, passes the
     cotangent through without a select over the ``[.., L, L]`` scores.
+
+    ``branch_ids [B, L]`` (optional) packs several sequences that share a prefix into one row
+    (a tree): a token of branch ``b > 0`` is seen only by later tokens of the same branch, a
+    token of branch 0 (the trunk) by every later token. See ``data.batching.pack_chain``.
     """
     length = attention_mask.shape[-1]
     causal = jnp.tril(jnp.ones((length, length), dtype=bool))  # [L(query), L(key)]
     keys = attention_mask.astype(bool)[:, None, None, None, :]  # [B, 1, 1, 1, L]
     allowed = causal[None, None, :, None, :] & keys  # [B, 1, L, 1, L]
+    if branch_ids is not None:
+        query_b = branch_ids[:, None, :, None, None]  # [B, 1, L, 1, 1]
+        key_b = branch_ids[:, None, None, None, :]  # [B, 1, 1, 1, L]
+        allowed = allowed & ((key_b == 0) | (key_b == query_b))
     return jnp.where(allowed, 0.0, jnp.finfo(jnp.float32).min).astype(jnp.float32)
 
 
@@ -201,10 +209,12 @@ def decoder_layer(config: Qwen2VLConfig, p, x, cos, sin, mask):
     return x + dense(h, mlp["down_proj"], dtype)
 
 
-def decoder(config: Qwen2VLConfig, params, inputs_embeds, position_ids, attention_mask):
-    """All decoder layers and the final RMSNorm. inputs_embeds [B, L, H] -> [B, L, H]."""
+def decoder(config: Qwen2VLConfig, params, inputs_embeds, position_ids, attention_mask, branch_ids=None):
+    """All decoder layers and the final RMSNorm. inputs_embeds [B, L, H] -> [B, L, H].
+
+    ``branch_ids [B, L]``: optional tree packing (see ``attention_mask_bias``)."""
     cos, sin = mrope_cos_sin(config, position_ids)  # [B, L, D]
-    mask = attention_mask_bias(attention_mask)  # [B, 1, L, 1, L]
+    mask = attention_mask_bias(attention_mask, branch_ids)  # [B, 1, L, 1, L]
 
     def block(x, p):
         return decoder_layer(config, p, x, cos, sin, mask)
