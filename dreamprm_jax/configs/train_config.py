@@ -58,7 +58,7 @@ class TrainConfig:
         "batch of k * domains holds k of each, so every domain's hypergradient sees the same number of samples).")
 
     # --- lower level (the PRM) -----------------------------------------------------------
-    train_batch_size: int = _field(7, "Training samples per inner step (the demo: one per domain).")
+    train_batch_size: int = _field(14, "Training samples per inner step (the demo: two per domain).")
     unroll: int = _field(5, "Inner AdamW steps per meta step (T).")
     inner_lr: float = _field(2e-3, "Inner AdamW learning rate.")
     inner_lr_step_size: int = _field(5000, "StepLR: multiply the inner learning rate by --inner-lr-gamma every this many inner steps.")
@@ -67,7 +67,7 @@ class TrainConfig:
     inner_grad_clip: float = _field(0.0, "Global-norm clip of inner gradients (0: off).")
 
     # --- upper level (the domain weights) -------------------------------------------------
-    meta_batch_size: int = _field(16, "Meta chains per meta step.")
+    meta_batch_size: int = _field(32, "Meta chains per meta step.")
     pack_meta: bool = _field(True, "Score each meta chain's step prefixes in one packed row (one image encoding, "
                              "shared tokens run once, a tree attention mask; the same scores as one row per step).")
     meta_lr: float = _field(0.03, "Meta AdamW learning rate on the raw domain weights (the paper: 0.01 over 10,000 "
