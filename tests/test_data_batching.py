@@ -186,6 +186,9 @@ def test_packed_meta_rows_show_each_prefix_exactly(padding_side):
             ids, pos = _visible_prefix(batch, m, s)
             np.testing.assert_array_equal(ids, row.input_ids)
             np.testing.assert_array_equal(pos, np.arange(len(row.input_ids)))
+    stacked, _ = stack_meta([(chains, [1.0, 0.0])] * 2, BatchSpec(**{**spec.__dict__, "seq_buckets": (16, 32)}),
+                            fake_prepare)  # packed rows (18 tokens) need the 32 bucket, single prefixes fit 16
+    assert stacked["input_ids"].shape == (2, 3, 32) and stacked["score_index"].shape == (2, 3, 3)
     packed, branch, score_pos = pack_chain(chains[0])
     assert len(packed.input_ids) == len(chains[0][-1].input_ids) + 2 * 3  # trunk + two 3-token tails
     np.testing.assert_array_equal(branch[score_pos[:2]], [1, 2])

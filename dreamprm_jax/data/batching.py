@@ -419,7 +419,11 @@ def stack_meta(groups: Sequence[tuple[Sequence[Sequence[Sample]], Sequence[float
                prepare_fn: Callable):
     """T meta batches ``[(chains, labels)] * T`` -> [T, ...] arrays with one (S, L, N) bucket."""
     S = _num_steps([g[0] for g in groups], spec)
-    seq_b, patch_b = _buckets_for([[s for c in g[0] for s in c] for g in groups], spec)
+    if spec.pack_chains:  # buckets of the packed rows (longer than any one prefix, one image per chain)
+        rows = [[pack_chain(c, f"chain {m}")[0] for m, c in enumerate(g[0]) if c] for g in groups]
+    else:
+        rows = [[s for c in g[0] for s in c] for g in groups]
+    seq_b, patch_b = _buckets_for(rows, spec)
     out = [collate_meta(c, l, spec, prepare_fn, num_steps=S, seq_bucket=seq_b, patch_bucket=patch_b) for c, l in groups]
     return _stack([b for b, _ in out]), _merge_stats([s for _, s in out])
 

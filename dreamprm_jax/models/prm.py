@@ -115,8 +115,8 @@ def score(config, params, batch):
       config: the backbone's ``Qwen2VLConfig`` (static under jit).
       params: ``{"backbone": ..., "head": ...}`` (or ``"hidden_head"``).
       batch: ``input_ids [B, L]``, ``attention_mask [B, L]``, ``position_ids [3, B, L]`` and
-        the optional image entries. A packed batch (``data.batching.collate_meta(...,
-        pack=True)``) adds ``branch_ids [B, L]`` and ``score_index [B, S]``: then row ``b``
+        the optional image entries. A packed meta batch (``data.batching.BatchSpec(...,
+        pack_chains=True)``) adds ``branch_ids [B, L]`` and ``score_index [B, S]``: then row ``b``
         is scored at its ``S`` positions and the outputs are ``[B * S]``, row-major.
 
     Returns:
