@@ -75,6 +75,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--meta-chains", type=int, default=None, help="M meta chains (8 demo, 1 2B)")
     p.add_argument("--meta-steps", type=int, default=None, help="S step prefixes per chain (5 demo, 4 2B)")
     p.add_argument("--num-domains", type=int, default=4)
+    p.add_argument("--unroll-inner", action=argparse.BooleanOptionalAction, default=True,
+                   help="unroll the T-step inner scan into straight-line code (bilevel.inner.FULL_UNROLL_MAX_STEPS, "
+                        "the trainer's default for T <= 8); --no-unroll-inner keeps the loop: slower steps, about "
+                        "half the compile time")
     p.add_argument("--pack-meta", action=argparse.BooleanOptionalAction, default=True,
                    help="JAX scores each meta chain as one packed row (the trainer's default, --pack-meta); "
                         "--no-pack-meta: one row per step prefix, as the PyTorch reference does")
@@ -307,7 +311,11 @@ def main(argv=None) -> dict:
 
     if a.device != "default":
         jax.config.update("jax_platforms", {"gpu": "cuda"}.get(a.device, a.device))
+    from dreamprm_jax.bilevel import inner as inner_lib
     from dreamprm_jax.models import prm  # noqa: F401  (imports after the platform choice)
+
+    if not a.unroll_inner:
+        inner_lib.FULL_UNROLL_MAX_STEPS = 0  # read when each program is traced
 
     config = _model_config(a)
     spec = _spec(a, config)
