@@ -346,6 +346,22 @@ def test_text_only_table_and_encoder_error(tmp_path):
 # ----------------------------------------------------------------------------- integration (real processor + model)
 
 
+def _tiny_model_and_processor(tok_dir, texts):
+    """A tokenizer learnt offline from ``texts``, the tiny Qwen2-VL config with its special ids, and
+    a processor with small image limits: ``(config, processor, special_token_ids)``."""
+    from dreamprm_jax.data.processor import Processor, build_offline_tokenizer
+    from dreamprm_jax.models import qwen2_vl
+
+    build_offline_tokenizer(list(texts) * 5, 300, tok_dir)
+    sp = Processor.from_directory(tok_dir).special_token_ids
+    config = qwen2_vl.tiny(vocab_size=max(256, sp.vocab_size), image_token_id=sp.image_pad,
+                           video_token_id=sp.video_pad, vision_start_token_id=sp.vision_start,
+                           vision_end_token_id=sp.vision_end)
+    processor = Processor.from_directory(tok_dir, vision=config.vision, max_image_side=32, min_pixels=64,
+                                         max_pixels=32 * 32)
+    return config, processor, sp
+
+
 def test_integration_real_processor_and_model(data_dir, tmp_path_factory):
     """Real Processor -> cached tables -> BatchBuilder -> qwen2_vl.prepare_batch -> forward.
 
@@ -359,17 +375,9 @@ def test_integration_real_processor_and_model(data_dir, tmp_path_factory):
     import jax
 
     from dreamprm_jax.data.batching import model_prepare_fn
-    from dreamprm_jax.data.processor import Processor, build_offline_tokenizer
 
-    tok = tmp_path_factory.mktemp("tok")
-    build_offline_tokenizer(["Q1 Step 1: x Step 2: y", "Q2 longer question Step 1: z w"] * 5, 300, tok)
-    probe = Processor.from_directory(tok)
-    sp = probe.special_token_ids
-    config = qwen2_vl.tiny(vocab_size=max(256, sp.vocab_size), image_token_id=sp.image_pad,
-                           video_token_id=sp.video_pad, vision_start_token_id=sp.vision_start,
-                           vision_end_token_id=sp.vision_end)
-    processor = Processor.from_directory(tok, vision=config.vision, max_image_side=32, min_pixels=64,
-                                         max_pixels=32 * 32)
+    config, processor, sp = _tiny_model_and_processor(
+        tmp_path_factory.mktemp("tok"), ["Q1 Step 1: x Step 2: y", "Q2 longer question Step 1: z w"])
     data = build_train_dataset(data_dir / "train.json", processor, tmp_path_factory.mktemp("cache"))
     assert data.info["patch_dim"] == config.vision.patch_dim
     spec = BatchSpec(4, power_of_two_buckets(512, 64), power_of_two_buckets(1024, 16), pad_id=sp.pad)
@@ -394,23 +402,16 @@ def test_integration_real_processor_and_model(data_dir, tmp_path_factory):
 def test_packed_meta_scores_equal_one_row_per_step(data_dir, tmp_path_factory):
     """prm.score on a packed meta batch == on one row per step prefix (real processor, tiny
     Qwen2-VL with an image, float32; atol 1e-5 on the logits, the summation order differs)."""
-    qwen2_vl = pytest.importorskip("dreamprm_jax.models.qwen2_vl")
+    pytest.importorskip("dreamprm_jax.models.qwen2_vl")
     import dataclasses
 
     import jax
 
     from dreamprm_jax.data.batching import model_prepare_fn
-    from dreamprm_jax.data.processor import Processor, build_offline_tokenizer
     from dreamprm_jax.models import prm
 
-    tok = tmp_path_factory.mktemp("tok_pack")
-    build_offline_tokenizer(["Q Step 1: a Step 2: bb Step 3: c Final answer: d"] * 5, 300, tok)
-    sp = Processor.from_directory(tok).special_token_ids
-    config = qwen2_vl.tiny(vocab_size=max(256, sp.vocab_size), image_token_id=sp.image_pad,
-                           video_token_id=sp.video_pad, vision_start_token_id=sp.vision_start,
-                           vision_end_token_id=sp.vision_end)
-    processor = Processor.from_directory(tok, vision=config.vision, max_image_side=32, min_pixels=64,
-                                         max_pixels=32 * 32)
+    config, processor, sp = _tiny_model_and_processor(
+        tmp_path_factory.mktemp("tok_pack"), ["Q Step 1: a Step 2: bb Step 3: c Final answer: d"])
     data = build_meta_dataset(data_dir / "meta.jsonl", processor, tmp_path_factory.mktemp("cache_pack"))
     spec = BatchSpec(3, power_of_two_buckets(512, 64), power_of_two_buckets(1024, 16), pad_id=sp.pad, max_steps=4)
     plain = BatchBuilder(data, spec, model_prepare_fn(config))
