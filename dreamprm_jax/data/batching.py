@@ -326,16 +326,12 @@ def _own_prefix_positions(position_ids: np.ndarray, branch: np.ndarray) -> np.nd
 
 def _collate_packed_meta(chains: Sequence[Sequence[Sample]], spec: BatchSpec, prepare_fn: Callable, S: int, *,
                          seq_bucket: int | None, patch_bucket: int | None):
+    """One packed row per chain (chains already checked by ``_meta_rows``)."""
     M = spec.batch_size
-    if len(chains) > M:
-        raise ValueError(f"collate_meta: expected at most {M} chains, got {len(chains)}")
     rows: list[Sample | None] = []
     branches, positions = [], []
-    step_mask = np.zeros((M, S), np.float32)  # [M, S]
     for m in range(M):
         chain = chains[m] if m < len(chains) else []
-        if len(chain) > S:
-            raise ValueError(f"collate_meta: chain {m} has {len(chain)} steps, more than S = {S}")
         if not chain:
             rows.append(None)
             branches.append(np.zeros((1,), np.int32))
@@ -345,7 +341,6 @@ def _collate_packed_meta(chains: Sequence[Sequence[Sample]], spec: BatchSpec, pr
         rows.append(packed)
         branches.append(branch)
         positions.append(np.concatenate([pos, np.full((S - len(pos),), pos[-1], np.int32)]))
-        step_mask[m, : len(chain)] = 1.0
     batch, stats = collate(rows, spec, prepare_fn, seq_bucket=seq_bucket, patch_bucket=patch_bucket)
     L = batch["input_ids"].shape[1]
     branch_ids = np.zeros((M, L), np.int32)  # [M, L]
@@ -371,13 +366,10 @@ def collate_meta(chains: Sequence[Sequence[Sample]], labels: Sequence[float], sp
     if len(labels) != len(chains):
         raise ValueError(f"collate_meta: expected one label per chain; got {len(chains)} chains, {len(labels)} labels")
     S = num_steps if num_steps is not None else _num_steps([chains], spec)
+    rows, step_mask = _meta_rows(chains, spec, S)  # also checks the chain count and lengths
     if spec.pack_chains:
         batch, stats = _collate_packed_meta(chains, spec, prepare_fn, S, seq_bucket=seq_bucket, patch_bucket=patch_bucket)
-        step_mask = np.zeros((spec.batch_size, S), np.float32)  # [M, S]
-        for m, chain in enumerate(chains):
-            step_mask[m, : len(chain)] = 1.0
     else:
-        rows, step_mask = _meta_rows(chains, spec, S)
         batch, stats = collate(rows, spec, prepare_fn, seq_bucket=seq_bucket, patch_bucket=patch_bucket)
     M = spec.batch_size
     lab = np.zeros((M,), np.float32)
