@@ -14,6 +14,7 @@ import pytest
 from jax.flatten_util import ravel_pytree
 
 from dreamprm_jax import bilevel
+from dreamprm_jax.bilevel import inner as inner_lib
 from dreamprm_jax.bilevel import problems
 
 
@@ -103,6 +104,9 @@ def test_exact_matches_finite_differences_tiny_transformer(x64):
     ("exact_lowmem", {}),
     ("exact", {"remat": True}),
     ("truncated", {"k": 4}),
+    ("exact", {"second_order": "mixed"}),
+    ("exact", {"second_order": "mixed", "remat": True}),
+    ("exact_lowmem", {"second_order": "mixed"}),
 ])
 def test_exact_variants_agree(mlp, mlp_exact, method, options):
     prob, batches = mlp
@@ -113,6 +117,40 @@ def test_exact_variants_agree(mlp, mlp_exact, method, options):
     np.testing.assert_allclose(aux["inner_losses"], aux_ref["inner_losses"], rtol=1e-12)
     for a, b in zip(jax.tree.leaves(aux["params"]), jax.tree.leaves(aux_ref["params"])):
         np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14)
+
+
+def test_mixed_value_and_grad_vjp_equals_reverse_over_reverse(mlp):
+    """Both outputs' cotangents (the loss's and the gradient's) give reverse mode's VJP, float64."""
+    prob, (inner, _) = mlp
+    batch = inner_lib.batch_at(inner, 0)
+    v = jax.tree.map(lambda x: jnp.cos(jnp.arange(x.size, dtype=x.dtype).reshape(x.shape)), prob.params)
+
+    def objective(value_and_grad, p, a):  # uses the loss and the gradient, like an unrolled step
+        loss, g = value_and_grad(p, a, batch)
+        return 0.7 * loss + sum(jnp.vdot(x, y) for x, y in zip(jax.tree.leaves(g), jax.tree.leaves(v)))
+
+    mixed = inner_lib.mixed_value_and_grad(prob.inner_loss)
+    ref = jax.grad(functools.partial(objective, jax.value_and_grad(prob.inner_loss)), argnums=(0, 1))
+    got = jax.grad(functools.partial(objective, mixed), argnums=(0, 1))
+    (gp, ga), (rp, ra) = got(prob.params, prob.alpha), ref(prob.params, prob.alpha)
+    assert rel_err(ga, ra) <= 1e-12 and np.abs(np.asarray(ra)).max() > 0
+    for a, b in zip(jax.tree.leaves(gp), jax.tree.leaves(rp)):
+        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-14)
+    np.testing.assert_allclose(mixed(prob.params, prob.alpha, batch)[0], prob.inner_loss(prob.params, prob.alpha, batch))
+
+
+def test_unknown_second_order_is_an_error(mlp):
+    prob, (inner, _) = mlp
+    with pytest.raises(ValueError, match="second_order must be one of"):
+        bilevel.unroll(prob.inner_loss, prob.optimizer, prob.params, prob.opt_state, prob.alpha, inner,
+                       second_order="forward")
+
+
+def test_truncated_mixed_equals_truncated_reverse(mlp):
+    prob, batches = mlp
+    g_rev, _ = call(jitted("truncated", prob, k=2), prob, batches)
+    g_mix, _ = call(jitted("truncated", prob, k=2, second_order="mixed"), prob, batches)
+    assert rel_err(g_mix, g_rev) <= 1e-10, (g_mix, g_rev)
 
 
 def test_truncated_drops_early_steps(mlp, mlp_exact):

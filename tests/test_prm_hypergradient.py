@@ -166,3 +166,13 @@ def test_exact_forward_matches_exact(prob, exact):
     g, aux = hypergradient("exact_forward", p, batches)
     assert rel_err(g, g_ref) <= 1e-8, (g, g_ref)
     np.testing.assert_allclose(float(aux["outer_loss"]), float(aux_ref["outer_loss"]), rtol=1e-12)
+
+
+def test_exact_mixed_second_order_matches_exact(prob, exact):
+    """Forward-over-reverse Hessian-vector products through the real model = reverse-over-reverse,
+    rel err <= 1e-8 (float64)."""
+    p, batches = prob
+    g_ref, aux_ref = exact
+    g, aux = hypergradient("exact", p, batches, second_order="mixed")
+    assert rel_err(g, g_ref) <= 1e-8, (g, g_ref)
+    np.testing.assert_allclose(float(aux["outer_loss"]), float(aux_ref["outer_loss"]), rtol=1e-12)

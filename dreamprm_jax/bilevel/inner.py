@@ -35,8 +35,13 @@ __all__ = [
     "num_steps",
     "batch_at",
     "resolve_remat_policy",
+    "mixed_value_and_grad",
+    "SECOND_ORDER_MODES",
     "FULL_UNROLL_MAX_STEPS",
 ]
+
+#: How reverse mode differentiates *through* an inner step's gradient (see :func:`mixed_value_and_grad`).
+SECOND_ORDER_MODES = ("reverse", "mixed")
 
 # ``lax.scan`` over at most this many inner steps is unrolled into straight-line code. With the
 # paper's T = 5 this removes the loop's per-iteration bookkeeping, which in reverse mode is
@@ -105,6 +110,57 @@ def inner_adamw(
     return optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps, eps_root=eps_root, weight_decay=weight_decay, mask=mask)
 
 
+def mixed_value_and_grad(inner_loss: InnerLoss) -> Callable:
+    """``(params, alpha, batch) -> (L_in, grad_phi L_in)`` whose VJP is computed in forward-over-reverse mode.
+
+    Reverse mode through an inner step needs the VJP of ``g(phi, alpha) = grad_phi L_in`` with
+    a cotangent ``v``: ``(H_{phi phi} v, H_{alpha phi} v)``. Plain ``jax.grad`` gets it
+    reverse-over-reverse, which stores every intermediate of the gradient computation (the
+    forward activations *and* the backward pass's) at every unrolled step and reads them back.
+    The Hessian of ``L_in`` in ``(phi, alpha)`` is symmetric, so the same two blocks are one
+    JVP of the joint gradient ``G = grad_{(phi, alpha)} L_in`` along ``(v, 0)``:
+
+        J_G (v, 0) = (H_{phi phi} v, H_{alpha phi} v)
+
+    (the mixed-mode product of MixFlow-MG, Kemaev et al. 2025). The forward pass keeps only
+    ``(phi, alpha, batch)``; the backward pass recomputes the gradient with its tangent. Same
+    numbers as reverse-over-reverse up to rounding (``tests/test_bilevel_unroll.py``). The
+    loss output's cotangent ``c`` adds ``c * G``. Forward-mode differentiation of the result
+    is not defined (``jax.custom_vjp``): ``exact_forward`` uses the plain gradient.
+    """
+
+    @jax.custom_vjp
+    def value_and_grad(params, alpha, batch):
+        return jax.value_and_grad(inner_loss)(params, alpha, batch)
+
+    def fwd(params, alpha, batch):
+        return value_and_grad(params, alpha, batch), (params, alpha, batch)
+
+    def bwd(residuals, cotangents):
+        params, alpha, batch = residuals
+        ct_loss, ct_grads = cotangents
+
+        def joint_grad(p, a):
+            return jax.grad(inner_loss, argnums=(0, 1))(p, a, batch)
+
+        zero_alpha = jax.tree.map(jnp.zeros_like, alpha)
+        (g_phi, g_alpha), (hv_phi, hv_alpha) = jax.jvp(joint_grad, (params, alpha), (ct_grads, zero_alpha))
+        ct_params = jax.tree.map(lambda h, g: h + (ct_loss * g).astype(h.dtype), hv_phi, g_phi)
+        ct_alpha = jax.tree.map(lambda h, g: h + (ct_loss * g).astype(h.dtype), hv_alpha, g_alpha)
+        return ct_params, ct_alpha, None  # no cotangent for the batch
+
+    value_and_grad.defvjp(fwd, bwd)
+    return value_and_grad
+
+
+def _value_and_grad(inner_loss: InnerLoss, second_order: str) -> Callable:
+    if second_order == "reverse":
+        return jax.value_and_grad(inner_loss)
+    if second_order == "mixed":
+        return mixed_value_and_grad(inner_loss)
+    raise ValueError(f"inner: second_order must be one of {SECOND_ORDER_MODES}, got {second_order!r}")
+
+
 def inner_step_with_grads(
     inner_loss: InnerLoss,
     optimizer: optax.GradientTransformation,
@@ -112,9 +168,15 @@ def inner_step_with_grads(
     opt_state: Any,
     alpha: Any,
     batch: Any,
+    *,
+    second_order: str = "reverse",
 ):
-    """One inner step that also returns the gradient ``g_t`` (used by SAMA's preconditioner)."""
-    loss, grads = jax.value_and_grad(inner_loss)(params, alpha, batch)
+    """One inner step that also returns the gradient ``g_t`` (used by SAMA's preconditioner).
+
+    ``second_order`` only changes how reverse mode differentiates through the step:
+    ``"reverse"`` (``jax.grad`` of ``jax.grad``) or ``"mixed"`` (:func:`mixed_value_and_grad`).
+    """
+    loss, grads = _value_and_grad(inner_loss, second_order)(params, alpha, batch)
     updates, opt_state = optimizer.update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
     # Metrics under stop_gradient: a norm has a NaN derivative at 0, and reverse mode
@@ -130,6 +192,8 @@ def inner_step(
     opt_state: Any,
     alpha: Any,
     batch: Any,
+    *,
+    second_order: str = "reverse",
 ):
     """One pure inner optimizer step.
 
@@ -139,12 +203,16 @@ def inner_step(
       params, opt_state: current ``phi_{t-1}``, ``s_{t-1}``.
       alpha: upper-level variable (e.g. raw domain weights ``[K]``).
       batch: one inner batch (no leading ``T`` axis).
+      second_order: ``"reverse"`` | ``"mixed"``: how reverse mode differentiates through the
+        step's gradient (:func:`inner_step_with_grads`); the step itself is the same.
 
     Returns:
       ``(params, opt_state, metrics)`` with ``metrics = {"loss": L_in(phi_{t-1}),
       "grad_norm": ||g_t||}``.
     """
-    params, opt_state, metrics, _ = inner_step_with_grads(inner_loss, optimizer, params, opt_state, alpha, batch)
+    params, opt_state, metrics, _ = inner_step_with_grads(
+        inner_loss, optimizer, params, opt_state, alpha, batch, second_order=second_order
+    )
     return params, opt_state, metrics
 
 
@@ -192,6 +260,7 @@ def unroll(
     *,
     remat: Any = False,
     scan_unroll: int | bool | None = None,
+    second_order: str = "reverse",
 ):
     """``T`` inner steps with ``lax.scan`` over the leading axis of ``inner_batches``.
 
@@ -201,6 +270,7 @@ def unroll(
 
     ``scan_unroll`` is ``lax.scan``'s ``unroll``; ``None`` unrolls fully when
     ``T <= FULL_UNROLL_MAX_STEPS`` (same maths, one straight-line program) and loops otherwise.
+    ``second_order`` is passed to :func:`inner_step`.
 
     Returns:
       ``(params_T, opt_state_T, metrics)``; each metric is stacked ``[T]``.
@@ -212,7 +282,7 @@ def unroll(
 
     def body(carry, batch):
         p, s = carry
-        p, s, metrics = inner_step(inner_loss, optimizer, p, s, alpha, batch)
+        p, s, metrics = inner_step(inner_loss, optimizer, p, s, alpha, batch, second_order=second_order)
         return (p, s), metrics
 
     if policy is not None:

@@ -41,17 +41,26 @@ from dreamprm_jax.bilevel.inner import batch_at, inner_step, num_steps, unroll
 __all__ = ["exact", "exact_forward", "exact_lowmem", "truncated"]
 
 
-def exact(inner_loss, outer_loss, optimizer, params, opt_state, alpha, inner_batches, outer_batch, *, remat=False):
+def exact(
+    inner_loss, outer_loss, optimizer, params, opt_state, alpha, inner_batches, outer_batch, *, remat=False,
+    second_order="reverse",
+):
     """Exact hypergradient (5) by reverse mode through the scan: ``jax.grad`` of
     ``alpha -> L_out(unroll(alpha))``.
 
     Options:
       remat: ``False`` | ``True`` | policy name | policy; ``jax.checkpoint`` on the scanned
         step so only the carry ``(phi_t, s_t)`` is kept per step.
+      second_order: ``"reverse"`` (reverse-over-reverse through each step's gradient) or
+        ``"mixed"`` (forward-over-reverse Hessian-vector products,
+        :func:`inner.mixed_value_and_grad`: keeps only each step's inputs, not its
+        activations, and recomputes the gradient with its tangent in the backward pass).
     """
 
     def objective(a):
-        p, s, metrics = unroll(inner_loss, optimizer, params, opt_state, a, inner_batches, remat=remat)
+        p, s, metrics = unroll(
+            inner_loss, optimizer, params, opt_state, a, inner_batches, remat=remat, second_order=second_order
+        )
         lo = outer_loss(p, outer_batch)
         return lo, (p, s, metrics)
 
@@ -94,7 +103,9 @@ def exact_forward(
     return g, _common.make_aux(p, s, metrics, lo, chunk_size=c)
 
 
-def exact_lowmem(inner_loss, outer_loss, optimizer, params, opt_state, alpha, inner_batches, outer_batch):
+def exact_lowmem(
+    inner_loss, outer_loss, optimizer, params, opt_state, alpha, inner_batches, outer_batch, *, second_order="reverse"
+):
     """Exact hypergradient (5) by reverse mode with recomputation (memory independent of ``T``).
 
     Adjoint recursion, with ``z_t = (phi_t, s_t)`` and ``z_t = F_t(z_{t-1}, alpha)``:
@@ -104,6 +115,8 @@ def exact_lowmem(inner_loss, outer_loss, optimizer, params, opt_state, alpha, in
         g = sum_t abar_t
 
     Integer leaves of the optimizer state (step counts) are carried, not differentiated.
+    ``second_order`` is :func:`exact`'s option: how each step's VJP differentiates its gradient
+    (``"mixed"`` keeps one forward-over-reverse pass live instead of the gradient's tape).
     """
     T = num_steps(inner_batches)
     p_T, s_T, metrics = unroll(inner_loss, optimizer, params, opt_state, alpha, inner_batches)
@@ -128,7 +141,8 @@ def exact_lowmem(inner_loss, outer_loss, optimizer, params, opt_state, alpha, in
         b_t = batch_at(inner_batches, t)
 
         def f(p, sd, a):
-            p2, s2, _ = inner_step(inner_loss, optimizer, p, _common.merge_inexact(sd, s_rest, treedef), a, b_t)
+            p2, s2, _ = inner_step(inner_loss, optimizer, p, _common.merge_inexact(sd, s_rest, treedef), a, b_t,
+                                   second_order=second_order)
             return p2, _common.split_inexact(s2)[0]
 
         _, vjp = jax.vjp(f, p_t, s_diff, alpha)
@@ -140,7 +154,8 @@ def exact_lowmem(inner_loss, outer_loss, optimizer, params, opt_state, alpha, in
 
 
 def truncated(
-    inner_loss, outer_loss, optimizer, params, opt_state, alpha, inner_batches, outer_batch, *, k=1, remat=False
+    inner_loss, outer_loss, optimizer, params, opt_state, alpha, inner_batches, outer_batch, *, k=1, remat=False,
+    second_order="reverse",
 ):
     """Truncated back-propagation: reverse mode through only the last ``k`` of ``T`` steps,
 
@@ -153,12 +168,14 @@ def truncated(
     if k < 1:
         raise ValueError(f"hypergradient 'truncated': option k must be >= 1, got {k}")
     if k >= T:
-        return exact(inner_loss, outer_loss, optimizer, params, opt_state, alpha, inner_batches, outer_batch, remat=remat)
+        return exact(inner_loss, outer_loss, optimizer, params, opt_state, alpha, inner_batches, outer_batch, remat=remat,
+                     second_order=second_order)
     head = _common.slice_batches(inner_batches, 0, T - k)
     tail = _common.slice_batches(inner_batches, T - k, T)
     p0, s0, m_head = unroll(inner_loss, optimizer, params, opt_state, alpha, head)
     p0, s0 = lax.stop_gradient((p0, s0))
-    g, aux = exact(inner_loss, outer_loss, optimizer, p0, s0, alpha, tail, outer_batch, remat=remat)
+    g, aux = exact(inner_loss, outer_loss, optimizer, p0, s0, alpha, tail, outer_batch, remat=remat,
+                   second_order=second_order)
     for key, name in (("inner_losses", "loss"), ("inner_grad_norms", "grad_norm")):
         aux[key] = jnp.concatenate([m_head[name], aux[key]])
     aux["k"] = k
