@@ -61,7 +61,9 @@ def _parser() -> argparse.ArgumentParser:
                         "real 2B shapes with random weights (init on the device)")
     p.add_argument("--device", choices=("cpu", "gpu", "tpu", "default"), default="default",
                    help="JAX platform (default: JAX's choice)")
-    p.add_argument("--methods", nargs="+", default=list(METHODS), help=f"subset of {METHODS} (or any hypergradient method)")
+    p.add_argument("--methods", nargs="+", default=list(METHODS),
+                   help=f"subset of {METHODS} (or any hypergradient method); NAME:mixed / NAME:reverse sets the "
+                        "second_order option of exact, exact_lowmem and truncated (e.g. exact:mixed)")
     p.add_argument("--hidden", type=int, default=64, help="demo: text hidden size")
     p.add_argument("--layers", type=int, default=2, help="demo: decoder layers")
     p.add_argument("--text-layers", type=int, default=None, help="override the config's decoder layers (any config)")
@@ -194,12 +196,20 @@ def _fresh_state(make_params, num_domains, opt, meta_opt):
     return init(make_params())
 
 
+def _split_method(method: str) -> tuple[str, dict]:
+    """``"exact:mixed"`` -> ``("exact", {"second_order": "mixed"})``; ``"darts"`` -> ``("darts", {})``."""
+    name, _, second_order = method.partition(":")
+    return name, ({"second_order": second_order} if second_order else {})
+
+
 def _make_step(config, method, opt, meta_opt, R):
     from dreamprm_jax.train import step as step_lib
 
-    options = {"R": R} if method in ("darts", "sama") else {}
-    return step_lib.make_bilevel_step(config, opt, meta_opt, method="exact" if method == "none" else method,
-                                      reweighting=method != "none", method_options=options)
+    name, options = _split_method(method)
+    if name in ("darts", "sama"):
+        options["R"] = R
+    return step_lib.make_bilevel_step(config, opt, meta_opt, method="exact" if name == "none" else name,
+                                      reweighting=name != "none", method_options=options)
 
 
 def _model_flops(a, config, method, opt, meta_opt, state, inner, meta) -> float:
@@ -207,7 +217,10 @@ def _model_flops(a, config, method, opt, meta_opt, state, inner, meta) -> float:
     ``exact``'s, the same hypergradient without the recomputation). Traced only, never compiled."""
     import jax
 
-    fn = _make_step(config.replace(remat="none"), "exact" if method == "exact_lowmem" else method, opt, meta_opt, a.R)
+    name, options = _split_method(method)
+    if name == "exact_lowmem":
+        method = ":".join(["exact", *options.values()])
+    fn = _make_step(config.replace(remat="none"), method, opt, meta_opt, a.R)
     return _common.jaxpr_flops(jax.make_jaxpr(fn)(state, inner, meta))["flops"]
 
 
@@ -403,17 +416,16 @@ def _ratios(result) -> dict:
         best = min(torch_runs, key=torch_runs.get)
         t_torch = torch_runs[best]
         out["torch_reference_run"] = best
-        for m in ("exact", "exact_lowmem", "darts", "none"):
-            if m in jx:
+        for m in jx:
+            if m != "inner_step":
                 out[f"speedup_jax_{m}_vs_torch_darts"] = t_torch / jx[m]["median_s"]
-    if "darts" in jx:
-        for m in ("exact", "exact_lowmem"):
-            if m in jx:
-                out[f"time_ratio_jax_{m}_over_jax_darts"] = jx[m]["median_s"] / jx["darts"]["median_s"]
-    if "none" in jx:
-        for m in ("exact", "exact_lowmem", "darts"):
-            if m in jx:
-                out[f"time_ratio_jax_{m}_over_jax_none"] = jx[m]["median_s"] / jx["none"]["median_s"]
+    for base in ("darts", "none"):
+        if base in jx:
+            for m in jx:
+                if m not in ("inner_step", "darts", "none"):
+                    out[f"time_ratio_jax_{m}_over_jax_{base}"] = jx[m]["median_s"] / jx[base]["median_s"]
+            if base == "none" and "darts" in jx:
+                out["time_ratio_jax_darts_over_jax_none"] = jx["darts"]["median_s"] / jx["none"]["median_s"]
     if "darts" in jx and result["torch"]:
         fj = jx["darts"]["first_metrics"]
         ft = next(iter(result["torch"].values()))["first_metrics"]
