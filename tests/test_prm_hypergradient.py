@@ -168,11 +168,11 @@ def test_exact_forward_matches_exact(prob, exact):
     np.testing.assert_allclose(float(aux["outer_loss"]), float(aux_ref["outer_loss"]), rtol=1e-12)
 
 
-def test_exact_mixed_second_order_matches_exact(prob, exact):
-    """Forward-over-reverse Hessian-vector products through the real model = reverse-over-reverse,
-    rel err <= 1e-8 (float64)."""
+def test_exact_reverse_second_order_matches_mixed(prob, exact):
+    """Reverse-over-reverse through the real model = the default forward-over-reverse
+    Hessian-vector products, rel err <= 1e-8 (float64)."""
     p, batches = prob
     g_ref, aux_ref = exact
-    g, aux = hypergradient("exact", p, batches, second_order="mixed")
+    g, aux = hypergradient("exact", p, batches, second_order="reverse")
     assert rel_err(g, g_ref) <= 1e-8, (g, g_ref)
     np.testing.assert_allclose(float(aux["outer_loss"]), float(aux_ref["outer_loss"]), rtol=1e-12)

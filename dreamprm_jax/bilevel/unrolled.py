@@ -11,7 +11,12 @@ schedule, weight decay and bias correction included), not an approximation of an
 idealised ``argmin``.
 
 * ``exact``: reverse mode through ``lax.scan`` (memory grows with ``T``: the carry at every
-  step, plus the step's activations unless ``remat``).
+  step, plus, with ``second_order="reverse"``, the step's gradient tape unless ``remat``).
+
+``exact``, ``exact_lowmem`` and ``truncated`` take ``second_order``: how reverse mode gets
+through each step's gradient ``grad_phi L_in``. ``"mixed"`` (the default) computes the step's
+VJP as one forward-over-reverse Hessian-vector product (:func:`inner.mixed_value_and_grad`);
+``"reverse"`` differentiates ``jax.grad`` with ``jax.grad``. Same numbers up to rounding.
 * ``exact_forward``: forward mode, one JVP per coordinate of ``alpha`` (``K`` domains), the
   tangents vmapped in chunks of ``chunk_size``; memory is that of ``chunk_size`` forward
   passes, independent of ``T``; cost ~ ``K / chunk_size`` unrolls of ``(1 + chunk_size)``
@@ -43,7 +48,7 @@ __all__ = ["exact", "exact_forward", "exact_lowmem", "truncated"]
 
 def exact(
     inner_loss, outer_loss, optimizer, params, opt_state, alpha, inner_batches, outer_batch, *, remat=False,
-    second_order="reverse",
+    second_order="mixed",
 ):
     """Exact hypergradient (5) by reverse mode through the scan: ``jax.grad`` of
     ``alpha -> L_out(unroll(alpha))``.
@@ -51,10 +56,11 @@ def exact(
     Options:
       remat: ``False`` | ``True`` | policy name | policy; ``jax.checkpoint`` on the scanned
         step so only the carry ``(phi_t, s_t)`` is kept per step.
-      second_order: ``"reverse"`` (reverse-over-reverse through each step's gradient) or
-        ``"mixed"`` (forward-over-reverse Hessian-vector products,
+      second_order: ``"mixed"`` (default: forward-over-reverse Hessian-vector products,
         :func:`inner.mixed_value_and_grad`: keeps only each step's inputs, not its
-        activations, and recomputes the gradient with its tangent in the backward pass).
+        activations, and recomputes the gradient with its tangent in the backward pass; the
+        2B program needs about half the memory) or ``"reverse"`` (``jax.grad`` through each
+        step's ``jax.grad``). The same numbers up to rounding.
     """
 
     def objective(a):
@@ -104,7 +110,7 @@ def exact_forward(
 
 
 def exact_lowmem(
-    inner_loss, outer_loss, optimizer, params, opt_state, alpha, inner_batches, outer_batch, *, second_order="reverse"
+    inner_loss, outer_loss, optimizer, params, opt_state, alpha, inner_batches, outer_batch, *, second_order="mixed"
 ):
     """Exact hypergradient (5) by reverse mode with recomputation (memory independent of ``T``).
 
@@ -155,7 +161,7 @@ def exact_lowmem(
 
 def truncated(
     inner_loss, outer_loss, optimizer, params, opt_state, alpha, inner_batches, outer_batch, *, k=1, remat=False,
-    second_order="reverse",
+    second_order="mixed",
 ):
     """Truncated back-propagation: reverse mode through only the last ``k`` of ``T`` steps,
 

@@ -75,9 +75,12 @@ class TrainConfig:
     meta_weight_decay: float = _field(1e-3, "Meta AdamW weight decay.")
     aggregation: str = _field("mean", "How step log-odds make a chain score: mean (reference code) | sum (paper).")
     hypergradient: str = _field(
-        "exact", "Hypergradient method: exact | exact_forward | exact_remat | darts | darts_exact | sama | "
-        "neumann | cg | truncated.")
-    hypergradient_options: str = _field("{}", "JSON dict of method options, e.g. '{\"k\": 2}'.")
+        "exact", "Hypergradient method: exact | exact_forward | exact_lowmem | truncated | darts | darts_exact | sama | "
+        "neumann | cg.")
+    hypergradient_options: str = _field(
+        "{}", "JSON dict of method options, e.g. '{\"k\": 2}' (truncated) or '{\"second_order\": \"reverse\"}' "
+        "(exact, exact_lowmem, truncated: reverse-over-reverse instead of the default forward-over-reverse "
+        "Hessian-vector products; same numbers, more memory).")
     meta_warmup: int = _field(
         0, "Iterations of lower-level training only (weights held at 1) before the first meta step. 0 = meta steps "
         "from the start (the reference). The hypergradient separates domains mostly while the PRM is learning what "
