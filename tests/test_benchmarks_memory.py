@@ -1,0 +1,40 @@
+"""benchmarks.memory's bookkeeping: which settings a record is, and how the table names them.
+
+(The compiles themselves are minutes of the full 2B config: a benchmark, not a test.)
+"""
+
+from benchmarks import memory
+
+
+def _record(method, second_order=None, **kw):
+    r = {"method": method, "T": 5, "remat": "full", "devices": 8, "argument_bytes": 3 * 2**30,
+         "output_bytes": 2**30, "alias_bytes": 2**30, "temp_bytes": 10 * 2**30, "peak_bytes": 13 * 2**30,
+         "fits": True, "compile_s": 1.0}
+    if second_order is not None:
+        r["second_order"] = second_order
+    r.update(kw)
+    return r
+
+
+def test_key_reads_old_records_as_reverse_and_ignores_second_order_elsewhere():
+    assert memory._key(_record("exact")) == ("exact", 5, "full", 8, "reverse")  # written before the option
+    assert memory._key(_record("exact_lowmem", "mixed")) == ("exact_lowmem", 5, "full", 8, "mixed")
+    assert memory._key(_record("darts", "-")) == ("darts", 5, "full", 8, "-")
+    assert memory._key(_record("darts")) == ("darts", 5, "full", 8, "-")
+
+
+def test_table_names_the_second_order_of_each_row():
+    table = memory.format_table([_record("exact"), _record("exact", "mixed"), _record("darts", "-"),
+                                 {"method": "exact", "T": 5, "remat": "full", "devices": 1,
+                                  "second_order": "mixed", "error": "RESOURCE_EXHAUSTED"}], 80.0)
+    lines = table.splitlines()
+    assert lines[0].split()[:2] == ["method", "2nd"]
+    assert lines[2].split()[:2] == ["exact", "reverse"] and lines[2].split()[-3:] == ["13.00", "yes", "1.0"]
+    assert lines[3].split()[:2] == ["exact", "mixed"]
+    assert lines[4].split()[:2] == ["darts", "-"]
+    assert lines[5].split()[:2] == ["exact", "mixed"] and "error: RESOURCE_EXHAUSTED" in lines[5]
+
+
+def test_parser_takes_a_list_of_second_orders():
+    args = memory._parser().parse_args(["--second-order", "reverse,mixed"])
+    assert memory._strs(args.second_order) == ["reverse", "mixed"]
