@@ -124,7 +124,8 @@ def mixed_value_and_grad(inner_loss: InnerLoss) -> Callable:
 
     (the mixed-mode product of MixFlow-MG, Kemaev et al. 2025). The forward pass keeps only
     ``(phi, alpha, batch)``; the backward pass recomputes the gradient with its tangent. Same
-    numbers as reverse-over-reverse up to rounding (``tests/test_bilevel_unroll.py``). The
+    numbers as reverse-over-reverse up to rounding (float64 tests on an MLP and the tiny Qwen2-VL
+    PRM: ``tests/test_bilevel_hypergradient.py``, ``tests/test_prm_hypergradient.py``). The
     loss output's cotangent ``c`` adds ``c * G``. Forward-mode differentiation of the result
     is not defined (``jax.custom_vjp``): ``exact_forward`` uses the plain gradient.
     """

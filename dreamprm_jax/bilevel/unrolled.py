@@ -11,12 +11,8 @@ schedule, weight decay and bias correction included), not an approximation of an
 idealised ``argmin``.
 
 * ``exact``: reverse mode through ``lax.scan`` (memory grows with ``T``: the carry at every
-  step, plus, with ``second_order="reverse"``, the step's gradient tape unless ``remat``).
-
-``exact``, ``exact_lowmem`` and ``truncated`` take ``second_order``: how reverse mode gets
-through each step's gradient ``grad_phi L_in``. ``"mixed"`` (the default) computes the step's
-VJP as one forward-over-reverse Hessian-vector product (:func:`inner.mixed_value_and_grad`);
-``"reverse"`` differentiates ``jax.grad`` with ``jax.grad``. Same numbers up to rounding.
+  step, plus, with ``second_order="reverse"``, the step's gradient tape unless ``remat``; with the default ``"mixed"``, only
+  the step's inputs).
 * ``exact_forward``: forward mode, one JVP per coordinate of ``alpha`` (``K`` domains), the
   tangents vmapped in chunks of ``chunk_size``; memory is that of ``chunk_size`` forward
   passes, independent of ``T``; cost ~ ``K / chunk_size`` unrolls of ``(1 + chunk_size)``
@@ -29,6 +25,11 @@ VJP as one forward-over-reverse Hessian-vector product (:func:`inner.mixed_value
   ``exact_forward`` (linear in ``T``, ``K`` tangents).
 * ``truncated``: reverse mode through only the last ``k`` steps; the first ``T - k`` run
   without gradient (``stop_gradient`` on ``(phi_{T-k}, s_{T-k})``). ``k = T`` is ``exact``.
+
+``exact``, ``exact_lowmem`` and ``truncated`` take ``second_order``: how reverse mode gets
+through each step's gradient ``grad_phi L_in``. ``"mixed"`` (the default) computes the step's
+VJP as one forward-over-reverse Hessian-vector product (:func:`inner.mixed_value_and_grad`);
+``"reverse"`` differentiates ``jax.grad`` with ``jax.grad``. Same numbers up to rounding.
 """
 
 from __future__ import annotations
