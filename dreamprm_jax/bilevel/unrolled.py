@@ -11,8 +11,8 @@ schedule, weight decay and bias correction included), not an approximation of an
 idealised ``argmin``.
 
 * ``exact``: reverse mode through ``lax.scan`` (memory grows with ``T``: the carry at every
-  step, plus, with ``second_order="reverse"``, the step's gradient tape unless ``remat``; with the default ``"mixed"``, only
-  the step's inputs).
+  step, plus, with ``second_order="reverse"``, the step's gradient tape unless ``remat``;
+  with the default ``"mixed"``, only the step's inputs).
 * ``exact_forward``: forward mode, one JVP per coordinate of ``alpha`` (``K`` domains), the
   tangents vmapped in chunks of ``chunk_size``; memory is that of ``chunk_size`` forward
   passes, independent of ``T``; cost ~ ``K / chunk_size`` unrolls of ``(1 + chunk_size)``
