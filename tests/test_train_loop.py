@@ -11,12 +11,14 @@ import sys
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from dreamprm_jax import configs
 from dreamprm_jax.data import synthetic
 from dreamprm_jax.train import loop
+from dreamprm_jax.train import step as step_lib
 from dreamprm_jax.train.checkpointing import Checkpointer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -37,7 +39,7 @@ def tiny_config(data_dir: str, out_dir: str, **overrides) -> configs.TrainConfig
         train_json=os.path.join(data_dir, "train.json"), meta_json=os.path.join(data_dir, "meta.json"),
         image_root=data_dir, cache_dir=os.path.join(data_dir, "cache"), out_dir=out_dir,
         model_hidden_size=32, model_layers=1, train_batch_size=4, meta_batch_size=2, unroll=2,
-        iterations=4, checkpoint_every=2, log_every=1, progress=False, export=False, meta_warmup=0,
+        iterations=4, checkpoint_every=2, log_every=1, progress=False, export=False, meta_warmup=0, meta_lr_warmup=0,
         seq_buckets=(192,), patch_buckets=(256,))  # one static shape: one compiled program per run
     return dataclasses.replace(base, **overrides)
 
@@ -57,14 +59,15 @@ def assert_trees_equal(a, b):
 
 
 def test_resume_continues_bit_for_bit(tiny_data, tmp_path):
-    straight = loop.train(tiny_config(tiny_data, str(tmp_path / "straight")))
+    ramp = dict(meta_lr_warmup=3)  # the meta learning-rate ramp spans the resume point
+    straight = loop.train(tiny_config(tiny_data, str(tmp_path / "straight"), **ramp))
     assert straight.step == 4 and not straight.interrupted
     assert np.all(np.isfinite(straight.weights))
 
     half = str(tmp_path / "halves")
-    first = loop.train(tiny_config(tiny_data, half, iterations=2))
+    first = loop.train(tiny_config(tiny_data, half, iterations=2, **ramp))
     assert first.step == 2
-    second = loop.train(tiny_config(tiny_data, half, iterations=4, resume=True))
+    second = loop.train(tiny_config(tiny_data, half, iterations=4, resume=True, **ramp))
     assert second.step == 4
 
     step_a, state_a, extra_a = final_state(str(tmp_path / "straight"))
@@ -83,12 +86,12 @@ def test_sigterm_saves_and_resume_matches(tiny_data, tmp_path):
     """SIGTERM mid-run: a checkpoint is written, the process exits 0, and resuming gives
     the same state as an uninterrupted run of the same length."""
     out = str(tmp_path / "interrupted")
-    cfg = tiny_config(tiny_data, out, iterations=10_000, checkpoint_every=10_000)
+    cfg = tiny_config(tiny_data, out, iterations=10_000, checkpoint_every=10_000, meta_lr_warmup=3)
     args = [sys.executable, "-m", "experiments.train", "--train-json", cfg.train_json, "--meta-json", cfg.meta_json,
             "--image-root", cfg.image_root, "--cache-dir", cfg.cache_dir, "--out-dir", out,
             "--model-hidden-size", "32", "--model-layers", "1", "--train-batch-size", "4", "--meta-batch-size", "2",
             "--unroll", "2", "--seq-buckets", "192", "--patch-buckets", "256", "--log-every", "1", "--progress", "false", "--export", "false",
-            "--iterations", "10000", "--checkpoint-every", "10000", "--meta-warmup", "0"]
+            "--iterations", "10000", "--checkpoint-every", "10000", "--meta-warmup", "0", "--meta-lr-warmup", "3"]
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     log = os.path.join(out, "metrics.jsonl")
@@ -125,6 +128,37 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tiny_data, tmp_pat
     step, state, _ = final_state(out)
     assert step == 2
     assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state) if np.issubdtype(x.dtype, np.floating))
+
+
+def test_meta_lr_ramps_linearly_from_zero():
+    opt = step_lib.meta_optimizer(0.03, 0.0, warmup=4)
+    raw = jnp.zeros((2,), jnp.float32)
+    opt_state = opt.init(raw)
+    sizes = []
+    for _ in range(6):  # a constant gradient: Adam's step is lr_t * sign(g)
+        updates, opt_state = opt.update(jnp.array([1.0, -2.0]), opt_state, raw)
+        sizes.append(np.asarray(updates))
+    expected = [0.0, 0.0075, 0.015, 0.0225, 0.03, 0.03]
+    np.testing.assert_allclose([-u[0] for u in sizes], expected, rtol=1e-5, atol=1e-9)
+    np.testing.assert_allclose([u[1] for u in sizes], expected, rtol=1e-5, atol=1e-9)
+    with pytest.raises(ValueError, match="warmup"):
+        step_lib.meta_optimizer(0.03, 0.0, warmup=-1)
+
+
+def test_hypergradient_clip_is_relative_to_the_recent_median():
+    clip = step_lib.clip_by_recent_median(2.0, window=4)
+    state = clip.init(None)
+    out = []
+    for norm in [1.0, 1.0, 2.0, 10.0, 1.0, 3.0, 7.0]:
+        g = {"r": jnp.array([0.6, 0.8]) * norm}  # global norm = norm
+        clipped, state = clip.update(g, state)
+        out.append(float(jnp.linalg.norm(clipped["r"])))
+        np.testing.assert_allclose(clipped["r"] / out[-1], [0.6, 0.8], rtol=1e-6)  # direction kept
+    # limits: none (no history), 2 * median of the remembered (unclipped) norms
+    # [1], [1, 1], [1, 1, 2], [1, 1, 2, 10], then the window of 4 drops the oldest: [2, 10, 1, 3] -> 5
+    np.testing.assert_allclose(out, [1.0, 1.0, 2.0, 2.0, 1.0, 3.0, 5.0], rtol=1e-6)
+    with pytest.raises(ValueError, match="factor"):
+        step_lib.clip_by_recent_median(0.0)
 
 
 def test_vanilla_prm_keeps_uniform_weights_and_exports(tiny_data, tmp_path):

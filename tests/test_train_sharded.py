@@ -162,7 +162,7 @@ def test_two_processes_match_one_process(mesh_runs, tiny_data, tmp_path):
             "--image-root", cfg.image_root, "--cache-dir", cfg.cache_dir, "--out-dir", out,
             "--model-hidden-size", "32", "--model-layers", "1", "--train-batch-size", "4", "--meta-batch-size", "2",
             "--unroll", "2", "--seq-buckets", "192", "--patch-buckets", "256", "--log-every", "1",
-            "--progress", "false", "--iterations", str(ITERATIONS), "--checkpoint-every", "2", "--meta-warmup", "0",
+            "--progress", "false", "--iterations", str(ITERATIONS), "--checkpoint-every", "2", "--meta-warmup", "0", "--meta-lr-warmup", "0",
             "--hypergradient", cfg.hypergradient,
             "--coordinator-address", f"127.0.0.1:{free_port()}", "--num-processes", "2"]
     procs = [subprocess.Popen(args + ["--process-id", str(pid)], cwd=REPO, env=_env(1), stdout=subprocess.PIPE,

@@ -35,6 +35,8 @@ def qwen2_vl_2b() -> TrainConfig:
         inner_lr_gamma=0.5,
         inner_weight_decay=0.01,
         meta_lr=0.01,
+        meta_lr_warmup=0,
+        meta_grad_clip=0.0,
         meta_weight_decay=1e-3,
         iterations=10_000,
         checkpoint_every=500,

@@ -71,8 +71,16 @@ class TrainConfig:
     pack_meta: bool = _field(True, "Score each meta chain's step prefixes in one packed row (one image encoding, "
                              "shared tokens run once, a tree attention mask; the same scores as one row per step).")
     meta_lr: float = _field(0.03, "Meta AdamW learning rate on the raw domain weights (the paper: 0.01 over 10,000 "
-                            "iterations; the 160-iteration demo uses 0.03).")
+                            "iterations; the 240-iteration demo uses 0.03).")
+    meta_lr_warmup: int = _field(
+        80, "Meta steps over which the meta learning rate ramps linearly from 0 to --meta-lr (0: constant from the "
+        "first step, the reference). Adam's first steps are sign steps of single, noisy hypergradients taken at "
+        "full size; on the demo they decided which side of 1 the middle domains ended on, and the ramp keeps them small.")
     meta_weight_decay: float = _field(1e-3, "Meta AdamW weight decay.")
+    meta_grad_clip: float = _field(
+        2.0, "Clip each hypergradient to this multiple of the median norm of the last 32 (0: off, the reference). "
+        "Exact hypergradients are heavy-tailed (single iterations up to 20x the median on the demo), and one spike "
+        "moves Adam's step for about 10 iterations (its second moment, b2 = 0.999, barely registers it).")
     aggregation: str = _field("mean", "How step log-odds make a chain score: mean (reference code) | sum (paper).")
     hypergradient: str = _field(
         "exact", "Hypergradient method: exact | exact_forward | exact_lowmem | truncated | darts | darts_exact | sama | "

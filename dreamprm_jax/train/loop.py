@@ -245,7 +245,7 @@ def train(cfg: TrainConfig) -> TrainResult:
               f"{jax.process_count()} process(es), {jax.device_count()} {jax.default_backend()} device(s)")
     optimizer = sharding.constrain_optimizer(step_lib.inner_optimizer(
         cfg.inner_lr, cfg.inner_lr_step_size, cfg.inner_lr_gamma, cfg.inner_weight_decay, cfg.inner_grad_clip), mesh)
-    meta_opt = step_lib.meta_optimizer(cfg.meta_lr, cfg.meta_weight_decay)
+    meta_opt = step_lib.meta_optimizer(cfg.meta_lr, cfg.meta_weight_decay, cfg.meta_lr_warmup, cfg.meta_grad_clip)
     state = sharding.sharded_init(lambda p: step_lib.init_state(p, len(domains), optimizer, meta_opt), mesh,
                                   sharding.shard_tree(params, mesh))
     del params  # the state owns the parameters from here on (its buffers are donated)

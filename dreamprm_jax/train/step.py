@@ -11,7 +11,7 @@ state donated, so the T-step unroll and the meta update are one compiled program
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -52,8 +52,52 @@ def inner_optimizer(lr: float, step_size: int, gamma: float, weight_decay: float
     return adamw
 
 
-def meta_optimizer(lr: float, weight_decay: float):
-    return optax.adamw(lr, weight_decay=weight_decay)
+CLIP_WINDOW = 32  # hypergradient norms remembered by clip_by_recent_median
+
+
+class RecentNormsState(NamedTuple):
+    norms: jax.Array  # [CLIP_WINDOW] float32, NaN where not filled yet
+    count: jax.Array  # [] int32: hypergradients seen
+
+
+def clip_by_recent_median(factor: float, window: int = CLIP_WINDOW) -> optax.GradientTransformation:
+    """Scale a gradient down to ``factor`` times the median norm of the last ``window`` ones.
+
+    Scale-free (no threshold to tune per model) and robust to the spikes themselves: the
+    median ignores them, and the unclipped norm is what is remembered. The first gradient,
+    with no history, passes unchanged.
+    """
+    if factor <= 0 or window < 1:
+        raise ValueError(f"clip_by_recent_median: expected factor > 0 and window >= 1, got {factor}, {window}")
+
+    def init(params):
+        del params
+        return RecentNormsState(jnp.full((window,), jnp.nan, jnp.float32), jnp.zeros((), jnp.int32))
+
+    def update(updates, state, params=None):
+        del params
+        norm = jnp.sqrt(sum(jnp.sum(jnp.square(u.astype(jnp.float32))) for u in jax.tree.leaves(updates)))
+        limit = factor * jnp.nanmedian(state.norms)  # NaN before the first gradient
+        scale = jnp.where(jnp.isfinite(limit) & (norm > limit), limit / jnp.maximum(norm, 1e-30), 1.0)
+        norms = state.norms.at[state.count % window].set(norm)
+        return jax.tree.map(lambda u: u * scale.astype(u.dtype), updates), RecentNormsState(norms, state.count + 1)
+
+    return optax.GradientTransformation(init, update)
+
+
+def meta_optimizer(lr: float, weight_decay: float, warmup: int = 0, clip: float = 0.0):
+    """AdamW on the raw domain weights.
+
+    ``warmup > 0``: the learning rate ramps linearly from 0 to ``lr`` over the first ``warmup``
+    meta steps. ``clip > 0``: each hypergradient is first clipped to ``clip`` times the median
+    norm of the last :data:`CLIP_WINDOW` (:func:`clip_by_recent_median`). Both keep their
+    counts in the optimizer state, so a resumed run continues where it was.
+    """
+    if warmup < 0 or clip < 0:
+        raise ValueError(f"meta_optimizer: warmup and clip must be >= 0, got {warmup}, {clip}")
+    schedule = optax.linear_schedule(0.0, lr, warmup) if warmup > 0 else lr
+    adamw = optax.adamw(schedule, weight_decay=weight_decay)
+    return optax.chain(clip_by_recent_median(clip), adamw) if clip > 0 else adamw
 
 
 def init_state(params, num_domains: int, optimizer, meta_opt) -> State:
