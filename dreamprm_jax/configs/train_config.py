@@ -78,9 +78,10 @@ class TrainConfig:
         "full size; on the demo they decided which side of 1 the middle domains ended on, and the ramp keeps them small.")
     meta_weight_decay: float = _field(1e-3, "Meta AdamW weight decay.")
     meta_grad_clip: float = _field(
-        2.0, "Clip each hypergradient to this multiple of the median norm of the last 32 (0: off, the reference). "
-        "Exact hypergradients are heavy-tailed (single iterations up to 20x the median on the demo), and one spike "
-        "moves Adam's step for about 10 iterations (its second moment, b2 = 0.999, barely registers it).")
+        0.0, "Clip each hypergradient to this multiple of the median norm of the last 32 (0: off, the reference; 2 "
+        "is a good value). Exact hypergradients are heavy-tailed (single iterations up to 20x the median on the "
+        "demo), and one spike moves Adam's step for about 10 iterations (its second moment, b2 = 0.999, barely "
+        "registers it). On the demo it removed the spike-driven jumps but did not help the criteria (README).")
     aggregation: str = _field("mean", "How step log-odds make a chain score: mean (reference code) | sum (paper).")
     hypergradient: str = _field(
         "exact", "Hypergradient method: exact | exact_forward | exact_lowmem | truncated | darts | darts_exact | sama | "

@@ -332,10 +332,16 @@ class Processor:
         ``image`` is a PIL image, a file path, or None (text only).
         """
         if image is None:
-            return EncodedSample(self.tokenize(render_chat(text)))
+            return EncodedSample(self.encode_text(text))
         pixel_values, grid = self.preprocess_image(image)
-        ids = self.tokenize(render_chat(text, self.num_image_tokens(grid)))
-        return EncodedSample(ids, pixel_values, grid)
+        return EncodedSample(self.encode_text(text, grid), pixel_values, grid)
+
+    def encode_text(self, text: str, image_grid_thw=None) -> np.ndarray:
+        """The token ids of :meth:`encode` for a text whose image (if any) has this grid: a
+        caller that already holds an image's patches skips preprocessing it again."""
+        if image_grid_thw is None:
+            return self.tokenize(render_chat(text))
+        return self.tokenize(render_chat(text, self.num_image_tokens(np.asarray(image_grid_thw))))
 
     def decode(self, ids) -> str:
         return self.tokenizer.decode(list(np.asarray(ids).tolist()), skip_special_tokens=False)
