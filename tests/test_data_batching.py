@@ -307,6 +307,27 @@ def test_train_table_and_cache_hit(data_dir, tmp_path_factory):
     assert stacked["input_ids"].shape == (2, 4, 32)
 
 
+def test_seen_image_is_not_preprocessed_again(data_dir, tmp_path_factory):
+    """A processor with ``encode_text`` gets each distinct image once; the table is unchanged."""
+
+    class WithText(FakeProcessor):
+        text_calls = 0
+
+        def encode_text(self, text, image_grid_thw=None):
+            WithText.text_calls += 1
+            ids = [1 + (ord(c) % 50) for c in text]
+            n = 0 if image_grid_thw is None else int(np.prod(image_grid_thw)) // 4
+            return np.asarray([IMAGE_TOKEN] * n + ids, np.int32)
+
+    plain = build_train_dataset(data_dir / "train.json", FakeProcessor(), tmp_path_factory.mktemp("plain"))
+    proc = WithText()
+    fast = build_train_dataset(data_dir / "train.json", proc, tmp_path_factory.mktemp("fast"))
+    assert proc.calls == 3 and WithText.text_calls == 1  # records: image a twice, image b, no image
+    for column in plain.samples.column_names:
+        for x, y in zip(plain.samples[column], fast.samples[column]):
+            np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
 def test_meta_table_and_batches(data_dir, tmp_path_factory):
     cache = tmp_path_factory.mktemp("cache")
     proc = FakeProcessor()

@@ -105,6 +105,10 @@ def test_encode_equals_transformers_qwen2_vl_pipeline(processor):
     ref_t = processor.tokenizer(render_chat(text), add_special_tokens=False)["input_ids"]
     np.testing.assert_array_equal(text_only.input_ids, ref_t)
 
+    # encode_text: the same ids from a known grid (the dataset encoder's path for a seen image)
+    np.testing.assert_array_equal(processor.encode_text(text, enc.image_grid_thw), enc.input_ids)
+    np.testing.assert_array_equal(processor.encode_text(text), text_only.input_ids)
+
 
 def test_pixels_match_independent_patchify(processor):
     """Patch layout against the transformers-4 slow processor's formula, written out here.
