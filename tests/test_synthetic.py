@@ -70,8 +70,8 @@ def _spec_of(config, name):
 
 
 def test_dropping_a_domain_leaves_the_others_unchanged():
-    full, _, _ = synthetic.domain_records(_spec_of(SMALL, "clean_medium"), SMALL)
-    sub = synthetic.select_domains(SMALL, ["clean_medium"])
+    full, _, _ = synthetic.domain_records(_spec_of(SMALL, "clean_hard"), SMALL)
+    sub = synthetic.select_domains(SMALL, ["clean_hard"])
     alone, _, _ = synthetic.domain_records(sub.domains[0], sub)
     assert full == alone
 
@@ -85,7 +85,7 @@ def test_manifest_contents(bench):
     qualities = synthetic.planted_qualities(manifest)
     assert manifest["quality_order"] == sorted(names, key=lambda n: -qualities[n])
     assert qualities["flipped"] < qualities["blank_image"] < qualities["label_noise"] \
-        < qualities["clean_hard"] < qualities["clean_medium"] < qualities["clean_easy"] < qualities["trivial"]
+        < qualities["clean_hard"] < qualities["clean_easy"] < qualities["trivial"]
     for d in manifest["domains"]:
         assert d["description"] and isinstance(d["corruption"], dict)
         assert d["records"] == 5 * SMALL.train_per_domain  # equal counts per domain by default
@@ -264,7 +264,7 @@ def test_meta_errors_are_blatant_by_default(bench):
     assert not any(BLATANT_VALUE in _numbers(r["input"]) for r in right)
 
 
-@pytest.mark.parametrize("name,fraction", [("clean_easy", 0.75), ("clean_hard", 0.25), ("trivial", 1.0)])
+@pytest.mark.parametrize("name,fraction", [("clean_easy", 0.75), ("clean_hard", 0.5), ("trivial", 1.0)])
 def test_blatant_fraction_of_errors(name, fraction):
     spec = _spec(name)
     records, _, _ = synthetic.domain_records(spec, LARGE)

@@ -26,7 +26,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory):
-    """A generated benchmark with a handful of chains per domain (all seven domains)."""
+    """A generated benchmark with a handful of chains per domain (all six domains)."""
     out = tmp_path_factory.mktemp("synthetic")
     config = dataclasses.replace(synthetic.default_config(), train_per_domain=6, meta=8, test=4)
     synthetic.generate(out, config)

@@ -90,7 +90,7 @@ def prepare_data(*, data_dir: str = DEFAULT_DATA_DIR, model: str = "tiny", num_d
       data_dir: receives ``synthetic_<config>/`` (benchmark + its ``tokenizer/``) and ``cache/``.
       model: ``"tiny"`` (``qwen2_vl.tiny``: hidden 64, 2 layers, 4 px patches) or ``"demo"``
         (``qwen2_vl.demo``: hidden 128, 3 layers, the real 14 px patches).
-      num_domains: K, the first K of ``synthetic.default_domains()`` (1..7).
+      num_domains: K, the first K of ``synthetic.default_domains()`` (1..6).
       chains_per_domain: training chains per domain (5 step records each).
       meta: meta chains generated (balanced correct / wrong).
       image_size: side of the generated square images (pixels).
@@ -198,8 +198,8 @@ def prm_problem(*, seed: int = 0, dtype=jnp.float32, num_domains: int = 4, inner
       seed: parameter init seed (backbone and head).
       dtype: dtype of params, optimizer state, alpha and float batch entries (see the module
         docstring for float64).
-      num_domains: K (the first K generated domains: trivial, clean_easy, clean_medium,
-        clean_hard, label_noise, blank_image, flipped; ids follow their sorted names).
+      num_domains: K (the first K generated domains: trivial, clean_easy, clean_hard,
+        label_noise, blank_image, flipped; ids follow their sorted names).
       inner_steps: T.
       inner_lr: AdamW learning rate (StepLR 5000 / 0.5 as in training).
       batch_size: B step records per inner step; meta_chains: M chains (x 5 step prefixes).

@@ -2,7 +2,7 @@
 
 Images (bar charts, counting grids, polygons) with questions, five-step chains of thought
 whose errors are copy-consistency errors visible in the text, simulated Monte-Carlo step
-labels, seven training domains of planted quality (clean at three difficulties, trivial,
+labels, six training domains of planted quality (clean at two difficulties, trivial,
 label noise, uninformative images, flipped labels), a balanced clean meta set and a
 best-of-N test set.  ``generate(out_dir, default_config())`` writes it all; see
 :mod:`.generate` for the layout and :mod:`.domains` for the qualities.

@@ -107,7 +107,7 @@ class SyntheticConfig:
 
 
 def default_config() -> SyntheticConfig:
-    """The CPU-demo benchmark: 7 domains x 240 chains (8400 step records), 160 meta chains, 100 test questions."""
+    """The CPU-demo benchmark: 6 domains x 240 chains (7200 step records), 160 meta chains, 100 test questions."""
     return SyntheticConfig()
 
 
