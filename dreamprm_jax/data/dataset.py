@@ -212,7 +212,7 @@ class _Encoder:
         idx = self.image_index.get(image_path) if image_path is not None else None
         encode_text = getattr(self.processor, "encode_text", None)
         if idx is not None and encode_text is not None:
-            # An image seen before (the demo: 8 records per image): its patches are on disk,
+            # An image seen before (the demo: 10 step records per image): its patches are on disk,
             # only the text is new. Same ids as a full encode, a fraction of the time.
             row = self.image_rows[idx]
             ids = np.asarray(encode_text(text, row["image_grid_thw"].reshape(1, 3)), dtype=np.int32).reshape(-1)  # [L]
