@@ -231,7 +231,8 @@ def main(argv=None) -> int:
             (second_orders if m in SECOND_ORDER_METHODS else ["-"]) for T in unrolls for d in devices]
     if args.append and os.path.isfile(args.out):
         with open(args.out) as f:
-            records = [r for r in json.load(f).get("records", []) if _key(r) not in set(grid)]
+            replaced = set(grid)
+            records = [r for r in json.load(f).get("records", []) if _key(r) not in replaced]
     t_start = time.perf_counter()
     for i, (method, T, remat, d, so) in enumerate(grid):
         if time.perf_counter() - t_start > args.time_limit:

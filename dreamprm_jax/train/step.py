@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import optax
 
 from dreamprm_jax import bilevel
+from dreamprm_jax.bilevel import _common
 from dreamprm_jax.models import prm
 
 State = dict[str, Any]
@@ -76,7 +77,7 @@ def clip_by_recent_median(factor: float, window: int = CLIP_WINDOW) -> optax.Gra
 
     def update(updates, state, params=None):
         del params
-        norm = jnp.sqrt(sum(jnp.sum(jnp.square(u.astype(jnp.float32))) for u in jax.tree.leaves(updates)))
+        norm = _common.tree_norm(updates).astype(jnp.float32)
         limit = factor * jnp.nanmedian(state.norms)  # NaN before the first gradient
         scale = jnp.where(jnp.isfinite(limit) & (norm > limit), limit / jnp.maximum(norm, 1e-30), 1.0)
         norms = state.norms.at[state.count % window].set(norm)
