@@ -51,10 +51,53 @@ def time_calls(fn: Callable[[], Any], warmup: int, repeats: int) -> dict:
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
+    return summarize_times(times)
+
+
+def summarize_times(times: list[float]) -> dict:
+    """``{"median_s", "min_s", "max_s", "iqr_s", "spread_pct", "times_s"}`` of a list of seconds."""
     med = statistics.median(times)
     q = np.percentile(times, [25, 75]) if len(times) > 1 else (times[0], times[0])
     return {"median_s": med, "min_s": min(times), "max_s": max(times), "iqr_s": float(q[1] - q[0]),
-            "spread_pct": 100.0 * (max(times) - min(times)) / med, "times_s": times}
+            "spread_pct": 100.0 * (max(times) - min(times)) / med, "times_s": list(times)}
+
+
+def time_interleaved(fns: dict[str, Callable[[], Any]], warmup: int, repeats: int,
+                     clock: Callable[[], float] = time.perf_counter) -> dict[str, dict]:
+    """Time several runs round-robin: each round calls every ``fn`` once (each must block).
+
+    On a shared machine the load changes over seconds; timing run A's repeats, then B's, lets
+    a change land on one run only and moves the A / B ratio by tens of percent. Here round
+    ``r`` calls the runs in the given order rotated by ``r`` (no run always goes first, right
+    after another's clean-up), so every run sees the same load, and ``times_s[r]`` of two
+    runs are paired: :func:`paired_ratio` divides them round by round.
+
+    ``warmup`` untimed rounds first (the first call of each run happens in the given order).
+    Returns ``{name: summarize_times(...)}``.
+    """
+    names = list(fns)
+    for w in range(warmup):
+        k = w % len(names)
+        for name in names[k:] + names[:k]:
+            fns[name]()
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(max(1, repeats)):
+        k = r % len(names)
+        for name in names[k:] + names[:k]:
+            t0 = clock()
+            fns[name]()
+            times[name].append(clock() - t0)
+    return {name: summarize_times(t) for name, t in times.items()}
+
+
+def paired_ratio(numerator: dict, denominator: dict) -> float:
+    """Median over rounds of ``numerator.times_s[r] / denominator.times_s[r]`` (timings of
+    :func:`time_interleaved`, same round count)."""
+    a, b = numerator["times_s"], denominator["times_s"]
+    if len(a) != len(b):
+        raise ValueError(f"paired_ratio: {len(a)} and {len(b)} rounds; both timings must come from one "
+                         "time_interleaved call")
+    return float(statistics.median(x / y for x, y in zip(a, b)))
 
 
 def versions() -> dict:

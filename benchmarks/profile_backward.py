@@ -48,6 +48,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--image-side", type=int, default=56, help="image side px, one image per row (0: text only)")
     p.add_argument("--unroll", type=int, default=5, help="--target step: T inner steps")
     p.add_argument("--remat", default="none", help="per-block remat policy")
+    p.add_argument("--pack-meta", action=argparse.BooleanOptionalAction, default=True,
+                   help="--target step: one packed meta row per chain (the trainer's default), or one row per prefix")
+    p.add_argument("--by-count", action="store_true", help="list the most executed instructions, not the slowest")
+    p.add_argument("--by-line", action="store_true",
+                   help="sum the time per Python source line (the innermost frame that emitted each instruction)")
     p.add_argument("--calls", type=int, default=10, help="profiled calls")
     p.add_argument("--top", type=int, default=40, help="ops listed")
     p.add_argument("--hlo", default=None, help="also write the optimised HLO text here")
@@ -81,7 +86,7 @@ def _build(a):
                                       reweighting=a.method != "none")
     state = step_lib.init_state(params, spec.num_domains, opt, meta_opt)
     inner = jax.tree.map(jnp.asarray, problem["inner_jax"])
-    meta = jax.tree.map(jnp.asarray, problem["meta_jax"])
+    meta = jax.tree.map(jnp.asarray, problem["meta_jax_packed" if a.pack_meta else "meta_jax"])
     fn = jax.jit(lambda s, i, m: step(s, i, m)[1])  # metrics only: the state is not threaded (same work each call)
     return fn, (state, inner, meta)
 
@@ -91,6 +96,39 @@ def _op_names(hlo: str) -> dict[str, tuple[str, str]]:
     out = {}
     for m in re.finditer(r"^\s*(?:ROOT )?%?([\w.\-]+) = (\S+) .*?op_name=\"([^\"]*)\"", hlo, re.M):
         out[m.group(1)] = (m.group(2), m.group(3))
+    return out
+
+
+def _source_lines(hlo: str) -> dict[str, str]:
+    """HLO instruction name -> ``file.py:line function`` of the innermost Python frame that emitted it
+    (the module's ``StackFrames`` tables; fusions carry their root op's frame)."""
+    sections: dict[str, dict[int, str]] = {}
+    current = None
+    for line in hlo.splitlines():
+        if line in ("FileNames", "FunctionNames", "FileLocations", "StackFrames"):
+            current = sections.setdefault(line, {})
+            continue
+        m = re.match(r"^(\d+) (.*)$", line)
+        if current is None or not m:
+            current = None if not m else current
+            continue
+        current[int(m.group(1))] = m.group(2)
+    files, funcs = sections.get("FileNames", {}), sections.get("FunctionNames", {})
+    where = {}
+    for i, loc in sections.get("FileLocations", {}).items():
+        f = re.search(r"file_name_id=(\d+) function_name_id=(\d+) line=(\d+)", loc)
+        if f:
+            path = files.get(int(f.group(1)), "?").strip('"')
+            func = funcs.get(int(f.group(2)), "?").strip('"').split(".")[-1]
+            where[i] = f"{os.path.basename(path)}:{f.group(3)} {func}"
+    frames = {}
+    for i, fr in sections.get("StackFrames", {}).items():
+        f = re.search(r"file_location_id=(\d+)", fr)
+        if f:
+            frames[i] = where.get(int(f.group(1)), "?")
+    out = {}
+    for m in re.finditer(r"^\s*(?:ROOT )?%?([\w.\-]+) = .*?stack_frame_id=(\d+)", hlo, re.M):
+        out[m.group(1)] = frames.get(int(m.group(2)), "?")
     return out
 
 
@@ -135,7 +173,8 @@ def main(argv=None) -> int:
             if line.name == "python":
                 continue
             for ev in line.events:
-                if "Thunk" in ev.name or "ThreadPool" in ev.name or ev.name.startswith(("while", "call", "conditional")):
+                if ("Thunk" in ev.name or "ThreadPool" in ev.name or "Threadpool" in ev.name
+                        or ev.name.startswith(("while", "call", "conditional", "end: "))):
                     continue
                 total[ev.name] += ev.duration_ns
                 count[ev.name] += 1
@@ -144,14 +183,25 @@ def main(argv=None) -> int:
     print(f"[profile_backward] target {a.target}{' ' + a.method if a.target == 'step' else ''}, B={a.batch} "
           f"L={a.seq_len} image {a.image_side}px, hidden {a.hidden}, {a.layers} layers on {jax.devices()[0]}")
     print(f"wall median {1e3 * statistics.median(wall):.2f} ms/call; leaf op time {ops:.2f} ms/call "
-          f"(summed over threads)")
+          f"(summed over threads) in {sum(count.values()) / n:.0f} op executions per call")
     by_kind = collections.Counter()
     for k, v in total.items():
         op = names.get(k, ("", ""))[1]
         by_kind["backward" if "transpose(jvp" in op else "forward" if "jvp(" in op else "other"] += v
     print("by pass: " + ", ".join(f"{k} {v / 1e6 / n:.2f} ms" for k, v in by_kind.most_common()))
+    if a.by_line:
+        lines = _source_lines(hlo)
+        per_line, runs = collections.Counter(), collections.Counter()
+        for k, v in total.items():
+            per_line[lines.get(k, "?")] += v
+            runs[lines.get(k, "?")] += count[k]
+        print(f"{'ms/call':>8} {'ops':>6}  source line (innermost frame)")
+        for k, v in per_line.most_common(a.top):
+            print(f"{v / 1e6 / n:8.3f} {runs[k] / n:6.0f}  {k}")
+        return 0
     print(f"{'ms/call':>8} {'x':>4}  {'instruction':<40} {'shape':<36} jax op")
-    for k, v in total.most_common(a.top):
+    for k, v in (sorted(total.items(), key=lambda kv: -count[kv[0]])[:a.top] if a.by_count
+                 else total.most_common(a.top)):
         shape, op = names.get(k, ("?", "?"))
         print(f"{v / 1e6 / n:8.3f} {count[k] / n:4.0f}  {k[:40]:<40} {shape[:36]:<36} {_short(op)[:100]}")
     return 0

@@ -16,6 +16,15 @@ What is timed (everything the trainer runs, built from its own pieces):
 * PyTorch (``benchmarks.reference_torch``): DreamPRM's iteration with Betty's DARTS on the same
   initial weights and batches, per ``--torch-threads`` value; its inner step alone too.
 
+Timing order (``--interleave``, the default for the demo config): every run (JAX methods, the
+JAX inner step, each torch thread count and its inner step) is built first, then timed
+round-robin, one call of each per round with the order rotated every round
+(``_common.time_interleaved``). On a shared machine the load changes over seconds (this
+2-core CPU: +-25 % between minutes); timed one after another, a change lands on one run only
+and moves the ratios between runs by as much. Interleaved, every run sees the same load, and the
+ratios are medians of the per-round ratios. ``--no-interleave`` (the default for the 2B config,
+whose states do not fit on a device together) times each run alone and frees it before the next.
+
 Reported: median and spread ((max - min) / median) of the repeats, bi-level iterations/s,
 inner-step samples/s and tokens/s (real, unpadded tokens), the training samples/s and tokens/s
 the bi-level iteration sustains (``T * B`` samples per iteration), ratios (JAX exact vs torch
@@ -87,8 +96,14 @@ def _parser() -> argparse.ArgumentParser:
                         "--no-pack-meta: one row per step prefix, as the PyTorch reference does")
     p.add_argument("--R", type=float, default=0.01, help="DARTS radius (Betty's darts_alpha)")
     p.add_argument("--inner-lr", type=float, default=2e-3)
-    p.add_argument("--warmup", type=int, default=1, help="untimed iterations after compiling")
-    p.add_argument("--repeats", type=int, default=5, help="timed iterations (median reported)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed iterations (rounds) after compiling")
+    p.add_argument("--repeats", type=int, default=None,
+                   help="timed iterations per run, median reported (default 15 with --interleave, else 5)")
+    p.add_argument("--interleave", action=argparse.BooleanOptionalAction, default=None,
+                   help="time all runs round-robin, one iteration of each per round with the order rotated every "
+                        "round, so a shared machine's load changes reach every run alike; ratios are then medians "
+                        "of per-round ratios. Needs every run's state in memory at once. Default: on for the demo "
+                        "config, off for qwen2_vl_2b (runs one after another, each freed before the next)")
     p.add_argument("--no-inner-step", action="store_true", help="skip the standalone inner-step timing")
     p.add_argument("--torch", dest="torch", action="store_true", default=None, help="run the PyTorch reference")
     p.add_argument("--no-torch", dest="torch", action="store_false", help="skip the PyTorch reference")
@@ -111,6 +126,10 @@ def _defaults(a):
             setattr(a, k, v)
     if a.torch is None:
         a.torch = not big and a.device in ("cpu", "default")
+    if a.interleave is None:
+        a.interleave = not big
+    if a.repeats is None:
+        a.repeats = 15 if a.interleave else 5
     return a
 
 
@@ -225,7 +244,9 @@ def _model_flops(a, config, method, opt, meta_opt, state, inner, meta) -> float:
     return _common.jaxpr_flops(jax.make_jaxpr(fn)(state, inner, meta))["flops"]
 
 
-def _bench_method(a, config, method, make_params, opt, meta_opt, inner, meta):
+def _prepare_method(a, config, method, make_params, opt, meta_opt, inner, meta):
+    """``(record, call)``: the method's step traced, counted and compiled (times in ``record``),
+    and ``call()``, one iteration on its own threaded state (the first one records the metrics)."""
     import jax
 
     from dreamprm_jax.train import step as step_lib
@@ -250,14 +271,14 @@ def _bench_method(a, config, method, make_params, opt, meta_opt, inner, meta):
         if not first:
             first.update({k: np.asarray(v).tolist() for k, v in metrics.items()})
 
-    timing = _common.time_calls(call, a.warmup, a.repeats)
-    holder.clear()
-    return {"trace_s": trace_s, "compile_s": compile_s, **timing, "xla_cost_analysis_flops": _cost_flops(compiled),
-            "jaxpr_flops": hw["flops"], "jaxpr_dynamic_while_loops": hw["dynamic_while_loops"],
-            "model_flops": model_flops, "memory": _memory(compiled), "first_metrics": first}
+    record = {"trace_s": trace_s, "compile_s": compile_s, "xla_cost_analysis_flops": _cost_flops(compiled),
+              "jaxpr_flops": hw["flops"], "jaxpr_dynamic_while_loops": hw["dynamic_while_loops"],
+              "model_flops": model_flops, "memory": _memory(compiled), "first_metrics": first}
+    return record, call
 
 
-def _bench_inner_step(a, config, make_params, opt, inner):
+def _prepare_inner_step(a, config, make_params, opt, inner):
+    """``(record, call)`` of one jitted inner step (PRM forward + backward + AdamW) on the first batch."""
     import jax
     import jax.numpy as jnp
 
@@ -279,15 +300,15 @@ def _bench_inner_step(a, config, make_params, opt, inner):
         holder[0], holder[1] = compiled(holder[0], holder[1])
         jax.block_until_ready(holder[0])
 
-    timing = _common.time_calls(call, a.warmup, a.repeats)
-    holder.clear()
-    return {"compile_s": compile_s, **timing, "xla_cost_analysis_flops": _cost_flops(compiled)}
+    return {"compile_s": compile_s, "xla_cost_analysis_flops": _cost_flops(compiled)}, call
 
 
 # ------------------------------------------------------------------------------ torch
 
 
-def _bench_torch(a, config, params_host, problem, threads):
+def _prepare_torch(a, config, params_host, problem, threads):
+    """``(record, iteration_call, inner_step_call)`` of one PyTorch reference with ``threads``
+    threads (set again before every call, so references with different counts can alternate)."""
     import torch
 
     from benchmarks.reference_torch import TorchReference
@@ -298,19 +319,86 @@ def _bench_torch(a, config, params_host, problem, threads):
     first = {}
 
     def iteration():
+        torch.set_num_threads(threads)
         out = ref.iteration(inner, meta)
         if not first:
             first.update(meta_loss=out["meta_loss"], hypergrad_norm=float(np.linalg.norm(out["hypergradient"])),
                          inner_loss=float(np.mean(out["inner_losses"])), hypergradient=out["hypergradient"].tolist())
 
-    it = _common.time_calls(iteration, a.warmup, a.repeats)
-    step = _common.time_calls(lambda: ref.inner_step(inner[0]), 1, a.repeats) if not a.no_inner_step else None
-    del ref
-    gc.collect()
-    return {"threads": torch.get_num_threads(), "iteration": it, "inner_step": step, "first_metrics": first}
+    def inner_step():
+        torch.set_num_threads(threads)
+        ref.inner_step(inner[0])
+
+    return {"threads": threads, "first_metrics": first}, iteration, inner_step
 
 
 # ------------------------------------------------------------------------------ main
+
+
+def _with_calls(prepared, name):
+    record, call = prepared
+    return record, {name: call}
+
+
+def _torch_calls(a, config, params_host, problem, threads):
+    record, iteration, inner_step = _prepare_torch(a, config, params_host, problem, threads)
+    calls = {f"torch darts (t={threads})": iteration}
+    if not a.no_inner_step:
+        calls[f"torch inner step (t={threads})"] = inner_step
+    return record, calls
+
+
+def _guarded(fn, finish):
+    """``fn()``, or on an exception (e.g. out of device memory) ``finish(error record, {})``:
+    the failure is recorded and the other runs go on."""
+    try:
+        return fn()
+    except Exception as e:  # noqa: BLE001
+        finish({"error": f"{type(e).__name__}: {str(e)[:500]}"}, {})
+        gc.collect()
+        return None, {}
+
+
+def _finish_inner_step(result, a, tok_per_step, record, timings):
+    if "error" in record:
+        result["jax"]["inner_step"] = record
+        print(f"  jax inner step failed: {record['error'][:200]}", flush=True)
+        return
+    r = {**record, **timings["jax inner step"]}
+    r.update(samples_per_s=a.batch / r["median_s"], tokens_per_s=tok_per_step / r["median_s"])
+    result["jax"]["inner_step"] = r
+    print(f"  jax inner step: compile {r['compile_s']:.1f}s, {1e3 * r['median_s']:.1f} ms", flush=True)
+
+
+def _finish_method(result, a, problem, peak, method, record, timings):
+    if "error" in record:
+        result["jax"][method] = record
+        print(f"  jax {method} failed: {record['error'][:200]}", flush=True)
+        return
+    r = {**record, **timings[f"jax {method}"]}
+    r.update(_rates(r["median_s"], a, problem))
+    if peak:
+        r["achieved_tflops"] = r["model_flops"] / r["median_s"] / 1e12
+        r["mfu"] = r["achieved_tflops"] / peak
+        if r["xla_cost_analysis_flops"]:
+            r["mfu_xla_cost_analysis"] = r["xla_cost_analysis_flops"] / r["median_s"] / 1e12 / peak
+    result["jax"][method] = r
+    print(f"  jax {method}: compile {r['compile_s']:.1f}s, {1e3 * r['median_s']:.1f} ms/iteration", flush=True)
+
+
+def _finish_torch(result, a, problem, tok_per_step, record, timings):
+    if "error" in record:
+        print(f"  torch reference failed: {record['error'][:200]}", flush=True)
+        result["torch_error"] = record["error"]
+        return
+    n = record["threads"]
+    it = {**timings[f"torch darts (t={n})"], **_rates(timings[f"torch darts (t={n})"]["median_s"], a, problem)}
+    step = timings.get(f"torch inner step (t={n})")
+    if step:
+        step = {**step, "samples_per_s": a.batch / step["median_s"], "tokens_per_s": tok_per_step / step["median_s"]}
+    result["torch"][f"darts_threads{n}"] = {"threads": n, "iteration": it, "inner_step": step,
+                                            "first_metrics": record["first_metrics"]}
+    print(f"  torch darts ({n} threads): {1e3 * it['median_s']:.1f} ms/iteration", flush=True)
 
 
 def _rates(t, a, problem):
@@ -356,45 +444,45 @@ def main(argv=None) -> dict:
                              "xla_cost_analysis_flops = compiled.cost_analysis()['flops'], which counts each while-loop "
                              "body once (layers and T steps are scanned), so it undercounts")}
 
+    jobs = []  # (prepare, finish): prepare() -> (record, {timer name: call}); finish(record, {timer name: timing})
     if not a.no_inner_step:
-        try:
-            r = _bench_inner_step(a, config, make_params, opt, inner)
-            r.update(samples_per_s=a.batch / r["median_s"], tokens_per_s=tok_per_step / r["median_s"])
-            result["jax"]["inner_step"] = r
-            print(f"  jax inner step: compile {r['compile_s']:.1f}s, {1e3 * r['median_s']:.1f} ms", flush=True)
-        except Exception as e:  # noqa: BLE001 - e.g. out of memory: record and go on
-            result["jax"]["inner_step"] = {"error": f"{type(e).__name__}: {str(e)[:500]}"}
-            print(f"  jax inner step failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
-
+        jobs.append((lambda: _with_calls(_prepare_inner_step(a, config, make_params, opt, inner), "jax inner step"),
+                     lambda rec, t: _finish_inner_step(result, a, tok_per_step, rec, t)))
     for method in a.methods:
-        try:
-            r = _bench_method(a, config, method, make_params, opt, meta_opt, inner, meta)
-        except Exception as e:  # noqa: BLE001
-            result["jax"][method] = {"error": f"{type(e).__name__}: {str(e)[:500]}"}
-            print(f"  jax {method} failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
-            gc.collect()
-            continue
-        r.update(_rates(r["median_s"], a, problem))
-        if peak:
-            r["achieved_tflops"] = r["model_flops"] / r["median_s"] / 1e12
-            r["mfu"] = r["achieved_tflops"] / peak
-            if r["xla_cost_analysis_flops"]:
-                r["mfu_xla_cost_analysis"] = r["xla_cost_analysis_flops"] / r["median_s"] / 1e12 / peak
-        result["jax"][method] = r
-        print(f"  jax {method}: compile {r['compile_s']:.1f}s, {1e3 * r['median_s']:.1f} ms/iteration", flush=True)
-        gc.collect()
-
+        jobs.append((lambda m=method: _with_calls(_prepare_method(a, config, m, make_params, opt, meta_opt, inner,
+                                                                  meta), f"jax {m}"),
+                     lambda rec, t, m=method: _finish_method(result, a, problem, peak, m, rec, t)))
     if a.torch:
         params_host = jax.device_get(make_params())
         for threads in a.torch_threads:
-            r = _bench_torch(a, config, params_host, problem, threads)
-            r["iteration"].update(_rates(r["iteration"]["median_s"], a, problem))
-            if r["inner_step"]:
-                r["inner_step"].update(samples_per_s=a.batch / r["inner_step"]["median_s"],
-                                       tokens_per_s=tok_per_step / r["inner_step"]["median_s"])
-            result["torch"][f"darts_threads{threads}"] = r
-            print(f"  torch darts ({r['threads']} threads): {1e3 * r['iteration']['median_s']:.1f} ms/iteration",
-                  flush=True)
+            jobs.append((lambda n=threads: _torch_calls(a, config, params_host, problem, n),
+                         lambda rec, t: _finish_torch(result, a, problem, tok_per_step, rec, t)))
+
+    if a.interleave:
+        prepared, calls = [], {}
+        for prepare, finish in jobs:
+            rec, job_calls = _guarded(prepare, finish)
+            if job_calls:
+                prepared.append((finish, rec, list(job_calls)))
+                calls.update(job_calls)
+        print(f"  timing {len(calls)} runs round-robin: {a.warmup} warm-up + {a.repeats} timed rounds, the order "
+              "rotated every round", flush=True)
+        timings = _common.time_interleaved(calls, a.warmup, a.repeats)
+        for finish, rec, names in prepared:
+            finish(rec, {n: timings[n] for n in names})
+    else:  # one run at a time, each freed before the next is built (the 2B states do not fit together)
+        for prepare, finish in jobs:
+            rec, job_calls = _guarded(prepare, finish)
+            if job_calls:
+                try:
+                    timings = {n: _common.time_calls(c, a.warmup, a.repeats) for n, c in job_calls.items()}
+                except Exception as e:  # noqa: BLE001 - e.g. out of memory at run time
+                    finish({"error": f"{type(e).__name__}: {str(e)[:500]}"}, {})
+                else:
+                    finish(rec, timings)
+            del job_calls
+            gc.collect()
+    result["interleaved"] = bool(a.interleave)
 
     result["ratios"] = _ratios(result)
     _print_table(result, a)
@@ -409,21 +497,28 @@ def main(argv=None) -> dict:
 
 
 def _ratios(result) -> dict:
+    """Speed-ups against the fastest torch run and time ratios between JAX methods: with
+    ``--interleave`` the median of the per-round ratios (``_common.paired_ratio``), otherwise the
+    ratio of the medians."""
     jx = {k: v for k, v in result["jax"].items() if "median_s" in v}
-    out = {}
-    torch_runs = {k: v["iteration"]["median_s"] for k, v in result["torch"].items()}
+    paired = result.get("interleaved", False)
+
+    def ratio(num, den):
+        return _common.paired_ratio(num, den) if paired else num["median_s"] / den["median_s"]
+
+    out = {"ratio_statistic": "median of per-round ratios" if paired else "ratio of medians"}
+    torch_runs = {k: v["iteration"] for k, v in result["torch"].items()}
     if torch_runs:
-        best = min(torch_runs, key=torch_runs.get)
-        t_torch = torch_runs[best]
+        best = min(torch_runs, key=lambda k: torch_runs[k]["median_s"])
         out["torch_reference_run"] = best
         for m in jx:
             if m != "inner_step":
-                out[f"speedup_jax_{m}_vs_torch_darts"] = t_torch / jx[m]["median_s"]
+                out[f"speedup_jax_{m}_vs_torch_darts"] = ratio(torch_runs[best], jx[m])
     for base, not_over in (("darts", ("inner_step", "darts", "none")), ("none", ("inner_step", "none"))):
         if base in jx:
             for m in jx:
                 if m not in not_over:
-                    out[f"time_ratio_jax_{m}_over_jax_{base}"] = jx[m]["median_s"] / jx[base]["median_s"]
+                    out[f"time_ratio_jax_{m}_over_jax_{base}"] = ratio(jx[m], jx[base])
     if "darts" in jx and result["torch"]:
         fj = jx["darts"]["first_metrics"]
         ft = next(iter(result["torch"].values()))["first_metrics"]
