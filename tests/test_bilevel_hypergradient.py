@@ -107,6 +107,8 @@ def test_exact_matches_finite_differences_tiny_transformer(x64):
     ("exact", {"second_order": "reverse"}),
     ("exact", {"second_order": "reverse", "remat": True}),
     ("exact_lowmem", {"second_order": "reverse"}),
+    ("exact", {"peel_first": False}),  # the reference peels step 1 out of the scan (the default)
+    ("exact", {"peel_first": False, "second_order": "reverse", "remat": True}),
 ])
 def test_exact_variants_agree(mlp, mlp_exact, method, options):
     prob, batches = mlp

@@ -56,3 +56,15 @@ def test_unroll_argument_and_default():
     outs = [inner_lib.unroll(loss, opt, p0, opt.init(p0), 1.0, batches, scan_unroll=u)[0] for u in (1, 2, True)]
     for o in outs[1:]:
         np.testing.assert_allclose(o, outs[0], rtol=1e-6)
+
+
+def test_peeled_first_step_gives_the_same_trajectory_and_metrics():
+    loss = lambda p, a, b: jnp.sum((p - b) ** 2) * a  # noqa: E731
+    opt = inner_lib.inner_adamw(0.1)
+    p0 = jnp.ones((3,))
+    for T in (1, 4):
+        batches = jnp.arange(3.0 * T).reshape(T, 3)
+        ref = inner_lib.unroll(loss, opt, p0, opt.init(p0), 1.0, batches)
+        peeled = inner_lib.unroll(loss, opt, p0, opt.init(p0), 1.0, batches, peel_first=True, remat=True)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), peeled, ref)
+        assert peeled[2]["loss"].shape == (T,)

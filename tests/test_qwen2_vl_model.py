@@ -245,3 +245,29 @@ def test_remat_gradients_and_bf16_forward():
     l16 = jax.jit(qwen2_vl.forward)(c32.replace(dtype="bfloat16"), params, batch)
     assert l16.dtype == jnp.float32
     assert float(jnp.max(jnp.abs(l16 - l32))) <= 0.05
+
+
+def test_fused_projections_equal_separate_ones():
+    """``text.dense_fused`` (q/k/v and gate/up as one matmul) gives each projection's ``dense``, with
+    and without biases, and splits the gradients back onto the separate kernels."""
+    from dreamprm_jax.models.qwen2_vl import text
+
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(2, 5, 8)), jnp.float32)  # [B, L, in]
+    ps = [{"kernel": jnp.asarray(rng.normal(size=(8, n)), jnp.float32), "bias": jnp.asarray(rng.normal(size=(n,)),
+                                                                                       jnp.float32)}
+          for n in (8, 4, 4)]
+    for with_bias in (True, False):
+        qs = ps if with_bias else [{"kernel": p["kernel"]} for p in ps]
+        fused = text.dense_fused(x, qs, jnp.float32)
+        assert [f.shape for f in fused] == [(2, 5, 8), (2, 5, 4), (2, 5, 4)]
+        for f, p in zip(fused, qs):
+            np.testing.assert_allclose(f, text.dense(x, p, jnp.float32), rtol=1e-6, atol=1e-6)
+
+    def loss(fn, qs):
+        return sum(jnp.sum(jnp.sin(y) * (i + 1)) for i, y in enumerate(fn(qs)))
+
+    g_fused = jax.grad(lambda qs: loss(lambda q: text.dense_fused(x, q, jnp.float32), qs))(ps)
+    g_sep = jax.grad(lambda qs: loss(lambda q: [text.dense(x, p, jnp.float32) for p in q], qs))(ps)
+    for a, b in zip(jax.tree.leaves(g_fused), jax.tree.leaves(g_sep)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)

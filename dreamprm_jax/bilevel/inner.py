@@ -263,6 +263,7 @@ def unroll(
     remat: Any = False,
     scan_unroll: int | bool | None = None,
     second_order: str = "reverse",
+    peel_first: bool = False,
 ):
     """``T`` inner steps with ``lax.scan`` over the leading axis of ``inner_batches``.
 
@@ -273,6 +274,14 @@ def unroll(
     ``scan_unroll`` is ``lax.scan``'s ``unroll``; ``None`` unrolls fully when
     ``T <= FULL_UNROLL_MAX_STEPS`` (same maths, one straight-line program) and loops otherwise.
     ``second_order`` is passed to :func:`inner_step`.
+
+    ``peel_first`` takes step 1 outside the scan (same maths). For callers that differentiate
+    with respect to ``alpha`` only (the hypergradient; ``phi_0, s_0`` are constants): reverse
+    mode then needs step 1's VJP for ``alpha`` alone, ``H_{alpha phi} v``, a forward pass and
+    its tangent, and outside the loop XLA drops the rest of that step's Hessian-vector product
+    (the backward pass through the model and ``H_{phi phi} v``), which inside the loop body it
+    must compute because the other iterations need it. Saves about one inner gradient per
+    hypergradient; costs one more copy of the step in the compiled program.
 
     Returns:
       ``(params_T, opt_state_T, metrics)``; each metric is stacked ``[T]``.
@@ -289,5 +298,11 @@ def unroll(
 
     if policy is not None:
         body = jax.checkpoint(body, policy=policy)
+    if peel_first and T > 1:
+        (params, opt_state), first = body((params, opt_state), batch_at(inner_batches, 0))
+        rest = jax.tree.map(lambda x: x[1:], inner_batches)
+        (params, opt_state), metrics = lax.scan(body, (params, opt_state), rest, unroll=scan_unroll)
+        metrics = jax.tree.map(lambda a, b: jnp.concatenate([a[None], b]), first, metrics)
+        return params, opt_state, metrics
     (params, opt_state), metrics = lax.scan(body, (params, opt_state), inner_batches, unroll=scan_unroll)
     return params, opt_state, metrics

@@ -20,7 +20,8 @@ idealised ``argmin``.
 * ``exact_lowmem``: reverse mode whose memory does not grow with ``T``: the backward sweep
   recomputes ``(phi_t, s_t)`` from ``(phi_0, s_0)`` for each ``t = T-1..0`` and takes one
   step's VJP there. Memory: two states and one step's activations; compute: ``T(T+1)/2``
-  extra forward steps (quadratic in ``T``, cheap for DreamPRM's ``T = 5``). Compare
+  extra forward steps (quadratic in ``T``, cheap for DreamPRM's ``T = 5``); step 1's VJP is
+  taken after the loop, for ``alpha`` only (``exact``'s ``peel_first``). Compare
   ``exact`` with ``remat=True`` (linear compute, memory ~ ``T`` carries) and
   ``exact_forward`` (linear in ``T``, ``K`` tangents).
 * ``truncated``: reverse mode through only the last ``k`` steps; the first ``T - k`` run
@@ -49,7 +50,7 @@ __all__ = ["exact", "exact_forward", "exact_lowmem", "truncated"]
 
 def exact(
     inner_loss, outer_loss, optimizer, params, opt_state, alpha, inner_batches, outer_batch, *, remat=False,
-    second_order="mixed",
+    second_order="mixed", peel_first=True,
 ):
     """Exact hypergradient (5) by reverse mode through the scan: ``jax.grad`` of
     ``alpha -> L_out(unroll(alpha))``.
@@ -62,11 +63,17 @@ def exact(
         activations, and recomputes the gradient with its tangent in the backward pass; the
         2B program needs about half the memory) or ``"reverse"`` (``jax.grad`` through each
         step's ``jax.grad``). The same numbers up to rounding.
+      peel_first: take the first inner step outside the scan (``inner.unroll``), so that its
+        reverse pass computes only the ``alpha`` part of its Hessian-vector product (the
+        ``phi_0`` part is never needed): one inner gradient less per hypergradient, the same
+        numbers (tests: ``tests/test_bilevel_hypergradient.py``). ``False``: the whole
+        ``T``-step loop, a smaller program to compile.
     """
 
     def objective(a):
         p, s, metrics = unroll(
-            inner_loss, optimizer, params, opt_state, a, inner_batches, remat=remat, second_order=second_order
+            inner_loss, optimizer, params, opt_state, a, inner_batches, remat=remat, second_order=second_order,
+            peel_first=peel_first,
         )
         lo = outer_loss(p, outer_batch)
         return lo, (p, s, metrics)
@@ -140,10 +147,7 @@ def exact_lowmem(
 
         return lax.fori_loop(0, t, step, (params, opt_state))
 
-    def backward(i, carry):
-        p_bar, s_bar, a_bar = carry
-        t = T - 1 - i
-        p_t, s_t = forward_to(t)
+    def step_vjp(t, p_t, s_t, p_bar, s_bar):
         s_diff, s_rest, treedef = _common.split_inexact(s_t)
         b_t = batch_at(inner_batches, t)
 
@@ -153,10 +157,20 @@ def exact_lowmem(
             return p2, _common.split_inexact(s2)[0]
 
         _, vjp = jax.vjp(f, p_t, s_diff, alpha)
-        pb, sb, ab = vjp((p_bar, s_bar))
+        return vjp((p_bar, s_bar))
+
+    def backward(i, carry):
+        p_bar, s_bar, a_bar = carry
+        t = T - 1 - i
+        p_t, s_t = forward_to(t)
+        pb, sb, ab = step_vjp(t, p_t, s_t, p_bar, s_bar)
         return pb, sb, jax.tree.map(jnp.add, a_bar, ab)
 
-    _, _, g = lax.fori_loop(0, T, backward, (p_bar, s_bar, a_bar))
+    # Steps T..2 in the loop; step 1 after it, where only its alpha part is used, so XLA drops
+    # the (phi_0, s_0) part of its VJP (see ``exact``'s ``peel_first``).
+    p_bar, s_bar, a_bar = lax.fori_loop(0, T - 1, backward, (p_bar, s_bar, a_bar))
+    _, _, ab = step_vjp(0, params, opt_state, p_bar, s_bar)
+    g = jax.tree.map(jnp.add, a_bar, ab)
     return g, _common.make_aux(p_T, s_T, metrics, lo)
 
 

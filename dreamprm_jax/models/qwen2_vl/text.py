@@ -14,6 +14,7 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from .config import Qwen2VLConfig
 
@@ -38,6 +39,24 @@ def dense(x, p, dtype):
     if "bias" in p:
         y = y + p["bias"].astype(dtype)
     return y
+
+
+def dense_fused(x, ps, dtype):
+    """Several projections of the same input as one matmul: ``[x @ k_1 + b_1, x @ k_2 + b_2, ...]``.
+
+    The kernels ``[in, out_i]`` are concatenated along the output axis (fused into their cast
+    to the compute dtype) and the product split back, so the forward pass runs one ``[rows, in]
+    x [in, sum out_i]`` matmul instead of several narrow ones and the backward pass one for the
+    input's cotangent and one for the kernels'. Same maths as :func:`dense` per projection;
+    every projection must have a bias or none may.
+    """
+    kernel = jnp.concatenate([p["kernel"].astype(dtype) for p in ps], axis=-1)  # [in, sum out]
+    y = jnp.matmul(x.reshape(-1, x.shape[-1]), kernel)  # [rows, sum out]
+    if "bias" in ps[0]:
+        y = y + jnp.concatenate([p["bias"].astype(dtype) for p in ps], axis=-1)
+    y = y.reshape(*x.shape[:-1], kernel.shape[-1])  # [..., sum out]
+    splits = np.cumsum([p["kernel"].shape[-1] for p in ps])[:-1]
+    return jnp.split(y, splits, axis=-1)
 
 
 def rms_norm(x, scale, eps: float):
@@ -179,9 +198,10 @@ def self_attention(config: Qwen2VLConfig, p, x, cos, sin, mask):
     batch, length, _ = x.shape
     hd, kvh = t.head_dim, t.num_key_value_heads
     groups = t.num_attention_heads // kvh
-    q = dense(x, p["q_proj"], dtype).reshape(batch, length, kvh, groups, hd)  # [B, L, KV, G, D]
-    k = dense(x, p["k_proj"], dtype).reshape(batch, length, kvh, hd)  # [B, L, KV, D]
-    v = dense(x, p["v_proj"], dtype).reshape(batch, length, kvh, hd)  # [B, L, KV, D]
+    q, k, v = dense_fused(x, [p["q_proj"], p["k_proj"], p["v_proj"]], dtype)
+    q = q.reshape(batch, length, kvh, groups, hd)  # [B, L, KV, G, D]
+    k = k.reshape(batch, length, kvh, hd)  # [B, L, KV, D]
+    v = v.reshape(batch, length, kvh, hd)  # [B, L, KV, D]
     cos, sin = cos.astype(dtype), sin.astype(dtype)
     q = apply_rotary(q, cos[:, :, None, None, :], sin[:, :, None, None, :])
     k = apply_rotary(k, cos[:, :, None, :], sin[:, :, None, :])
@@ -205,7 +225,8 @@ def decoder_layer(config: Qwen2VLConfig, p, x, cos, sin, mask):
     x = x + self_attention(config, p["self_attn"], h, cos, sin, mask)
     h = rms_norm(x, p["post_attention_layernorm"]["scale"], eps)
     mlp = p["mlp"]
-    h = jax.nn.silu(dense(h, mlp["gate_proj"], dtype)) * dense(h, mlp["up_proj"], dtype)  # [B, L, I]
+    gate, up = dense_fused(h, [mlp["gate_proj"], mlp["up_proj"]], dtype)  # [B, L, I] each
+    h = jax.nn.silu(gate) * up  # [B, L, I]
     return x + dense(h, mlp["down_proj"], dtype)
 
 
