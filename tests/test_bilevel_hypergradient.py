@@ -121,15 +121,24 @@ def test_exact_variants_agree(mlp, mlp_exact, method, options):
         np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14)
 
 
-def test_mixed_value_and_grad_vjp_equals_reverse_over_reverse(mlp):
-    """Both outputs' cotangents (the loss's and the gradient's) give reverse mode's VJP, float64."""
+@pytest.mark.parametrize("uses", ["loss and gradient", "gradient only", "loss only"])
+def test_mixed_value_and_grad_vjp_equals_reverse_over_reverse(mlp, uses):
+    """Both outputs' cotangents (the loss's and the gradient's) give reverse mode's VJP, float64;
+    also when one of them is a symbolic zero (the unrolled steps' case: the loss is a metric)."""
     prob, (inner, _) = mlp
     batch = inner_lib.batch_at(inner, 0)
     v = jax.tree.map(lambda x: jnp.cos(jnp.arange(x.size, dtype=x.dtype).reshape(x.shape)), prob.params)
+    c_loss = 0.0 if uses == "gradient only" else 0.7
+    c_grad = 0.0 if uses == "loss only" else 1.0
 
-    def objective(value_and_grad, p, a):  # uses the loss and the gradient, like an unrolled step
+    def objective(value_and_grad, p, a):  # uses the loss and/or the gradient, like an unrolled step
         loss, g = value_and_grad(p, a, batch)
-        return 0.7 * loss + sum(jnp.vdot(x, y) for x, y in zip(jax.tree.leaves(g), jax.tree.leaves(v)))
+        out = 0.0
+        if c_loss:
+            out = out + c_loss * loss
+        if c_grad:
+            out = out + sum(jnp.vdot(x, y) for x, y in zip(jax.tree.leaves(g), jax.tree.leaves(v)))
+        return out
 
     mixed = inner_lib.mixed_value_and_grad(prob.inner_loss)
     ref = jax.grad(functools.partial(objective, jax.value_and_grad(prob.inner_loss)), argnums=(0, 1))
