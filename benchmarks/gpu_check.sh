@@ -31,9 +31,8 @@
 # Knobs (environment): OUT, PEAK_TFLOPS, PER_METHOD_S (time limit per method, default 155),
 # METHODS (default "exact_lowmem darts exact"), EXTRA_ARGS (appended to every
 # step_throughput call; the last occurrence of a flag wins, e.g. "--text-layers 14"),
-# The T = 5 inner steps are unrolled (one straight-line program: faster steps, about twice the
-# compile time of the loop); if a method's compile does not fit PER_METHOD_S, rerun it with
-# EXTRA_ARGS="--no-unroll-inner".
+# The T = 5 inner steps run as a loop, as the trainer runs them; EXTRA_ARGS="--unroll-inner"
+# times the straight-line program instead (about twice the compile time).
 # ALLOW_CPU=1 (run without a GPU: only to rehearse the script, e.g.
 # ALLOW_CPU=1 EXTRA_ARGS="--config demo --device cpu --batch 2" bash benchmarks/gpu_check.sh).
 set -u

@@ -1,7 +1,7 @@
 """The inner T-step scan unrolled into straight-line code vs kept as a loop: the same maths.
 
 The engine unrolls scans of T <= ``bilevel.inner.FULL_UNROLL_MAX_STEPS`` steps (0 by default:
-the loop; ``benchmarks.step_throughput`` unrolls with 8), and the rest of the suite runs with
+the loop; ``benchmarks.step_throughput --unroll-inner`` sets 8), and the rest of the suite runs with
 the loop (``tests/conftest.py``), so this file checks the unrolled form against it: trajectories and the ``exact`` / ``darts``
 hypergradients of the MLP problem, in float64 (rtol 1e-10: only the summation order may differ).
 """
