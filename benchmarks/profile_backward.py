@@ -4,6 +4,7 @@
     python -m benchmarks.profile_backward --target forward
     python -m benchmarks.profile_backward --target step --method exact --batch 8 --seq-len 64
     python -m benchmarks.profile_backward --target grad --top 60 --hlo /tmp/grad.hlo
+    python -m benchmarks.profile_backward --target step --method exact --by-line   # time per source line
 
 What it does: builds the demo PRM and one generated training batch (``benchmarks._common``,
 the trainer's layout: left-padded rows, one image each), compiles the target, runs it a few
@@ -12,6 +13,10 @@ times untimed, then ``--calls`` times under ``jax.profiler`` and reads the trace
 wrappers are skipped so nothing is counted twice) is summed per HLO instruction name and
 joined with the compiled HLO's ``op_name`` metadata, so each line says which JAX operation
 (``jvp()`` = forward, ``transpose(jvp())`` = backward) the instruction came from.
+``--by-line`` sums instead per Python source line (the innermost stack frame XLA recorded for
+the instruction; a custom VJP's backward pass is charged to the line that called the function),
+``--by-count`` lists the most executed instructions (at small sizes the op count, not the
+FLOPs, sets the time).
 
 Targets: ``forward`` (the inner loss), ``grad`` (``jax.grad`` of the inner loss w.r.t. all PRM
 parameters), ``step`` (one jitted bi-level iteration, ``train.step.make_bilevel_step``, with
@@ -109,10 +114,10 @@ def _source_lines(hlo: str) -> dict[str, str]:
             current = sections.setdefault(line, {})
             continue
         m = re.match(r"^(\d+) (.*)$", line)
-        if current is None or not m:
-            current = None if not m else current
-            continue
-        current[int(m.group(1))] = m.group(2)
+        if current is not None and m:
+            current[int(m.group(1))] = m.group(2)
+        else:  # a table ends at its first line that is not "<id> <entry>"
+            current = None
     files, funcs = sections.get("FileNames", {}), sections.get("FunctionNames", {})
     where = {}
     for i, loc in sections.get("FileLocations", {}).items():
