@@ -464,6 +464,8 @@ def main(argv=None) -> dict:
             if job_calls:
                 prepared.append((finish, rec, list(job_calls)))
                 calls.update(job_calls)
+                compiled = f" (compile {rec['compile_s']:.1f}s)" if "compile_s" in rec else ""
+                print(f"  built {', '.join(job_calls)}{compiled}", flush=True)
         print(f"  timing {len(calls)} runs round-robin: {a.warmup} warm-up + {a.repeats} timed rounds, the order "
               "rotated every round", flush=True)
         timings = _common.time_interleaved(calls, a.warmup, a.repeats)
