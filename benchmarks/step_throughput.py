@@ -88,7 +88,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--num-domains", type=int, default=4)
     p.add_argument("--unroll-inner", action=argparse.BooleanOptionalAction, default=False,
                    help="unroll the T-step inner scan into straight-line code (bilevel.inner.FULL_UNROLL_MAX_STEPS = "
-                        "8); default: the loop, as the trainer runs it (on the CPU demo, paired A/B this session: "
+                        "8); default: the loop, as the trainer runs it (CPU demo, paired A/B: "
                         "exact 9 %% faster looped, darts 4 %% slower, compile about 40 %% shorter)")
     p.add_argument("--pack-meta", action=argparse.BooleanOptionalAction, default=True,
                    help="JAX scores each meta chain as one packed row (the trainer's default, --pack-meta); "
