@@ -24,9 +24,9 @@
 # MFU against --peak-tflops (default 989.4: H100 SXM bf16 dense; set PEAK_TFLOPS for another
 # card, e.g. 989.4 for H200 too). Expect `exact` (reverse mode through 5 steps keeps 5 copies
 # of parameters + AdamW moments; XLA:CPU's estimate for this program, `python -m
-# benchmarks.memory`: 240 GiB with the default second_order="mixed") and probably
-# `exact_lowmem` (131 GiB) to fail with RESOURCE_EXHAUSTED on one 80 GB card: that is a
-# result, recorded as such (`darts`: 52 GiB).
+# benchmarks.memory`: 315 GiB with the looped scan and second_order="mixed", 211 GiB
+# unrolled) and `exact_lowmem` (134 GiB) to fail with RESOURCE_EXHAUSTED on one 80 GB card:
+# that is a result, recorded as such (`darts`: 52 GiB).
 #
 # Knobs (environment): OUT, PEAK_TFLOPS, PER_METHOD_S (time limit per method, default 155),
 # METHODS (default "exact_lowmem darts exact"), EXTRA_ARGS (appended to every
