@@ -130,8 +130,9 @@ def mixed_value_and_grad(inner_loss: InnerLoss) -> Callable:
     PRM: ``tests/test_bilevel_hypergradient.py``, ``tests/test_prm_hypergradient.py``). The
     loss output's cotangent ``c`` adds ``c * G``; zero cotangents arrive symbolic
     (``symbolic_zeros=True``), and when the loss is only a metric, as in the unrolled steps,
-    the term is skipped and with it the primal weight gradients (XLA drops those matmuls). Forward-mode differentiation of the result
-    is not defined (``jax.custom_vjp``): ``exact_forward`` uses the plain gradient.
+    the term is skipped and with it the primal weight gradients (XLA drops those matmuls).
+    Forward-mode differentiation of the result is not defined (``jax.custom_vjp``):
+    ``exact_forward`` uses the plain gradient.
     """
 
     @jax.custom_vjp
