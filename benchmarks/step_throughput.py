@@ -86,10 +86,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--meta-chains", type=int, default=None, help="M meta chains (8 demo, 1 2B)")
     p.add_argument("--meta-steps", type=int, default=None, help="S step prefixes per chain (5 demo, 4 2B)")
     p.add_argument("--num-domains", type=int, default=4)
-    p.add_argument("--unroll-inner", action=argparse.BooleanOptionalAction, default=False,
-                   help="unroll the T-step inner scan into straight-line code (bilevel.inner.FULL_UNROLL_MAX_STEPS = "
-                        "8); default: the loop, as the trainer runs it (CPU demo, paired A/B: "
-                        "exact 9 %% faster looped, darts 4 %% slower, compile about 40 %% shorter)")
+    p.add_argument("--unroll-inner", action=argparse.BooleanOptionalAction, default=None,
+                   help="unroll the T-step inner scan into straight-line code instead of the loop; default: as the "
+                        "trainer's presets do, the loop for the demo (CPU demo, paired A/B: exact 9 %% faster "
+                        "looped, darts 4 %% slower, compile about 40 %% shorter), unrolled for qwen2_vl_2b (the "
+                        "loop's residual stacks cost the 2B program memory)")
     p.add_argument("--pack-meta", action=argparse.BooleanOptionalAction, default=True,
                    help="JAX scores each meta chain as one packed row (the trainer's default, --pack-meta); "
                         "--no-pack-meta: one row per step prefix, as the PyTorch reference does")
@@ -127,6 +128,8 @@ def _defaults(a):
         a.torch = not big and a.device in ("cpu", "default")
     if a.interleave is None:
         a.interleave = not big
+    if a.unroll_inner is None:
+        a.unroll_inner = big
     if a.repeats is None:
         a.repeats = 15 if a.interleave else 5
     return a

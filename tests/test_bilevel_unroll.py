@@ -68,3 +68,52 @@ def test_peeled_first_step_gives_the_same_trajectory_and_metrics():
         peeled = inner_lib.unroll(loss, opt, p0, opt.init(p0), 1.0, batches, peel_first=True, remat=True)
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), peeled, ref)
         assert peeled[2]["loss"].shape == (T,)
+
+
+def test_unroll_scans_up_to_sets_and_restores_the_limit():
+    before = inner_lib.FULL_UNROLL_MAX_STEPS
+    with inner_lib.unroll_scans_up_to(8):
+        assert inner_lib.FULL_UNROLL_MAX_STEPS == 8
+    assert inner_lib.FULL_UNROLL_MAX_STEPS == before
+    with pytest.raises(RuntimeError):
+        with inner_lib.unroll_scans_up_to(3):
+            raise RuntimeError("traced code failed")
+    assert inner_lib.FULL_UNROLL_MAX_STEPS == before
+
+
+def _scan_unrolls(jaxpr) -> list[int]:
+    """The ``unroll`` parameter of every ``scan`` in a jaxpr, nested ones included."""
+    out = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "scan":
+            out.append(int(eqn.params["unroll"]))
+        for v in eqn.params.values():
+            for sub in v if isinstance(v, (tuple, list)) else (v,):
+                sub = getattr(sub, "jaxpr", sub)  # ClosedJaxpr -> Jaxpr
+                if hasattr(sub, "eqns"):
+                    out += _scan_unrolls(sub)
+    return out
+
+
+def test_trainer_step_unrolls_the_inner_scan_when_asked():
+    """``make_bilevel_step(unroll_inner=...)`` (the trainer's ``--unroll-inner-scan``; on in the
+    ``qwen2_vl_2b`` preset) decides the inner scan's layout whatever the module default says."""
+    from benchmarks import _common
+    from dreamprm_jax import configs
+    from dreamprm_jax.models import prm, qwen2_vl
+    from dreamprm_jax.train import step as step_lib
+
+    config = qwen2_vl.demo(hidden_size=16, num_hidden_layers=1)
+    spec = _common.ProblemSpec(batch=2, seq_len=40, unroll=3, meta_chains=2, meta_steps=2, image_side=56)
+    problem = _common.make_problem(config, spec)
+    opt, meta_opt = step_lib.inner_optimizer(1e-3, 5000, 0.5, 0.01), step_lib.meta_optimizer(0.01, 1e-3)
+    state = jax.eval_shape(lambda: step_lib.init_state(prm.init(config, jax.random.key(0)), spec.num_domains,
+                                                         opt, meta_opt))
+    unrolls = {}
+    for flag in (True, False):
+        step = step_lib.make_bilevel_step(config, opt, meta_opt, unroll_inner=flag)
+        jaxpr = jax.make_jaxpr(step)(state, problem["inner_jax"], problem["meta_jax_packed"]).jaxpr
+        unrolls[flag] = _scan_unrolls(jaxpr)
+    assert max(unrolls[True]) >= spec.unroll - 1  # the scan after the peeled first step, fully unrolled
+    assert max(unrolls[False]) == 1 and inner_lib.FULL_UNROLL_MAX_STEPS == 0
+    assert configs.PRESETS["qwen2_vl_2b"]().unroll_inner_scan and not configs.TrainConfig().unroll_inner_scan

@@ -18,6 +18,7 @@ at ``x = 0`` and the chain rule produces ``0 * inf = NaN`` in the hypergradient.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Any, Callable
 
@@ -39,6 +40,7 @@ __all__ = [
     "mixed_value_and_grad",
     "SECOND_ORDER_MODES",
     "FULL_UNROLL_MAX_STEPS",
+    "unroll_scans_up_to",
 ]
 
 #: How reverse mode differentiates *through* an inner step's gradient (see :func:`mixed_value_and_grad`).
@@ -54,6 +56,24 @@ SECOND_ORDER_MODES = ("reverse", "mixed")
 FULL_UNROLL_MAX_STEPS = int(os.environ.get("DREAMPRM_FULL_UNROLL_MAX_STEPS", "0"))
 
 InnerLoss = Callable[[Any, Any, Any], jax.Array]
+
+
+@contextlib.contextmanager
+def unroll_scans_up_to(max_steps: int):
+    """Within the block, :func:`unroll` unrolls scans of ``T <= max_steps`` steps
+    (``FULL_UNROLL_MAX_STEPS``; it is read when a step is traced, so wrap the tracing).
+
+    The trade-off is per program: on the CPU demo the loop is faster; for the 2B program the
+    loop's ``[T, ...]`` stacks of per-step residuals cost memory (``exact``: 315 GiB looped
+    against 211 GiB unrolled on one device, ``benchmarks.memory``).
+    """
+    global FULL_UNROLL_MAX_STEPS
+    previous = FULL_UNROLL_MAX_STEPS
+    FULL_UNROLL_MAX_STEPS = int(max_steps)
+    try:
+        yield
+    finally:
+        FULL_UNROLL_MAX_STEPS = previous
 
 
 def step_lr(learning_rate: float, step_size: int = 5000, gamma: float = 0.5) -> optax.Schedule:

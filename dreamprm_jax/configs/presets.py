@@ -29,6 +29,7 @@ def qwen2_vl_2b() -> TrainConfig:
         meta_batch_size=1,
         unroll=5,
         meta_warmup=0,
+        unroll_inner_scan=True,
         sampler="shuffle",
         inner_lr=5e-7,
         inner_lr_step_size=5000,

@@ -253,7 +253,8 @@ def train(cfg: TrainConfig) -> TrainResult:
     def make_step(reweighting: bool):
         return sharding.ShardedStep(step_lib.make_bilevel_step(
             model_config, optimizer, meta_opt, method=cfg.hypergradient, aggregation=cfg.aggregation,
-            reweighting=reweighting, method_options=cfg.hypergradient_kwargs()), mesh)
+            reweighting=reweighting, method_options=cfg.hypergradient_kwargs(),
+            unroll_inner=cfg.unroll_inner_scan), mesh)
 
     bilevel_step = make_step(cfg.reweighting)
     # Warm-up iterations train the PRM only (no hypergradient: about 5x cheaper on CPU).

@@ -19,6 +19,7 @@ import optax
 
 from dreamprm_jax import bilevel
 from dreamprm_jax.bilevel import _common
+from dreamprm_jax.bilevel import inner as inner_lib
 from dreamprm_jax.models import prm
 
 State = dict[str, Any]
@@ -113,16 +114,25 @@ def init_state(params, num_domains: int, optimizer, meta_opt) -> State:
 
 
 def make_bilevel_step(model_config, optimizer, meta_opt, *, method: str = "exact", aggregation: str = "mean",
-                      reweighting: bool = True, method_options: dict | None = None) -> Callable:
+                      reweighting: bool = True, method_options: dict | None = None,
+                      unroll_inner: bool | None = None) -> Callable:
     """Returns ``step(state, inner_batches, meta_batch) -> (state, metrics)`` (not jitted).
 
     ``inner_batches`` carries a leading axis of length T. With ``reweighting=False`` the
     domain weights stay at 1 (the vanilla PRM) and only the meta loss is evaluated.
+    ``unroll_inner``: ``True`` unrolls the T-step inner scan into straight-line code, ``False``
+    keeps the loop, ``None`` follows ``bilevel.inner.FULL_UNROLL_MAX_STEPS`` (same maths).
     """
     inner_loss, outer_loss = make_losses(model_config, aggregation)
     options = dict(method_options or {})
 
     def step(state: State, inner_batches, meta_batch):
+        if unroll_inner is None:
+            return _step(state, inner_batches, meta_batch)
+        with inner_lib.unroll_scans_up_to(inner_lib.num_steps(inner_batches) if unroll_inner else 0):
+            return _step(state, inner_batches, meta_batch)
+
+    def _step(state: State, inner_batches, meta_batch):
         raw = state["raw_weights"]
         if reweighting:
             g_raw, aux = bilevel.hypergradient(
