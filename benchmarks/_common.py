@@ -44,14 +44,7 @@ def time_calls(fn: Callable[[], Any], warmup: int, repeats: int) -> dict:
     Returns ``{"median_s", "min_s", "max_s", "iqr_s", "spread_pct", "times_s"}``; ``spread_pct``
     is ``100 * (max - min) / median``.
     """
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(max(1, repeats)):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return summarize_times(times)
+    return time_interleaved({"run": fn}, warmup, repeats)["run"]
 
 
 def summarize_times(times: list[float]) -> dict:

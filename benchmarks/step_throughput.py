@@ -87,7 +87,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--meta-steps", type=int, default=None, help="S step prefixes per chain (5 demo, 4 2B)")
     p.add_argument("--num-domains", type=int, default=4)
     p.add_argument("--unroll-inner", action=argparse.BooleanOptionalAction, default=None,
-                   help="unroll the T-step inner scan into straight-line code instead of the loop; default: as the "
+                   help="unroll the T-step inner scan into straight-line code instead of the loop (the trainer's "
+                        "--unroll-inner-scan, make_bilevel_step(unroll_inner=)); default: as the "
                         "trainer's presets do, the loop for the demo (CPU demo, paired A/B: exact 9 %% faster "
                         "looped, darts 4 %% slower, compile about 40 %% shorter), unrolled for qwen2_vl_2b (the "
                         "loop's residual stacks cost the 2B program memory)")
@@ -224,14 +225,15 @@ def _split_method(method: str) -> tuple[str, dict]:
     return name, ({"second_order": second_order} if second_order else {})
 
 
-def _make_step(config, method, opt, meta_opt, R):
+def _make_step(a, config, method, opt, meta_opt):
     from dreamprm_jax.train import step as step_lib
 
     name, options = _split_method(method)
     if name in ("darts", "sama"):
-        options["R"] = R
+        options["R"] = a.R
     return step_lib.make_bilevel_step(config, opt, meta_opt, method="exact" if name == "none" else name,
-                                      reweighting=name != "none", method_options=options)
+                                      reweighting=name != "none", method_options=options,
+                                      unroll_inner=a.unroll_inner)
 
 
 def _model_flops(a, config, method, opt, meta_opt, state, inner, meta) -> float:
@@ -242,7 +244,7 @@ def _model_flops(a, config, method, opt, meta_opt, state, inner, meta) -> float:
     name, options = _split_method(method)
     if name == "exact_lowmem":
         method = ":".join(["exact", *options.values()])
-    fn = _make_step(config.replace(remat="none"), method, opt, meta_opt, a.R)
+    fn = _make_step(a, config.replace(remat="none"), method, opt, meta_opt)
     return _common.jaxpr_flops(jax.make_jaxpr(fn)(state, inner, meta))["flops"]
 
 
@@ -253,7 +255,7 @@ def _prepare_method(a, config, method, make_params, opt, meta_opt, inner, meta):
 
     from dreamprm_jax.train import step as step_lib
 
-    fn = _make_step(config, method, opt, meta_opt, a.R)
+    fn = _make_step(a, config, method, opt, meta_opt)
     step = step_lib.jit_bilevel_step(fn)
     state = _fresh_state(make_params, a.num_domains, opt, meta_opt)
     t0 = time.perf_counter()
@@ -350,13 +352,17 @@ def _torch_calls(a, config, params_host, problem, threads):
     return record, calls
 
 
+def _error_record(e: Exception) -> dict:
+    return {"error": f"{type(e).__name__}: {str(e)[:500]}"}
+
+
 def _guarded(fn, finish):
     """``fn()``, or on an exception (e.g. out of device memory) ``finish(error record, {})``:
     the failure is recorded and the other runs go on."""
     try:
         return fn()
     except Exception as e:  # noqa: BLE001
-        finish({"error": f"{type(e).__name__}: {str(e)[:500]}"}, {})
+        finish(_error_record(e), {})
         gc.collect()
         return None, {}
 
@@ -415,10 +421,7 @@ def main(argv=None) -> dict:
 
     if a.device != "default":
         jax.config.update("jax_platforms", {"gpu": "cuda"}.get(a.device, a.device))
-    from dreamprm_jax.bilevel import inner as inner_lib
     from dreamprm_jax.models import prm  # noqa: F401  (imports after the platform choice)
-
-    inner_lib.FULL_UNROLL_MAX_STEPS = 8 if a.unroll_inner else 0  # read when each program is traced
 
     config = _model_config(a)
     spec = _spec(a, config)
@@ -481,7 +484,7 @@ def main(argv=None) -> dict:
                 try:
                     timings = {n: _common.time_calls(c, a.warmup, a.repeats) for n, c in job_calls.items()}
                 except Exception as e:  # noqa: BLE001 - e.g. out of memory at run time
-                    finish({"error": f"{type(e).__name__}: {str(e)[:500]}"}, {})
+                    finish(_error_record(e), {})
                 else:
                     finish(rec, timings)
             del job_calls
