@@ -45,8 +45,9 @@ Three good domains against three bad ones.  The learned weights are
 loss more than the *weight-averaged* domain, and that average moves towards the best
 domains as they gain weight. With four good domains (an earlier default added a clean
 domain with 75% subtle errors) the weakest of them ended within about 0.1 of 1 in most
-runs, on either side; with three, the weakest clean domain stays clearly above the
-average.
+runs, on either side; with three, the weakest clean domain ends above 1 more often (in 11 of
+the 12 runs of seeds 0-4 recorded in the README's Status), but not always: the weights are a
+chaotic function of float32 rounding and of the seed.
 
 One label distribution.  The meta loss also rewards *calibration*: a domain whose labels
 pull the PRM's predictions (at some step, or on average) towards what the meta loss
