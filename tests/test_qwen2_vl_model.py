@@ -271,3 +271,33 @@ def test_fused_projections_equal_separate_ones():
     g_sep = jax.grad(lambda qs: loss(lambda q: [text.dense(x, p, jnp.float32) for p in q], qs))(ps)
     for a, b in zip(jax.tree.leaves(g_fused), jax.tree.leaves(g_sep)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_rope_tables_given_equal_rope_tables_computed(pair):
+    """``with_rope_tables`` adds cos / sin tables that the forward pass reads instead of
+    computing them: same logits (and so the same parity with transformers); stacked batches
+    ``[T, ...]`` get per-slice tables."""
+    c = pair.config
+    rng = np.random.default_rng(3)
+    grids = [(1, 4, 6), (1, 2, 4)]
+    rows = [pair.sample(rng, 2, grids[:1], 3), pair.sample(rng, 1, grids[1:], 2)]
+    ids = np.zeros(BUCKET[:2], np.int64)
+    mask = np.zeros(BUCKET[:2], np.int64)
+    for b, r in enumerate(rows):
+        ids[b, BUCKET[1] - len(r):] = r  # left-padded: positions start past the padding
+        mask[b, BUCKET[1] - len(r):] = 1
+    n = sum(t * h * w for t, h, w in grids)
+    pixels = rng.standard_normal((n, c.vision.patch_dim)).astype(np.float32)
+    batch = qwen2_vl.prepare_batch(c, ids, mask, pixels, np.array(grids), num_patches=BUCKET[2])
+    with_tables = jax.jit(qwen2_vl.with_rope_tables, static_argnums=0)(c, batch)
+    assert set(with_tables) - set(batch) == set(qwen2_vl.ROPE_KEYS)
+    assert with_tables["rope_cos"].shape == BUCKET[:2] + (c.text.head_dim,)
+    assert with_tables["vision_rope_sin"].shape == (BUCKET[2], c.vision.head_dim)
+    np.testing.assert_array_equal(pair.forward(c, pair.params, with_tables), pair.forward(c, pair.params, batch))
+
+    stacked = {k: np.stack([v, v[..., ::-1]]) for k, v in batch.items()}  # [2, ...], the second reversed
+    tables = qwen2_vl.with_rope_tables(c, stacked)
+    for t in range(2):
+        one = qwen2_vl.with_rope_tables(c, {k: v[t] for k, v in stacked.items()})
+        for k in qwen2_vl.ROPE_KEYS:
+            np.testing.assert_allclose(tables[k][t], one[k], rtol=1e-6, atol=1e-6)

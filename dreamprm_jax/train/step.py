@@ -20,7 +20,7 @@ import optax
 from dreamprm_jax import bilevel
 from dreamprm_jax.bilevel import _common
 from dreamprm_jax.bilevel import inner as inner_lib
-from dreamprm_jax.models import prm
+from dreamprm_jax.models import prm, qwen2_vl
 
 State = dict[str, Any]
 
@@ -133,6 +133,9 @@ def make_bilevel_step(model_config, optimizer, meta_opt, *, method: str = "exact
             return _step(state, inner_batches, meta_batch)
 
     def _step(state: State, inner_batches, meta_batch):
+        # The rotary tables once per iteration, outside the unroll (see qwen2_vl.with_rope_tables).
+        inner_batches = qwen2_vl.with_rope_tables(model_config, inner_batches)
+        meta_batch = qwen2_vl.with_rope_tables(model_config, meta_batch)
         raw = state["raw_weights"]
         if reweighting:
             g_raw, aux = bilevel.hypergradient(

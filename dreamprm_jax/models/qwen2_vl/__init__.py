@@ -23,11 +23,12 @@ from .config import (
     tiny,
 )
 from .convert import hf_from_params, normalize_hf_name, param_shapes, params_from_hf
-from .model import forward, hidden_states, init_params, lm_head, logits, prepare_batch
+from .model import ROPE_KEYS, forward, hidden_states, init_params, lm_head, logits, prepare_batch, with_rope_tables
 from .rope import rope_index, vision_position_ids, vision_segment_ids
 
 __all__ = [
     "DTYPES",
+    "ROPE_KEYS",
     "REMAT_POLICIES",
     "Qwen2VLConfig",
     "TextConfig",
@@ -50,4 +51,5 @@ __all__ = [
     "tiny",
     "vision_position_ids",
     "vision_segment_ids",
+    "with_rope_tables",
 ]

@@ -135,7 +135,8 @@ def scan_blocks(config: Qwen2VLConfig, block: Callable, x, stacked_params):
 
 
 def mrope_cos_sin(config: Qwen2VLConfig, position_ids):
-    """M-RoPE tables ``cos, sin`` of shape ``[B, L, head_dim]`` (float32).
+    """M-RoPE tables ``cos, sin`` of shape ``[..., B, L, head_dim]`` (float32) for
+    ``position_ids [..., 3, B, L]`` (leading axes, e.g. the T of stacked inner batches, kept).
 
     With ``inv_freq[j] = theta ** (-2j / head_dim)`` for ``j < head_dim / 2`` and the split
     ``mrope_section = (s_t, s_h, s_w)``, frequency ``j`` takes its position from axis
@@ -147,9 +148,9 @@ def mrope_cos_sin(config: Qwen2VLConfig, position_ids):
     hd = t.head_dim
     inv_freq = 1.0 / (t.rope_theta ** (jnp.arange(0, hd, 2, dtype=jnp.float32) / hd))  # [hd/2]
     axis_of = jnp.concatenate([jnp.full((s,), a, dtype=jnp.int32) for a, s in enumerate(t.mrope_section)])
-    pos = jnp.take(position_ids.astype(jnp.float32), axis_of, axis=0)  # [hd/2, B, L]
-    angles = jnp.moveaxis(pos, 0, -1) * inv_freq  # [B, L, hd/2]
-    angles = jnp.concatenate([angles, angles], axis=-1)  # [B, L, hd]
+    pos = jnp.take(position_ids.astype(jnp.float32), axis_of, axis=-3)  # [..., hd/2, B, L]
+    angles = jnp.moveaxis(pos, -3, -1) * inv_freq  # [..., B, L, hd/2]
+    angles = jnp.concatenate([angles, angles], axis=-1)  # [..., B, L, hd]
     return jnp.cos(angles), jnp.sin(angles)
 
 
@@ -230,11 +231,13 @@ def decoder_layer(config: Qwen2VLConfig, p, x, cos, sin, mask):
     return x + dense(h, mlp["down_proj"], dtype)
 
 
-def decoder(config: Qwen2VLConfig, params, inputs_embeds, position_ids, attention_mask, branch_ids=None):
+def decoder(config: Qwen2VLConfig, params, inputs_embeds, position_ids, attention_mask, branch_ids=None,
+            rope=None):
     """All decoder layers and the final RMSNorm. inputs_embeds [B, L, H] -> [B, L, H].
 
-    ``branch_ids [B, L]``: optional tree packing (see ``attention_mask_bias``)."""
-    cos, sin = mrope_cos_sin(config, position_ids)  # [B, L, D]
+    ``branch_ids [B, L]``: optional tree packing (see ``attention_mask_bias``). ``rope``: the
+    ``mrope_cos_sin`` tables of ``position_ids`` when the caller computed them already."""
+    cos, sin = mrope_cos_sin(config, position_ids) if rope is None else rope  # [B, L, D]
     mask = attention_mask_bias(attention_mask, branch_ids)  # [B, 1, L, 1, L]
 
     def block(x, p):

@@ -37,7 +37,7 @@ def activation(name: str):
 
 
 def vision_cos_sin(config: Qwen2VLConfig, vision_position_ids):
-    """2D rotary tables ``[N, head_dim]`` (float32).
+    """2D rotary tables ``[..., N, head_dim]`` (float32) for ``vision_position_ids [..., N, 2]``.
 
     ``inv_freq[j] = theta ** (-4j / head_dim)`` for ``j < head_dim / 4``; the angles are
     ``[row * inv_freq, col * inv_freq]`` (head_dim / 2), duplicated for the rotate-half halves.
@@ -46,9 +46,9 @@ def vision_cos_sin(config: Qwen2VLConfig, vision_position_ids):
     hd = v.head_dim
     half = hd // 2
     inv_freq = 1.0 / (v.rope_theta ** (jnp.arange(0, half, 2, dtype=jnp.float32) / half))  # [hd/4]
-    angles = vision_position_ids.astype(jnp.float32)[..., None] * inv_freq  # [N, 2, hd/4]
-    angles = angles.reshape(angles.shape[0], half)  # [N, hd/2] = [rows..., cols...]
-    angles = jnp.concatenate([angles, angles], axis=-1)  # [N, hd]
+    angles = vision_position_ids.astype(jnp.float32)[..., None] * inv_freq  # [..., N, 2, hd/4]
+    angles = angles.reshape(*angles.shape[:-2], half)  # [..., N, hd/2] = [rows..., cols...]
+    angles = jnp.concatenate([angles, angles], axis=-1)  # [..., N, hd]
     return jnp.cos(angles), jnp.sin(angles)
 
 
@@ -89,15 +89,18 @@ def patch_merger(config: Qwen2VLConfig, p, x):
     return dense(x, p["mlp_2"], dtype)  # [N/m^2, hidden]
 
 
-def encode_images(config: Qwen2VLConfig, params, pixel_values, vision_position_ids, vision_segment_ids):
-    """Image features ``[N / m^2, text hidden]`` in the compute dtype (rows in patch order)."""
+def encode_images(config: Qwen2VLConfig, params, pixel_values, vision_position_ids, vision_segment_ids, rope=None):
+    """Image features ``[N / m^2, text hidden]`` in the compute dtype (rows in patch order).
+
+    ``rope``: the ``vision_cos_sin`` tables of ``vision_position_ids`` when the caller computed
+    them already."""
     v = config.vision
     n = pixel_values.shape[0]
     if n % (v.spatial_merge_size**2):
         raise ValueError(f"encode_images: {n} patch rows is not a multiple of spatial_merge_size^2")
     dtype = compute_dtype(config)
     x = dense(pixel_values.astype(dtype), params["patch_embed"], dtype)  # [N, E]
-    cos, sin = vision_cos_sin(config, vision_position_ids)  # [N, D]
+    cos, sin = vision_cos_sin(config, vision_position_ids) if rope is None else rope  # [N, D]
     segments = vision_segment_ids
     same = segments[:, None] == segments[None, :]  # [N, N]
     mask = jnp.where(same, 0.0, jnp.finfo(jnp.float32).min).astype(jnp.float32)  # [N, N]
