@@ -66,9 +66,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--meta-steps", type=int, default=5, help="step prefixes of the one meta chain")
     p.add_argument("--domains", type=int, default=15, help="number of domains K")
     p.add_argument("--dtype", default="bfloat16", help="compute dtype (parameters stay float32)")
-    p.add_argument("--second-order", default="reverse",
+    p.add_argument("--second-order", default="mixed",
                    help="comma-separated: reverse, mixed (how exact / exact_lowmem / truncated differentiate "
-                        "through each inner step's gradient; other methods ignore it)")
+                        "through each inner step's gradient; other methods ignore it; mixed is the engine's default)")
+    p.add_argument("--inner-scan", default="unrolled",
+                   help="comma-separated: unrolled, loop (the T-step inner scan as straight-line code, as the "
+                        "qwen2_vl_2b preset trains (--unroll-inner-scan), or as a loop, the engine's default for "
+                        "T > bilevel.inner.FULL_UNROLL_MAX_STEPS; a loop stacks per-step residuals in [T, ...] buffers)")
     p.add_argument("--forward-chunk", type=int, default=1, help="exact_forward chunk_size (tangents per pass)")
     p.add_argument("--truncated-k", type=int, default=1, help="truncated: steps kept")
     p.add_argument("--budget-gb", type=float, default=80.0, help="device memory to compare against (GB = 1e9 B)")
@@ -136,9 +140,11 @@ def abstract_batches(config, args, T: int):
 
 
 SECOND_ORDER_METHODS = ("exact", "exact_lowmem", "truncated")
+INNER_SCANS = ("unrolled", "loop")
 
 
-def measure(args, method: str, T: int, remat: str, devices: int, second_order: str = "reverse") -> dict:
+def measure(args, method: str, T: int, remat: str, devices: int, second_order: str = "mixed",
+            inner_scan: str = "unrolled") -> dict:
     import jax
 
     from dreamprm_jax.models import prm, qwen2_vl
@@ -164,7 +170,10 @@ def measure(args, method: str, T: int, remat: str, devices: int, second_order: s
         options["k"] = args.truncated_k
     if method in SECOND_ORDER_METHODS:
         options["second_order"] = second_order
-    step_fn = step_lib.make_bilevel_step(config, optimizer, meta_opt, method=method, method_options=options)
+    if inner_scan not in INNER_SCANS:
+        raise ValueError(f"benchmarks.memory: --inner-scan {inner_scan!r}; expected one of {INNER_SCANS}")
+    step_fn = step_lib.make_bilevel_step(config, optimizer, meta_opt, method=method, method_options=options,
+                                         unroll_inner=inner_scan == "unrolled")
     jitted = sharding.shard_bilevel_step(step_fn, state, inner, meta, mesh)
     t0 = time.perf_counter()
     lowered = jitted.lower(state, inner, meta)
@@ -173,7 +182,7 @@ def measure(args, method: str, T: int, remat: str, devices: int, second_order: s
     mem = compiled.memory_analysis()
     n_params = sum(int(x.size) for x in jax.tree.leaves(state["params"]))
     rec = {"method": method, "T": T, "remat": remat, "devices": devices, "options": options,
-           "second_order": options.get("second_order", "-"),
+           "second_order": options.get("second_order", "-"), "inner_scan": inner_scan,
            "layers": config.text.num_hidden_layers, "vision_depth": config.vision.depth,
            "layers_overridden": bool(args.layers), "params": n_params, "patches_per_image": patches,
            "seq_len": args.seq_len, "meta_steps": args.meta_steps, "domains": args.domains, "dtype": args.dtype,
@@ -187,22 +196,24 @@ def measure(args, method: str, T: int, remat: str, devices: int, second_order: s
 
 
 def _key(r: dict) -> tuple:
-    """A setting's identity (records written before --second-order existed were all "reverse")."""
+    """A setting's identity (records written before --second-order existed were all "reverse";
+    before --inner-scan, the scan's form was not recorded: "?")."""
     so = r.get("second_order", "reverse") if r["method"] in SECOND_ORDER_METHODS else "-"
-    return r["method"], r["T"], r["remat"], r["devices"], so
+    return r["method"], r["T"], r["remat"], r["devices"], so, r.get("inner_scan", "?")
 
 
 def format_table(records: list[dict], budget_gb: float) -> str:
-    head = (f"{'method':<14} {'2nd':<7} {'T':>2} {'remat':<14} {'dev':>3} {'args GiB':>9} {'out GiB':>8} {'alias GiB':>9} "
+    head = (f"{'method':<14} {'2nd':<7} {'scan':<8} {'T':>2} {'remat':<14} {'dev':>3} {'args GiB':>9} {'out GiB':>8} "
+            f"{'alias GiB':>9} "
             f"{'temp GiB':>9} {'peak GiB':>9} {f'fits {budget_gb:g}GB':>10} {'compile s':>9}")
     lines = [head, "-" * len(head)]
     for r in records:
         if "error" in r:
-            lines.append(f"{r['method']:<14} {_key(r)[4]:<7} {r['T']:>2} {r['remat']:<14} "
+            lines.append(f"{r['method']:<14} {_key(r)[4]:<7} {_key(r)[5]:<8} {r['T']:>2} {r['remat']:<14} "
                          f"{r['devices']:>3}  error: {r['error'][:80]}")
             continue
         lines.append(
-            f"{r['method']:<14} {_key(r)[4]:<7} {r['T']:>2} {r['remat']:<14} {r['devices']:>3} "
+            f"{r['method']:<14} {_key(r)[4]:<7} {_key(r)[5]:<8} {r['T']:>2} {r['remat']:<14} {r['devices']:>3} "
             f"{r['argument_bytes'] / GIB:>9.2f} "
             f"{r['output_bytes'] / GIB:>8.2f} {r['alias_bytes'] / GIB:>9.2f} {r['temp_bytes'] / GIB:>9.2f} "
             f"{r['peak_bytes'] / GIB:>9.2f} {'yes' if r['fits'] else 'no':>10} {r['compile_s']:>9.1f}")
@@ -221,34 +232,36 @@ def main(argv=None) -> int:
     if jax.device_count() < max(devices):
         raise SystemExit(f"benchmarks.memory: {jax.device_count()} devices visible, --devices asks for {max(devices)}")
     methods, unrolls, remats = _strs(args.methods), _ints(args.unroll), _strs(args.remat)
-    second_orders = _strs(args.second_order)
+    second_orders, scans = _strs(args.second_order), _strs(args.inner_scan)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     meta = {"command": "python -m benchmarks.memory " + " ".join(sys.argv[1:] if argv is None else argv),
             "machine": platform.platform(), "processor": platform.processor(), "jax": jax.__version__,
             "backend": jax.default_backend(), "budget_gb": args.budget_gb}
     records: list[dict] = []
-    grid = [(m, T, r, d, so) for r in remats for m in methods for so in
-            (second_orders if m in SECOND_ORDER_METHODS else ["-"]) for T in unrolls for d in devices]
+    grid = [(m, T, r, d, so, sc) for r in remats for m in methods for so in
+            (second_orders if m in SECOND_ORDER_METHODS else ["-"]) for sc in scans for T in unrolls for d in devices]
     if args.append and os.path.isfile(args.out):
         with open(args.out) as f:
             replaced = set(grid)
             records = [r for r in json.load(f).get("records", []) if _key(r) not in replaced]
     t_start = time.perf_counter()
-    for i, (method, T, remat, d, so) in enumerate(grid):
+    for i, (method, T, remat, d, so, sc) in enumerate(grid):
         if time.perf_counter() - t_start > args.time_limit:
             print(f"[memory] time limit {args.time_limit:g} s reached; {len(grid) - i} settings skipped", flush=True)
-            meta["skipped"] = [dict(method=m, T=t, remat=r, devices=dd, second_order=o) for m, t, r, dd, o in grid[i:]]
+            meta["skipped"] = [dict(method=m, T=t, remat=r, devices=dd, second_order=o, inner_scan=c)
+                               for m, t, r, dd, o, c in grid[i:]]
             break
         try:
-            rec = measure(args, method, T, remat, d, so if so != "-" else "reverse")
+            rec = measure(args, method, T, remat, d, so if so != "-" else "mixed", sc)
         except Exception as e:  # noqa: BLE001 - record and go on (one bad setting must not end the sweep)
-            rec = {"method": method, "T": T, "remat": remat, "devices": d, "second_order": so,
+            rec = {"method": method, "T": T, "remat": remat, "devices": d, "second_order": so, "inner_scan": sc,
                    "error": f"{type(e).__name__}: {e}"}
         records.append(rec)
         if "error" in rec:
-            print(f"[memory] {method} ({so}) T={T} remat={remat} devices={d}: {rec['error'][:200]}", flush=True)
+            print(f"[memory] {method} ({so}, {sc}) T={T} remat={remat} devices={d}: {rec['error'][:200]}", flush=True)
         else:
-            print(f"[memory] {method:<14} {so:<7} T={T} remat={remat:<14} devices={d}: peak {rec['peak_bytes'] / GIB:.2f} GiB "
+            print(f"[memory] {method:<14} {so:<7} {sc:<8} T={T} remat={remat:<14} devices={d}: "
+                  f"peak {rec['peak_bytes'] / GIB:.2f} GiB "
                   f"per device (compile {rec['compile_s']} s)", flush=True)
         with open(args.out, "w") as f:
             json.dump({"meta": meta, "records": records}, f, indent=1)

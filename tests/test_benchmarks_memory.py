@@ -17,24 +17,28 @@ def _record(method, second_order=None, **kw):
 
 
 def test_key_reads_old_records_as_reverse_and_ignores_second_order_elsewhere():
-    assert memory._key(_record("exact")) == ("exact", 5, "full", 8, "reverse")  # written before the option
-    assert memory._key(_record("exact_lowmem", "mixed")) == ("exact_lowmem", 5, "full", 8, "mixed")
-    assert memory._key(_record("darts", "-")) == ("darts", 5, "full", 8, "-")
-    assert memory._key(_record("darts")) == ("darts", 5, "full", 8, "-")
+    assert memory._key(_record("exact")) == ("exact", 5, "full", 8, "reverse", "?")  # written before the options
+    assert memory._key(_record("exact_lowmem", "mixed", inner_scan="loop")) == ("exact_lowmem", 5, "full", 8, "mixed",
+                                                                                 "loop")
+    assert memory._key(_record("darts", "-", inner_scan="unrolled")) == ("darts", 5, "full", 8, "-", "unrolled")
+    assert memory._key(_record("darts")) == ("darts", 5, "full", 8, "-", "?")
 
 
 def test_table_names_the_second_order_of_each_row():
-    table = memory.format_table([_record("exact"), _record("exact", "mixed"), _record("darts", "-"),
+    table = memory.format_table([_record("exact"), _record("exact", "mixed", inner_scan="loop"), _record("darts", "-"),
                                  {"method": "exact", "T": 5, "remat": "full", "devices": 1,
                                   "second_order": "mixed", "error": "RESOURCE_EXHAUSTED"}], 80.0)
     lines = table.splitlines()
-    assert lines[0].split()[:2] == ["method", "2nd"]
-    assert lines[2].split()[:2] == ["exact", "reverse"] and lines[2].split()[-3:] == ["13.00", "yes", "1.0"]
-    assert lines[3].split()[:2] == ["exact", "mixed"]
+    assert lines[0].split()[:3] == ["method", "2nd", "scan"]
+    assert lines[2].split()[:3] == ["exact", "reverse", "?"] and lines[2].split()[-3:] == ["13.00", "yes", "1.0"]
+    assert lines[3].split()[:3] == ["exact", "mixed", "loop"]
     assert lines[4].split()[:2] == ["darts", "-"]
     assert lines[5].split()[:2] == ["exact", "mixed"] and "error: RESOURCE_EXHAUSTED" in lines[5]
 
 
-def test_parser_takes_a_list_of_second_orders():
-    args = memory._parser().parse_args(["--second-order", "reverse,mixed"])
+def test_parser_takes_lists_and_defaults_to_what_the_2b_preset_trains():
+    args = memory._parser().parse_args(["--second-order", "reverse,mixed", "--inner-scan", "loop,unrolled"])
     assert memory._strs(args.second_order) == ["reverse", "mixed"]
+    assert memory._strs(args.inner_scan) == ["loop", "unrolled"]
+    defaults = memory._parser().parse_args([])
+    assert (defaults.second_order, defaults.inner_scan) == ("mixed", "unrolled")
