@@ -70,9 +70,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="comma-separated: reverse, mixed (how exact / exact_lowmem / truncated differentiate "
                         "through each inner step's gradient; other methods ignore it; mixed is the engine's default)")
     p.add_argument("--inner-scan", default="unrolled",
-                   help="comma-separated: unrolled, loop (the T-step inner scan as straight-line code, as the "
-                        "qwen2_vl_2b preset trains (--unroll-inner-scan), or as a loop, the engine's default for "
-                        "T > bilevel.inner.FULL_UNROLL_MAX_STEPS; a loop stacks per-step residuals in [T, ...] buffers)")
+                   help="comma-separated: unrolled, loop: exact's T-step inner scan as straight-line code, as the "
+                        "qwen2_vl_2b preset trains it (--unroll-inner-scan), or as a loop, which stacks per-step "
+                        "residuals in [T, ...] buffers; the other methods always loop (train.step.UNROLL_PAYS_METHODS)")
     p.add_argument("--forward-chunk", type=int, default=1, help="exact_forward chunk_size (tangents per pass)")
     p.add_argument("--truncated-k", type=int, default=1, help="truncated: steps kept")
     p.add_argument("--budget-gb", type=float, default=80.0, help="device memory to compare against (GB = 1e9 B)")
@@ -172,6 +172,8 @@ def measure(args, method: str, T: int, remat: str, devices: int, second_order: s
         options["second_order"] = second_order
     if inner_scan not in INNER_SCANS:
         raise ValueError(f"benchmarks.memory: --inner-scan {inner_scan!r}; expected one of {INNER_SCANS}")
+    if inner_scan == "unrolled" and not step_lib.inner_scan_unrolled(method, True):
+        raise ValueError(f"benchmarks.memory: {method} keeps the inner scan a loop (make_bilevel_step)")
     step_fn = step_lib.make_bilevel_step(config, optimizer, meta_opt, method=method, method_options=options,
                                          unroll_inner=inner_scan == "unrolled")
     jitted = sharding.shard_bilevel_step(step_fn, state, inner, meta, mesh)
@@ -229,6 +231,8 @@ def main(argv=None) -> int:
     _ensure_devices(max(devices + [8]))
     import jax
 
+    from dreamprm_jax.train import step as step_lib
+
     if jax.device_count() < max(devices):
         raise SystemExit(f"benchmarks.memory: {jax.device_count()} devices visible, --devices asks for {max(devices)}")
     methods, unrolls, remats = _strs(args.methods), _ints(args.unroll), _strs(args.remat)
@@ -239,7 +243,8 @@ def main(argv=None) -> int:
             "backend": jax.default_backend(), "budget_gb": args.budget_gb}
     records: list[dict] = []
     grid = [(m, T, r, d, so, sc) for r in remats for m in methods for so in
-            (second_orders if m in SECOND_ORDER_METHODS else ["-"]) for sc in scans for T in unrolls for d in devices]
+            (second_orders if m in SECOND_ORDER_METHODS else ["-"])
+            for sc in (scans if m in step_lib.UNROLL_PAYS_METHODS else ["loop"]) for T in unrolls for d in devices]
     if args.append and os.path.isfile(args.out):
         with open(args.out) as f:
             replaced = set(grid)

@@ -110,10 +110,14 @@ def test_trainer_step_unrolls_the_inner_scan_when_asked():
     state = jax.eval_shape(lambda: step_lib.init_state(prm.init(config, jax.random.key(0)), spec.num_domains,
                                                          opt, meta_opt))
     unrolls = {}
-    for flag in (True, False):
-        step = step_lib.make_bilevel_step(config, opt, meta_opt, unroll_inner=flag)
+    for method, flag in (("exact", True), ("exact", False), ("darts", True)):
+        step = step_lib.make_bilevel_step(config, opt, meta_opt, method=method, unroll_inner=flag)
         jaxpr = jax.make_jaxpr(step)(state, problem["inner_jax"], problem["meta_jax_packed"]).jaxpr
-        unrolls[flag] = _scan_unrolls(jaxpr)
-    assert max(unrolls[True]) >= spec.unroll - 1  # the scan after the peeled first step, fully unrolled
-    assert max(unrolls[False]) == 1 and inner_lib.FULL_UNROLL_MAX_STEPS == 0
+        unrolls[method, flag] = _scan_unrolls(jaxpr)
+    assert max(unrolls["exact", True]) >= spec.unroll - 1  # the scan after the peeled first step, fully unrolled
+    assert max(unrolls["exact", False]) == 1 and inner_lib.FULL_UNROLL_MAX_STEPS == 0
+    assert max(unrolls["darts", True]) == 1  # forward-only unrolls keep the loop (their smaller program)
+    assert step_lib.inner_scan_unrolled("exact", True) and not step_lib.inner_scan_unrolled("exact", True, False)
+    assert [step_lib.inner_scan_unrolled(m, True) for m in ("darts", "exact_lowmem", "truncated")] == [False] * 3
+    assert step_lib.inner_scan_unrolled("darts", None) is None
     assert configs.PRESETS["qwen2_vl_2b"]().unroll_inner_scan and not configs.TrainConfig().unroll_inner_scan

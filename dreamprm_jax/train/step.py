@@ -113,6 +113,24 @@ def init_state(params, num_domains: int, optimizer, meta_opt) -> State:
     }
 
 
+#: Methods whose program gets smaller when the inner scan is unrolled: ``exact`` runs reverse
+#: mode through the T steps, and as a loop it stacks every step's residuals in ``[T, ...]``
+#: buffers (2B, one device: 315 GiB looped, 211 unrolled). Every other method runs the unroll
+#: forward only (``darts``, the implicit methods, ``exact_lowmem``'s trajectory, ``truncated``'s
+#: head), where the loop is the smaller program: XLA schedules the straight-line T steps with
+#: more of them live at once (2B ``darts``: 50 GiB looped, 81 unrolled).
+UNROLL_PAYS_METHODS = ("exact",)
+
+
+def inner_scan_unrolled(method: str, unroll_inner: bool | None, reweighting: bool = True) -> bool | None:
+    """What ``make_bilevel_step(unroll_inner=...)`` does with the inner scan for ``method``:
+    ``True`` (unrolled) only for :data:`UNROLL_PAYS_METHODS` with reweighting on, ``False``
+    (a loop) otherwise, ``None`` when ``unroll_inner`` is None (the module default)."""
+    if unroll_inner is None:
+        return None
+    return bool(unroll_inner) and reweighting and method in UNROLL_PAYS_METHODS
+
+
 def make_bilevel_step(model_config, optimizer, meta_opt, *, method: str = "exact", aggregation: str = "mean",
                       reweighting: bool = True, method_options: dict | None = None,
                       unroll_inner: bool | None = None) -> Callable:
@@ -120,11 +138,14 @@ def make_bilevel_step(model_config, optimizer, meta_opt, *, method: str = "exact
 
     ``inner_batches`` carries a leading axis of length T. With ``reweighting=False`` the
     domain weights stay at 1 (the vanilla PRM) and only the meta loss is evaluated.
-    ``unroll_inner``: ``True`` unrolls the T-step inner scan into straight-line code, ``False``
-    keeps the loop, ``None`` follows ``bilevel.inner.FULL_UNROLL_MAX_STEPS`` (same maths).
+    ``unroll_inner``: ``True`` unrolls the T-step inner scan into straight-line code where that
+    saves memory (:func:`inner_scan_unrolled`: ``exact``; the other methods keep the loop),
+    ``False`` keeps the loop, ``None`` follows ``bilevel.inner.FULL_UNROLL_MAX_STEPS`` (same
+    maths in every case).
     """
     inner_loss, outer_loss = make_losses(model_config, aggregation)
     options = dict(method_options or {})
+    unroll_inner = inner_scan_unrolled(method, unroll_inner, reweighting)
 
     def step(state: State, inner_batches, meta_batch):
         if unroll_inner is None:
