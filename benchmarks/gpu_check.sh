@@ -24,15 +24,17 @@
 # MFU against --peak-tflops (default 989.4: H100 SXM bf16 dense; set PEAK_TFLOPS for another
 # card, e.g. 989.4 for H200 too). Expect `exact` (reverse mode through 5 steps keeps 5 copies
 # of parameters + AdamW moments; XLA:CPU's estimate for this program, `python -m
-# benchmarks.memory`: 211 GiB unrolled with second_order="mixed", 315 GiB with the looped
-# scan) and `exact_lowmem` (134 GiB) to fail with RESOURCE_EXHAUSTED on one 80 GB card:
-# that is a result, recorded as such (`darts`: 52 GiB).
+# benchmarks.memory`: 211.5 GiB unrolled with second_order="mixed", 315 GiB with the looped
+# scan) and `exact_lowmem` (133.5 GiB) to fail with RESOURCE_EXHAUSTED on one 80 GB card:
+# that is a result, recorded as such (`darts`: 50.0 GiB). A 141 GB H200 is just short for
+# `exact_lowmem` too (133.5 GiB = 143 GB), by XLA:CPU's estimate.
 #
 # Knobs (environment): OUT, PEAK_TFLOPS, PER_METHOD_S (time limit per method, default 155),
 # METHODS (default "exact_lowmem darts exact"), EXTRA_ARGS (appended to every
 # step_throughput call; the last occurrence of a flag wins, e.g. "--text-layers 14"),
-# The T = 5 inner steps are unrolled, as the qwen2_vl_2b preset trains (the loop's residual
-# stacks cost memory); EXTRA_ARGS="--no-unroll-inner" times the loop instead.
+# exact's T = 5 inner steps are unrolled, as the qwen2_vl_2b preset trains (its loop's residual
+# stacks cost memory; the other methods loop, their smaller program); EXTRA_ARGS="--no-unroll-inner"
+# times exact's loop instead.
 # ALLOW_CPU=1 (run without a GPU: only to rehearse the script, e.g.
 # ALLOW_CPU=1 EXTRA_ARGS="--config demo --device cpu --batch 2" bash benchmarks/gpu_check.sh).
 set -u
