@@ -28,8 +28,8 @@ from .rope import rope_index, vision_position_ids, vision_segment_ids
 
 __all__ = [
     "DTYPES",
-    "ROPE_KEYS",
     "REMAT_POLICIES",
+    "ROPE_KEYS",
     "Qwen2VLConfig",
     "TextConfig",
     "VisionConfig",
