@@ -11,6 +11,7 @@ state donated, so the T-step unroll and the meta update are one compiled program
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -148,9 +149,9 @@ def make_bilevel_step(model_config, optimizer, meta_opt, *, method: str = "exact
     unroll_inner = inner_scan_unrolled(method, unroll_inner, reweighting)
 
     def step(state: State, inner_batches, meta_batch):
-        if unroll_inner is None:
-            return _step(state, inner_batches, meta_batch)
-        with inner_lib.unroll_scans_up_to(inner_lib.num_steps(inner_batches) if unroll_inner else 0):
+        layout = (contextlib.nullcontext() if unroll_inner is None else
+                  inner_lib.unroll_scans_up_to(inner_lib.num_steps(inner_batches) if unroll_inner else 0))
+        with layout:
             return _step(state, inner_batches, meta_batch)
 
     def _step(state: State, inner_batches, meta_batch):
