@@ -60,7 +60,7 @@ def _prm_spec(text: str) -> tuple[str, str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from dreamprm_jax.inference.aggregation import aggregation_names
+    from dreamprm_jax.evaluation.aggregation import aggregation_names
 
     p = argparse.ArgumentParser(prog="python -m experiments.evaluate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -209,7 +209,7 @@ def resolve_setup(args) -> tuple[str, dict[str, str]]:
 # ----------------------------------------------------------------------------------------
 
 def _aggregations(args) -> tuple[str, ...]:
-    from dreamprm_jax.inference.aggregation import aggregation_names
+    from dreamprm_jax.evaluation.aggregation import aggregation_names
 
     if args.aggregations is None:
         return (args.aggregation,)
@@ -230,8 +230,8 @@ def _throughput_line(name: str, what: str, stats: dict[str, Any], compile_count:
 
 def run(args) -> dict[str, Any]:
     """Load, score, select, report; returns {"paths", "result", "throughput"}."""
-    from dreamprm_jax import inference as inf
-    from dreamprm_jax.inference import prm_scorer
+    from dreamprm_jax import evaluation as inf
+    from dreamprm_jax.evaluation import prm_scorer
 
     candidates_path, prms = resolve_setup(args)
     aggregations = _aggregations(args)
@@ -337,8 +337,8 @@ def main(argv=None) -> int:
     if args.batch_size < 1:
         print(f"error: --batch-size must be >= 1, got {args.batch_size}", file=sys.stderr)
         return 2
-    from dreamprm_jax.inference.candidates import CandidateError
-    from dreamprm_jax.inference.prm_scorer import ExportNotFoundError
+    from dreamprm_jax.evaluation.candidates import CandidateError
+    from dreamprm_jax.evaluation.prm_scorer import ExportNotFoundError
 
     try:
         run(args)

@@ -1,4 +1,4 @@
-"""The PRM scorer (inference.prm_scorer) and the evaluate CLI, end to end on a tiny PRM export."""
+"""The PRM scorer (evaluation.prm_scorer) and the evaluate CLI, end to end on a tiny PRM export."""
 
 import json
 import os
@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dreamprm_jax import inference as inf
+from dreamprm_jax import evaluation as inf
 from dreamprm_jax.data.processor import Processor
 from dreamprm_jax.data.tokenizer import build_offline_tokenizer
-from dreamprm_jax.inference import prm_scorer
+from dreamprm_jax.evaluation import prm_scorer
 from dreamprm_jax.models import prm, qwen2_vl
 from experiments import evaluate
 

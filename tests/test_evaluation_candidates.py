@@ -6,8 +6,8 @@ import os
 import pytest
 
 from dreamprm_jax.data.steps import find_max_step, split_step_reference, split_steps
-from dreamprm_jax.inference import candidates as cand
-from dreamprm_jax.inference.scoring import default_prompt
+from dreamprm_jax.evaluation import candidates as cand
+from dreamprm_jax.evaluation.scoring import default_prompt
 
 
 # --- step splitting ---------------------------------------------------------------------

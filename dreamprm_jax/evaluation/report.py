@@ -13,8 +13,8 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from dreamprm_jax.inference.candidates import LoadReport
-from dreamprm_jax.inference.selection import OVERALL_MACRO, OVERALL_MICRO, Stat, SweepResult
+from dreamprm_jax.evaluation.candidates import LoadReport
+from dreamprm_jax.evaluation.selection import OVERALL_MACRO, OVERALL_MICRO, Stat, SweepResult
 
 __all__ = [
     "format_step_metrics",

@@ -27,7 +27,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from dreamprm_jax.inference.candidates import Question
+from dreamprm_jax.evaluation.candidates import Question
 
 __all__ = [
     "StepRequest",

@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 
-from dreamprm_jax.inference import candidates as cand
-from dreamprm_jax.inference import selection as sel
-from dreamprm_jax.inference.scoring import StepScores
+from dreamprm_jax.evaluation import candidates as cand
+from dreamprm_jax.evaluation import selection as sel
+from dreamprm_jax.evaluation.scoring import StepScores
 
 
 def _inputs(correct, answer_ids=None, benchmarks=None, mask=None):

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from dreamprm_jax.inference import metrics
+from dreamprm_jax.evaluation import metrics
 
 # Q=2 questions, N=2 candidates, S=4 steps; labels 1 correct / 0 incorrect / -1 neutral or pad.
 # Threshold 0.5 <=> logit >= 0 is "predicted correct" (sigmoid(0) = 0.5 counts as correct).

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from dreamprm_jax.inference import candidates as cand
-from dreamprm_jax.inference import scoring
+from dreamprm_jax.evaluation import candidates as cand
+from dreamprm_jax.evaluation import scoring
 
 
 def _questions():

@@ -1,11 +1,11 @@
-"""A trained PRM as the inference library's scoring callable, batched over static buckets.
+"""A trained PRM as the evaluation library's scoring callable, batched over static buckets.
 
-The inference package only ever sees ``score_fn(requests) -> logits [R]`` (see
-:mod:`dreamprm_jax.inference.scoring`). :class:`PRMScorer` is that callable for a
+The evaluation package only ever sees ``score_fn(requests) -> logits [R]`` (see
+:mod:`dreamprm_jax.evaluation.scoring`). :class:`PRMScorer` is that callable for a
 Qwen2-VL PRM::
 
     scorer = load_scorer("runs/default/export")             # prm.load + Processor
-    step_scores = inference.score_steps(questions, scorer)  # every step prefix, once
+    step_scores = evaluation.score_steps(questions, scorer)  # every step prefix, once
     print(scorer.stats.chains_per_s, scorer.compile_count)
 
 What one call does, for R requests:
@@ -53,7 +53,7 @@ import numpy as np
 
 from dreamprm_jax.data.batching import BatchSpec, Sample, choose_bucket, collate, model_prepare_fn
 from dreamprm_jax.data.processor import Processor, render_chat
-from dreamprm_jax.inference.scoring import StepRequest
+from dreamprm_jax.evaluation.scoring import StepRequest
 from dreamprm_jax.models import prm
 
 __all__ = [

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from dreamprm_jax.inference import metrics, report, selection as sel
+from dreamprm_jax.evaluation import metrics, report, selection as sel
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,7 @@
 
 import pytest
 
-from dreamprm_jax.inference import answers as ans
+from dreamprm_jax.evaluation import answers as ans
 
 # --- extraction -------------------------------------------------------------------------
 

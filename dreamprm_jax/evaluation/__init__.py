@@ -2,7 +2,7 @@
 
 The PRM enters only as a scoring callable ``score_fn(requests) -> logits [R]``::
 
-    from dreamprm_jax import inference as inf
+    from dreamprm_jax import evaluation as inf
 
     questions, load_report = inf.load_candidates("candidates.jsonl", on_bad_record="skip")
     inputs = inf.build_inputs(questions)                       # answers, correctness
@@ -21,8 +21,8 @@ Batching and bucketing with the real model live outside this package: ``score_fn
 receives :class:`StepRequest` tuples (candidate id, text, image path, indices).
 """
 
-from dreamprm_jax.inference.aggregation import AGGREGATIONS, aggregate, aggregation_names, register_aggregation
-from dreamprm_jax.inference.answers import (
+from dreamprm_jax.evaluation.aggregation import AGGREGATIONS, aggregate, aggregation_names, register_aggregation
+from dreamprm_jax.evaluation.answers import (
     MatchConfig,
     answer_key,
     extract_final_answer,
@@ -33,7 +33,7 @@ from dreamprm_jax.inference.answers import (
     register_matcher,
     unregister_matcher,
 )
-from dreamprm_jax.inference.candidates import (
+from dreamprm_jax.evaluation.candidates import (
     SKIP_REASONS,
     Candidate,
     CandidateError,
@@ -44,8 +44,8 @@ from dreamprm_jax.inference.candidates import (
     parse_records,
     step_prefixes,
 )
-from dreamprm_jax.inference.metrics import first_error_metrics, step_f1, step_metrics
-from dreamprm_jax.inference.report import (
+from dreamprm_jax.evaluation.metrics import first_error_metrics, step_f1, step_metrics
+from dreamprm_jax.evaluation.report import (
     format_step_metrics,
     format_sweep_table,
     format_table,
@@ -54,7 +54,7 @@ from dreamprm_jax.inference.report import (
     write_json,
     write_report,
 )
-from dreamprm_jax.inference.scoring import (
+from dreamprm_jax.evaluation.scoring import (
     StepRequest,
     StepScores,
     assemble_chain_logits,
@@ -66,7 +66,7 @@ from dreamprm_jax.inference.scoring import (
     step_label_array,
     step_requests,
 )
-from dreamprm_jax.inference.selection import (
+from dreamprm_jax.evaluation.selection import (
     MajorityVote,
     Oracle,
     Random,

@@ -38,10 +38,10 @@ from typing import Any, Literal, Protocol
 
 import numpy as np
 
-from dreamprm_jax.inference import aggregation as agg_lib
-from dreamprm_jax.inference.answers import DEFAULT_CONFIG, MatchConfig, answer_key, extract_final_answer, match_answer
-from dreamprm_jax.inference.candidates import Question
-from dreamprm_jax.inference.scoring import StepScores, candidate_mask
+from dreamprm_jax.evaluation import aggregation as agg_lib
+from dreamprm_jax.evaluation.answers import DEFAULT_CONFIG, MatchConfig, answer_key, extract_final_answer, match_answer
+from dreamprm_jax.evaluation.candidates import Question
+from dreamprm_jax.evaluation.scoring import StepScores, candidate_mask
 
 __all__ = [
     "MajorityVote",

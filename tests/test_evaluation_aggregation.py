@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from dreamprm_jax.inference import aggregation as agg
+from dreamprm_jax.evaluation import aggregation as agg
 
 # three chains, S = 4: [1, -2, 3], [0.5], and an empty chain (no step)
 LOGITS = np.array([[1.0, -2.0, 3.0, 99.0], [0.5, 7.0, 7.0, 7.0], [4.0, 4.0, 4.0, 4.0]])   # [3, 4]
