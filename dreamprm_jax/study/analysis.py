@@ -1,0 +1,110 @@
+"""What a reweighting study measures on one test set, and how arms are compared.
+
+Every arm picks from the same candidates with the same random subsets (one subset draw
+per question, N and trial, shared by all arms), so its per-question hit rates are paired
+with every other arm's. For one arm on one seed:
+
+* ``hits[n]``: [Q] the chance that the arm's best-of-n pick is correct, averaged over
+  ``trials`` random subsets of n candidates (at the full candidate count there is one
+  subset, the whole set, and the hit is 0 or 1);
+* ``within_question_auroc``: how well the chain scores order each question's candidates
+  (the only thing best-of-N selection uses), averaged over questions with a correct and a
+  wrong candidate;
+* ``step_auroc``: per error type, the AUROC of step logits for "this step is correct" over
+  the steps of clean chains and the erroneous steps of that type (how well the PRM
+  detects each kind of error);
+* ``score_std``: the standard deviation of the chain scores (a PRM that hedges towards
+  0.5 everywhere has compressed scores).
+
+Pooled over seeds, an arm's best-of-N difference to the baseline is
+:func:`dreamprm_jax.evaluation.statistics.paired_bootstrap` of the per-question hit
+differences.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from dreamprm_jax.evaluation import statistics
+from dreamprm_jax.evaluation.selection import SelectionInputs, Selector, sample_subsets
+
+__all__ = ["ArmOutcome", "best_of_n_hits", "step_auroc_by_error_type", "arm_outcome", "gap_closed"]
+
+
+@dataclasses.dataclass(frozen=True)
+class ArmOutcome:
+    """One arm on one seed's test set (fields in the module docstring)."""
+
+    hits: Mapping[int, np.ndarray]            # n -> [Q] float64 in [0, 1]
+    within_question_auroc: float
+    step_auroc: Mapping[str, float]
+    score_std: float
+
+    def accuracy(self, n: int) -> float:
+        return float(np.mean(self.hits[n]))
+
+
+def best_of_n_hits(inputs: SelectionInputs, selector: Selector, ns: Sequence[int], *, trials: int = 20,
+                   seed: int = 0) -> dict[int, np.ndarray]:
+    """n -> [Q] hit rate of ``selector`` over ``trials`` subsets of n candidates per question.
+
+    The subsets come from ``np.random.default_rng([seed, n, t])``, as in
+    :func:`dreamprm_jax.evaluation.selection.evaluate`, so every arm sees the same ones. At
+    n >= the candidate count a single trial is used (every subset is the full set).
+    """
+    rows = np.arange(inputs.num_questions)
+    out = {}
+    for n in ns:
+        num_trials = 1 if n >= inputs.max_candidates else trials
+        total = np.zeros(inputs.num_questions)                              # [Q]
+        for t in range(num_trials):
+            subset = sample_subsets(inputs.candidate_mask, n, np.random.default_rng([seed, n, t]))
+            chosen = np.asarray(selector(inputs, subset, np.random.default_rng([seed, n, t, 1])), np.int64)
+            total += inputs.correct[rows, chosen]
+        out[int(n)] = total / num_trials
+    return out
+
+
+def step_auroc_by_error_type(step_logits: np.ndarray, step_labels: np.ndarray,
+                             step_error_types: np.ndarray) -> dict[str, float]:
+    """Per error type: AUROC of the step logits for "correct step" over correct steps
+    (label 1) against that type's erroneous steps (label 0 and that type).
+
+    ``step_logits`` [Q, N, S] float, ``step_labels`` [Q, N, S] int (1 correct, 0 wrong, -1
+    none), ``step_error_types`` [Q, N, S] str ("" where the step is not an error).
+    """
+    logits = np.asarray(step_logits, np.float64)
+    labels = np.asarray(step_labels)
+    types = np.asarray(step_error_types)
+    positives = logits[labels == 1]
+    out = {}
+    for kind in sorted({str(t) for t in types[labels == 0].reshape(-1)} - {""}):
+        negatives = logits[(labels == 0) & (types == kind)]
+        scores = np.concatenate([positives, negatives])
+        truth = np.concatenate([np.ones(positives.size, bool), np.zeros(negatives.size, bool)])
+        out[kind] = statistics.auroc(scores, truth)
+    return out
+
+
+def arm_outcome(inputs: SelectionInputs, chain_scores: np.ndarray, *, ns: Sequence[int], trials: int, seed: int,
+                step_logits: np.ndarray | None = None, step_labels: np.ndarray | None = None,
+                step_error_types: np.ndarray | None = None) -> ArmOutcome:
+    """Everything :class:`ArmOutcome` holds for a PRM's aggregated ``chain_scores`` [Q, N]."""
+    from dreamprm_jax.evaluation.selection import ScoreArgmax
+
+    scores = np.asarray(chain_scores, np.float64)
+    hits = best_of_n_hits(inputs, ScoreArgmax(scores), ns, trials=trials, seed=seed)
+    mask = inputs.candidate_mask
+    by_type: dict[str, float] = {}
+    if step_logits is not None and step_labels is not None and step_error_types is not None:
+        by_type = step_auroc_by_error_type(step_logits, step_labels, step_error_types)
+    return ArmOutcome(hits=hits, within_question_auroc=statistics.within_question_auroc(scores, inputs.correct, mask),
+                      step_auroc=by_type, score_std=float(np.std(scores[mask])))
+
+
+def gap_closed(arm_diff: float, oracle_diff: float) -> float:
+    """Share of the baseline-to-oracle gap an arm closes (NaN when the oracle gains nothing)."""
+    return float(arm_diff / oracle_diff) if oracle_diff > 0 else float("nan")

@@ -1,0 +1,59 @@
+"""The arms of a reweighting study: how each PRM is trained, all on the same budget.
+
+Every arm trains from the same initialisation (the seed's), on the same records, with the
+same sampler and iteration count; only the domain weights differ:
+
+=================  ===========================================================================
+``vanilla``        uniform weights (the PRM without reweighting): the baseline every arm is
+                   compared with
+``dreamprm``       weights learned with exact hypergradients through the T unrolled steps
+``darts``          weights learned with Betty's DARTS approximation (the paper's method)
+``oracle_weights`` weights fixed by hand from the planted (or user-given) domain quality: how
+                   much room correct weights leave; an arm that needs them is skipped when
+                   there are none
+=================  ===========================================================================
+
+The untrained baselines (self-consistency, a random pick, the oracle answer) need no arm.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+__all__ = ["Arm", "ARMS", "BASELINE_ARM", "get_arms"]
+
+#: The arm every other arm is compared with.
+BASELINE_ARM = "vanilla"
+
+
+@dataclasses.dataclass(frozen=True)
+class Arm:
+    """``overrides``: :class:`~dreamprm_jax.configs.TrainConfig` fields set for this arm;
+    ``oracle_weights``: train under the oracle domain weights, held fixed."""
+
+    name: str
+    description: str
+    overrides: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    oracle_weights: bool = False
+
+
+ARMS: dict[str, Arm] = {
+    "vanilla": Arm("vanilla", "uniform domain weights", {"reweighting": False}),
+    "dreamprm": Arm("dreamprm", "learned weights, exact hypergradients", {"reweighting": True, "hypergradient": "exact"}),
+    "darts": Arm("darts", "learned weights, DARTS hypergradients", {"reweighting": True, "hypergradient": "darts"}),
+    "oracle_weights": Arm("oracle_weights", "weights fixed from the planted quality", {"reweighting": False},
+                          oracle_weights=True),
+}
+
+
+def get_arms(names) -> tuple[Arm, ...]:
+    """The named arms, the baseline first (added when missing)."""
+    names = list(dict.fromkeys(names))
+    unknown = [n for n in names if n not in ARMS]
+    if unknown:
+        raise ValueError(f"unknown study arm(s) {unknown}; expected names among {sorted(ARMS)}")
+    if BASELINE_ARM in names:
+        names.remove(BASELINE_ARM)
+    return (ARMS[BASELINE_ARM],) + tuple(ARMS[n] for n in names)

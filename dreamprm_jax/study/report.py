@@ -1,0 +1,238 @@
+"""A study's results as numbers (``study.json``), a table (``report.md``) and plots.
+
+``study.json`` holds at least ``{"paired": {"<arm>": {"diff": float, "ci95": [lo, hi]}}}``:
+best-of-N accuracy (N = the largest of the study's ns) minus the baseline arm's, pooled over
+the seeds run (:func:`dreamprm_jax.evaluation.statistics.paired_bootstrap`), plus per-seed
+rows, best-of-n for every n, the untrained baselines, the learned weights beside the planted
+quality (Spearman and its permutation p-value), AUROCs and wall times.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from dreamprm_jax.evaluation import statistics
+from dreamprm_jax.study.analysis import gap_closed
+from dreamprm_jax.study.arms import ARMS, BASELINE_ARM
+from dreamprm_jax.study.runner import SeedResult, StudyConfig
+
+__all__ = ["summarize", "format_report", "write_study", "plot_best_of_n", "plot_weights"]
+
+ORACLE_ARM = "oracle_weights"
+
+
+def _arm_names(results: Sequence[SeedResult]) -> list[str]:
+    names: list[str] = []
+    for r in results:
+        names += [a for a in r.arms if a not in names]
+    return names
+
+
+def summarize(config: StudyConfig, results: Sequence[SeedResult], wall_seconds: float) -> dict[str, Any]:
+    """Everything the report shows, as plain JSON values."""
+    n_max = max(config.ns)
+    arms = _arm_names(results)
+    paired: dict[str, Any] = {}
+    paired_by_n: dict[str, Any] = {}
+    for arm in arms:
+        if arm == BASELINE_ARM:
+            continue
+        seeds = [r for r in results if arm in r.arms and BASELINE_ARM in r.arms]
+        if not seeds:
+            continue
+        by_n = {}
+        for n in config.ns:
+            diffs = [r.arms[arm].outcome.hits[n] - r.arms[BASELINE_ARM].outcome.hits[n] for r in seeds]
+            by_n[str(n)] = statistics.paired_bootstrap(diffs, num_resamples=config.resamples, seed=0).to_dict()
+        paired_by_n[arm] = by_n
+        paired[arm] = {**by_n[str(n_max)], "seeds": [r.seed for r in seeds]}
+    if ORACLE_ARM in paired:
+        for arm, row in paired.items():
+            if arm != ORACLE_ARM:
+                row["share_of_oracle_gap"] = gap_closed(row["diff"], paired[ORACLE_ARM]["diff"])
+
+    per_seed = []
+    for r in results:
+        row: dict[str, Any] = {"seed": r.seed, "num_questions": r.num_questions, "arms": {}, "baselines": {}}
+        base = r.arms.get(BASELINE_ARM)
+        for name, run in r.arms.items():
+            entry = {
+                "best_of_n": {str(n): run.outcome.accuracy(n) for n in config.ns},
+                "within_question_auroc": run.outcome.within_question_auroc,
+                "step_auroc": dict(run.outcome.step_auroc),
+                "chain_score_std": run.outcome.score_std,
+                "weights": run.weights,
+                "train_seconds": run.train_seconds,
+                "score_seconds": run.score_seconds,
+            }
+            if base is not None and name != BASELINE_ARM:
+                diffs = [run.outcome.hits[n_max] - base.outcome.hits[n_max]]
+                entry["paired"] = statistics.paired_bootstrap(diffs, num_resamples=config.resamples, seed=0).to_dict()
+            quality = r.planted_quality or r.oracle_weights
+            if quality and run.weights and ARMS[name].overrides.get("reweighting") and not ARMS[name].oracle_weights:
+                domains = [d for d in run.weights if d in quality]
+                w = [run.weights[d] for d in domains]
+                q = [quality[d] for d in domains]
+                entry["spearman_vs_quality"] = statistics.spearman(w, q)
+                entry["spearman_p"] = statistics.spearman_permutation_p(w, q)
+                entry["lowest_weight_domain"] = domains[int(np.argmin(w))]
+            row["arms"][name] = entry
+        for name, hits in r.baselines.items():
+            row["baselines"][name] = {str(n): float(np.mean(h)) for n, h in hits.items()}
+        row["planted_quality"] = r.planted_quality
+        row["oracle_weights"] = r.oracle_weights
+        per_seed.append(row)
+    return {
+        "paired": paired,
+        "paired_by_n": paired_by_n,
+        "n": n_max,
+        "baseline_arm": BASELINE_ARM,
+        "seeds": [r.seed for r in results],
+        "per_seed": per_seed,
+        "config": {"arms": list(config.arms), "ns": list(config.ns), "trials": config.trials,
+                   "resamples": config.resamples, "aggregation": config.aggregation,
+                   "iterations": config.train.iterations, "sampler": config.train.sampler,
+                   "user_data": config.user_data is not None},
+        "wall_seconds": wall_seconds,
+    }
+
+
+def _fmt_ci(row: dict) -> str:
+    lo, hi = row["ci95"]
+    return f"{row['diff']:+.3f} [{lo:+.3f}, {hi:+.3f}]"
+
+
+def format_report(summary: dict[str, Any]) -> str:
+    """Markdown: the pooled comparison, per-seed rows, weights, AUROCs."""
+    n = summary["n"]
+    seeds = summary["seeds"]
+    lines = [f"# Reweighting study: best-of-{n}, seeds {', '.join(map(str, seeds))}", ""]
+    lines += [f"Each arm minus `{summary['baseline_arm']}`: paired bootstrap over questions (95 % CI), pooled over "
+              "seeds (mean of the seed means).", "",
+              "| arm | " + " | ".join(f"best-of-{k} diff [95 % CI]" for k in summary["config"]["ns"])
+              + " | share of the oracle gap |",
+              "|---|" + "---|" * len(summary["config"]["ns"]) + "---|"]
+    for arm, by_n in summary["paired_by_n"].items():
+        share = summary["paired"][arm].get("share_of_oracle_gap")
+        share_text = "" if share is None or np.isnan(share) else f"{share:.2f}"
+        lines.append(f"| {arm} | " + " | ".join(_fmt_ci(by_n[str(k)]) for k in summary["config"]["ns"])
+                     + f" | {share_text} |")
+    lines += ["", f"Best-of-{n} accuracy per seed (untrained baselines on the right):", ""]
+    arms = list(dict.fromkeys(a for row in summary["per_seed"] for a in row["arms"]))
+    baselines = list(dict.fromkeys(b for row in summary["per_seed"] for b in row["baselines"]))
+    lines.append("| seed | questions | " + " | ".join(arms + baselines) + " |")
+    lines.append("|---|---|" + "---|" * (len(arms) + len(baselines)))
+    for row in summary["per_seed"]:
+        cells = [f"{row['arms'][a]['best_of_n'][str(n)]:.3f}" if a in row["arms"] else "" for a in arms]
+        cells += [f"{row['baselines'][b][str(n)]:.3f}" if b in row["baselines"] else "" for b in baselines]
+        lines.append(f"| {row['seed']} | {row['num_questions']} | " + " | ".join(cells) + " |")
+    lines += ["", "Domain weights at the end of training (planted quality / oracle weight in the header):", ""]
+    for row in summary["per_seed"]:
+        quality = row["planted_quality"] or row["oracle_weights"] or {}
+        domains = list(dict.fromkeys(d for a in row["arms"].values() for d in a["weights"]))
+        lines.append(f"Seed {row['seed']}:")
+        lines.append("")
+        lines.append("| arm | " + " | ".join(f"{d} ({quality[d]:.2f})" if d in quality else d for d in domains)
+                     + " | Spearman (p) | within-question AUROC | step AUROC by error type | chain score std |")
+        lines.append("|---|" + "---|" * (len(domains) + 4))
+        for a, entry in row["arms"].items():
+            rho = entry.get("spearman_vs_quality")
+            rho_text = "" if rho is None else f"{rho:.3f} ({entry['spearman_p']:.3f})"
+            steps = ", ".join(f"{k} {v:.3f}" for k, v in entry["step_auroc"].items())
+            lines.append(f"| {a} | " + " | ".join(f"{entry['weights'].get(d, float('nan')):.3f}" for d in domains)
+                         + f" | {rho_text} | {entry['within_question_auroc']:.3f} | {steps} | "
+                           f"{entry['chain_score_std']:.3f} |")
+        lines.append("")
+    lines.append(f"Wall time: {summary['wall_seconds'] / 60:.1f} min "
+                 f"({summary['config']['iterations']} iterations per arm, sampler `{summary['config']['sampler']}`).")
+    return "\n".join(lines) + "\n"
+
+
+def plot_best_of_n(summary: dict[str, Any], path: str) -> str:
+    """Accuracy against N per arm (mean over seeds), with the pooled 95 % CI of the difference
+    to the baseline drawn as a band around the baseline's curve shifted by each arm's diff."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ns = summary["config"]["ns"]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    rows = summary["per_seed"]
+    arms = list(dict.fromkeys(a for row in rows for a in row["arms"]))
+    base_name = summary["baseline_arm"]
+    base = [np.mean([row["arms"][base_name]["best_of_n"][str(k)] for row in rows if base_name in row["arms"]])
+            for k in ns]
+    for arm in arms:
+        acc = [np.mean([row["arms"][arm]["best_of_n"][str(k)] for row in rows if arm in row["arms"]]) for k in ns]
+        (line,) = ax.plot(ns, acc, marker="o", label=arm)
+        if arm in summary["paired_by_n"]:
+            lo = [b + summary["paired_by_n"][arm][str(k)]["ci95"][0] for b, k in zip(base, ns)]
+            hi = [b + summary["paired_by_n"][arm][str(k)]["ci95"][1] for b, k in zip(base, ns)]
+            ax.fill_between(ns, lo, hi, color=line.get_color(), alpha=0.15)
+    for name in dict.fromkeys(b for row in rows for b in row["baselines"]):
+        acc = [np.mean([row["baselines"][name][str(k)] for row in rows]) for k in ns]
+        ax.plot(ns, acc, linestyle="--", linewidth=1, label=name)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(ns, [str(k) for k in ns])
+    ax.set_xlabel("N (candidates per question)")
+    ax.set_ylabel("best-of-N accuracy")
+    ax.set_title("Best-of-N (bands: 95 % CI of the paired difference to " + base_name + ")")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_weights(results: Sequence[SeedResult], path: str) -> str | None:
+    """Learned weight trajectories (from each reweighting arm's metrics.jsonl), one panel per
+    seed and arm, each domain labelled with its planted quality."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from dreamprm_jax.train.metrics import read_jsonl
+
+    panels = [(r, run) for r in results for name, run in r.arms.items()
+              if ARMS[name].overrides.get("reweighting") and os.path.isfile(os.path.join(run.run_dir, "metrics.jsonl"))]
+    if not panels:
+        return None
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2), squeeze=False)
+    for ax, (r, run) in zip(axes[0], panels):
+        records = [x for x in read_jsonl(os.path.join(run.run_dir, "metrics.jsonl")) if "domain_weights" in x]
+        steps = [x["step"] for x in records]
+        quality = r.planted_quality or r.oracle_weights or {}
+        for d in run.weights:
+            label = f"{d} ({quality[d]:.2f})" if d in quality else d
+            ax.plot(steps, [x["domain_weights"].get(d, np.nan) for x in records], label=label)
+        ax.axhline(1.0, color="grey", linewidth=0.5)
+        ax.set_title(f"seed {r.seed}: {run.arm}", fontsize=9)
+        ax.set_xlabel("iteration")
+    axes[0][0].set_ylabel("domain weight")
+    axes[0][-1].legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def write_study(config: StudyConfig, results: Sequence[SeedResult], wall_seconds: float) -> dict[str, str]:
+    """Writes study.json, report.md and the plots into ``config.out_dir``; returns their paths."""
+    from dreamprm_jax.utils.jsonable import write_json
+
+    summary = summarize(config, results, wall_seconds)
+    paths = {"json": os.path.join(config.out_dir, "study.json"), "report": os.path.join(config.out_dir, "report.md")}
+    write_json(paths["json"], summary)
+    text = format_report(summary)
+    with open(paths["report"], "w", encoding="utf-8") as f:
+        f.write(text)
+    paths["best_of_n_png"] = plot_best_of_n(summary, os.path.join(config.out_dir, "best_of_n.png"))
+    weights_png = plot_weights(results, os.path.join(config.out_dir, "weights.png"))
+    if weights_png:
+        paths["weights_png"] = weights_png
+    return paths
