@@ -19,7 +19,6 @@ import warnings
 from collections.abc import Mapping
 from typing import Any, Literal
 
-import jax
 import numpy as np
 
 __all__ = ["to_jsonable", "write_json"]
@@ -49,7 +48,7 @@ def to_jsonable(value: Any, *, where: str = "value", nonfinite: Literal["error",
         raise ValueError(f"to_jsonable: nonfinite must be 'error' or 'null', got {nonfinite!r}")
     if value is None or isinstance(value, (bool, str)):
         return value
-    if isinstance(value, (np.ndarray, np.generic, jax.Array)):
+    if isinstance(value, (np.ndarray, np.generic)) or hasattr(value, "__array__"):  # numpy, jax
         array = np.asarray(value)
         if array.dtype.kind not in "biuf":
             raise TypeError(f"{where}: array of dtype {array.dtype} is not JSON-able (expected bool, int or float)")
