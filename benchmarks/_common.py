@@ -26,7 +26,6 @@ stacked on a leading axis), built from the same arrays.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import platform
 import statistics
@@ -34,6 +33,8 @@ import time
 from typing import Any, Callable
 
 import numpy as np
+
+from dreamprm_jax.utils import jsonable
 
 # ------------------------------------------------------------------------------ timing
 
@@ -111,18 +112,8 @@ def versions() -> dict:
 
 
 def write_json(path: str, obj: dict) -> str:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, default=_json_default)
-    return path
-
-
-def _json_default(x):
-    if isinstance(x, (np.floating, np.integer)):
-        return x.item()
-    if isinstance(x, np.ndarray):
-        return x.tolist()
-    return str(x)
+    """Benchmark results as strict JSON; a non-finite number (a failed timing) is written as null."""
+    return jsonable.write_json(path, obj, nonfinite="null")
 
 
 # ------------------------------------------------------------------------------ problem

@@ -21,11 +21,9 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -127,18 +125,11 @@ def main(argv=None) -> int:
             ti, tm = [ref.inputs(b) for b in problem["inner_hf"]], ref.inputs(problem["meta_hf"])
             calls[f"torch darts t={th}"] = (lambda ref=ref, ti=ti, tm=tm, th=th:
                                             (torch.set_num_threads(th), ref.iteration(ti, tm)))
-    for call in calls.values():
-        call()
-    times = {k: [] for k in calls}
-    for _ in range(a.repeats):
-        for k, call in calls.items():
-            t0 = time.perf_counter()
-            call()
-            times[k].append(time.perf_counter() - t0)
+    timings = _common.time_interleaved(calls, 1, a.repeats)
     print(f"[ab_model] old = {a.rev}, new = working tree; target {a.target}, B={a.batch} L={a.seq_len} "
           f"image {a.image_side}px, {a.repeats} interleaved repeats on {jax.devices()[0]}")
-    for k, v in times.items():
-        print(f"{k:<22} median {1e3 * statistics.median(v):9.1f} ms   min {1e3 * min(v):9.1f}   max {1e3 * max(v):9.1f}")
+    for k, t in timings.items():
+        print(f"{k:<22} median {1e3 * t['median_s']:9.1f} ms   min {1e3 * t['min_s']:9.1f}   max {1e3 * t['max_s']:9.1f}")
     if hasattr(os, "getloadavg"):
         print("load average (1/5/15 min): " + " / ".join(f"{x:.1f}" for x in os.getloadavg()))
     return 0

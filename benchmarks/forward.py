@@ -23,12 +23,9 @@ versions. torch is imported only here (and in tests), never by the library.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
-import statistics
 import tempfile
-import time
 
 import numpy as np
 
@@ -101,17 +98,6 @@ def _inputs(a, rng):
     return ids.astype(np.int64), np.ones((B, L), np.int64), pix, grid
 
 
-def _time(fn, warmup, repeats):
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), times
-
-
 def main(argv=None) -> dict:
     a = _parser().parse_args(argv)
     rng = np.random.default_rng(a.seed)
@@ -125,6 +111,7 @@ def main(argv=None) -> dict:
 
     import jax
 
+    from benchmarks import _common
     from dreamprm_jax.models import prm, qwen2_vl
 
     with tempfile.TemporaryDirectory() as d:
@@ -138,7 +125,8 @@ def main(argv=None) -> dict:
     batch = jax.device_put(qwen2_vl.prepare_batch(config, ids, mask, pix, grid))
     score = jax.jit(prm.score, static_argnums=0)
     p_jax, z_jax = (np.asarray(x) for x in score(config, params, batch))
-    t_jax, times_jax = _time(lambda: jax.block_until_ready(score(config, params, batch)), a.warmup, a.repeats)
+    timing = _common.time_calls(lambda: jax.block_until_ready(score(config, params, batch)), a.warmup, a.repeats)
+    t_jax, times_jax = timing["median_s"], timing["times_s"]
 
     B, L = ids.shape
     result = {
@@ -167,7 +155,8 @@ def main(argv=None) -> dict:
 
         z_torch = torch_forward().numpy()
         p_torch = 1.0 / (1.0 + np.exp(-z_torch))
-        t_torch, times_torch = _time(torch_forward, a.warmup, a.repeats)
+        timing = _common.time_calls(torch_forward, a.warmup, a.repeats)
+        t_torch, times_torch = timing["median_s"], timing["times_s"]
         import transformers
 
         result["torch"] = {"median_s": t_torch, "samples_per_s": B / t_torch, "tokens_per_s": B * L / t_torch,
@@ -188,9 +177,7 @@ def main(argv=None) -> dict:
         print(f"max |p_jax - p_torch| = {result['max_abs_prob_diff']:.2e}, max |z_jax - z_torch| = "
               f"{result['max_abs_logit_diff']:.2e}; JAX speed-up x{result['jax_speedup']:.2f} "
               f"(torch threads {result['torch']['threads']})")
-    os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
-    with open(a.out, "w", encoding="utf-8") as f:
-        json.dump(result, f, indent=2)
+    _common.write_json(a.out, result)
     print(f"wrote {a.out}")
     return result
 

@@ -49,6 +49,8 @@ import platform
 import sys
 import time
 
+from dreamprm_jax.utils.xla_memory import compiled_memory
+
 GIB = 1024 ** 3
 DEFAULT_METHODS = "exact,exact_lowmem,exact_forward,darts,truncated"
 
@@ -181,7 +183,9 @@ def measure(args, method: str, T: int, remat: str, devices: int, second_order: s
     lowered = jitted.lower(state, inner, meta)
     compiled = lowered.compile()
     seconds = time.perf_counter() - t0
-    mem = compiled.memory_analysis()
+    mem = compiled_memory(compiled)
+    if mem is None:
+        raise RuntimeError("this backend has no compiled.memory_analysis()")
     n_params = sum(int(x.size) for x in jax.tree.leaves(state["params"]))
     rec = {"method": method, "T": T, "remat": remat, "devices": devices, "options": options,
            "second_order": options.get("second_order", "-"), "inner_scan": inner_scan,
@@ -189,10 +193,7 @@ def measure(args, method: str, T: int, remat: str, devices: int, second_order: s
            "layers_overridden": bool(args.layers), "params": n_params, "patches_per_image": patches,
            "seq_len": args.seq_len, "meta_steps": args.meta_steps, "domains": args.domains, "dtype": args.dtype,
            "compile_s": round(seconds, 1)}
-    for field in ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes", "temp_size_in_bytes",
-                  "generated_code_size_in_bytes"):
-        rec[field.replace("_size_in_bytes", "_bytes")] = int(getattr(mem, field, 0) or 0)
-    rec["peak_bytes"] = rec["argument_bytes"] + rec["output_bytes"] - rec["alias_bytes"] + rec["temp_bytes"]
+    rec.update(mem._asdict())
     rec["fits"] = rec["peak_bytes"] <= args.budget_gb * 1e9
     return rec
 
@@ -231,6 +232,7 @@ def main(argv=None) -> int:
     _ensure_devices(max(devices + [8]))
     import jax
 
+    from benchmarks import _common
     from dreamprm_jax.train import step as step_lib
 
     if jax.device_count() < max(devices):
@@ -268,8 +270,7 @@ def main(argv=None) -> int:
             print(f"[memory] {method:<14} {so:<7} {sc:<8} T={T} remat={remat:<14} devices={d}: "
                   f"peak {rec['peak_bytes'] / GIB:.2f} GiB "
                   f"per device (compile {rec['compile_s']} s)", flush=True)
-        with open(args.out, "w") as f:
-            json.dump({"meta": meta, "records": records}, f, indent=1)
+        _common.write_json(args.out, {"meta": meta, "records": records})  # after every record: a crash keeps them
     print()
     print(format_table(records, args.budget_gb))
     return 0

@@ -36,9 +36,7 @@ import glob
 import os
 import re
 import shutil
-import statistics
 import tempfile
-import time
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -148,6 +146,8 @@ def main(argv=None) -> int:
     a = _parser().parse_args(argv)
     import jax
 
+    from benchmarks import _common
+
     fn, args = _build(a)
     compiled = fn.lower(*args).compile()
     hlo = compiled.as_text()
@@ -155,13 +155,7 @@ def main(argv=None) -> int:
         with open(a.hlo, "w", encoding="utf-8") as f:
             f.write(hlo)
     names = _op_names(hlo)
-    wall = []
-    for _ in range(3):
-        jax.block_until_ready(compiled(*args))
-    for _ in range(a.calls):
-        t0 = time.perf_counter()
-        jax.block_until_ready(compiled(*args))
-        wall.append(time.perf_counter() - t0)
+    wall = _common.time_calls(lambda: jax.block_until_ready(compiled(*args)), 3, a.calls)
     trace_dir = tempfile.mkdtemp(prefix="profile_backward_")
     try:
         jax.profiler.start_trace(trace_dir)
@@ -187,7 +181,7 @@ def main(argv=None) -> int:
     ops = sum(total.values()) / 1e6 / n
     print(f"[profile_backward] target {a.target}{' ' + a.method if a.target == 'step' else ''}, B={a.batch} "
           f"L={a.seq_len} image {a.image_side}px, hidden {a.hidden}, {a.layers} layers on {jax.devices()[0]}")
-    print(f"wall median {1e3 * statistics.median(wall):.2f} ms/call; leaf op time {ops:.2f} ms/call "
+    print(f"wall median {1e3 * wall['median_s']:.2f} ms/call; leaf op time {ops:.2f} ms/call "
           f"(summed over threads) in {sum(count.values()) / n:.0f} op executions per call")
     by_kind = collections.Counter()
     for k, v in total.items():

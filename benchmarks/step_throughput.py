@@ -57,6 +57,7 @@ import time
 import numpy as np
 
 from benchmarks import _common
+from dreamprm_jax.utils.xla_memory import compiled_memory
 
 METHODS = ("exact", "exact_lowmem", "darts", "none")
 H100_BF16_DENSE_TFLOPS = 989.4  # H100 SXM, dense bf16 tensor cores (the usual MFU denominator)
@@ -173,14 +174,9 @@ def _cost_flops(compiled) -> float | None:
         return None
 
 
-def _memory(compiled) -> dict | None:
-    try:
-        m = compiled.memory_analysis()
-        return {k: int(getattr(m, k)) for k in ("argument_size_in_bytes", "output_size_in_bytes",
-                                                 "temp_size_in_bytes", "generated_code_size_in_bytes")
-                if hasattr(m, k)}
-    except Exception:  # noqa: BLE001
-        return None
+def _memory_dict(compiled) -> dict | None:
+    mem = compiled_memory(compiled)
+    return None if mem is None else mem._asdict()
 
 
 # ------------------------------------------------------------------------------ JAX
@@ -277,7 +273,7 @@ def _prepare_method(a, config, method, make_params, opt, meta_opt, inner, meta):
 
     record = {"trace_s": trace_s, "compile_s": compile_s, "xla_cost_analysis_flops": _cost_flops(compiled),
               "jaxpr_flops": hw["flops"], "jaxpr_dynamic_while_loops": hw["dynamic_while_loops"],
-              "model_flops": model_flops, "memory": _memory(compiled), "first_metrics": first}
+              "model_flops": model_flops, "memory": _memory_dict(compiled), "first_metrics": first}
     return record, call
 
 

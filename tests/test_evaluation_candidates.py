@@ -92,8 +92,8 @@ def test_load_good_file(tmp_path, image_dir, jsonl):
 # (record overrides, reason, field named in the message, expectation text)
 BAD_CASES = [
     (dict(image_path="img/missing.png"), "missing_image", "image_path", "existing image file"),
-    (dict(image_path="../outside.png"), "image_outside_root", "image_path", "inside the image root"),
-    (dict(image_path="/etc/passwd"), "image_outside_root", "image_path", "inside the image root"),
+    (dict(image_path="../outside.png"), "path_escapes_image_root", "image_path", "inside the image root"),
+    (dict(image_path="/etc/passwd"), "path_escapes_image_root", "image_path", "inside the image root"),
     (dict(candidates=[{"text": GOOD_TEXT}, {"text": "I just know. Final answer: B"}]),
      "candidate_without_steps", "candidates[1].text", "at least one 'Step k' marker"),
     (dict(candidates=[{"text": "Step 1: a. Step 3: b. Final answer: B"}]), "bad_steps",
@@ -105,8 +105,8 @@ BAD_CASES = [
      "candidates[0].step_labels", "one label per step"),
     (dict(candidates=[{"text": GOOD_TEXT, "step_labels": [1, 2]}]), "bad_step_labels",
      "candidates[0].step_labels", "0/1/null"),
-    (dict(choices="AB"), "bad_type", "choices", "list of strings"),
-    (dict(candidates=[{"text": GOOD_TEXT, "correct": "yes"}]), "bad_type", "candidates[0].correct",
+    (dict(choices="AB"), "wrong_type", "choices", "list of strings"),
+    (dict(candidates=[{"text": GOOD_TEXT, "correct": "yes"}]), "wrong_type", "candidates[0].correct",
      "true/false"),
 ]
 
@@ -120,7 +120,7 @@ def test_bad_record_is_a_clear_error(tmp_path, image_dir, over, reason, field, e
     msg = str(err)
     assert path in msg and "record 1" in msg and "line 2" in msg and "id='q1'" in msg
     assert f"field '{field}'" in msg and expectation in msg
-    assert (err.index, err.field, err.reason) == (1, field, reason)
+    assert (err.file, err.record, err.line, err.field, err.reason) == (path, 1, 2, field, reason)
     assert reason in cand.SKIP_REASONS
 
 
@@ -137,7 +137,7 @@ def test_missing_field_and_gold_answer_absent(tmp_path):
     rec = _record(0)
     del rec["answer"]
     path = _write(tmp_path, [rec], jsonl=False)
-    with pytest.raises(cand.CandidateError, match=r"record 0 \(id='q0'\): field 'answer'"):
+    with pytest.raises(cand.CandidateError, match=r"record 0 \(id='q0'\), field 'answer'"):
         cand.load_candidates(path)
     rec = _record(0)
     del rec["benchmark"]
@@ -152,7 +152,7 @@ def test_skip_counts_several_reasons(tmp_path, image_dir):
     path = _write(tmp_path, records)
     questions, report = cand.load_candidates(path, on_bad_record="skip")
     assert [q.id for q in questions] == ["q0"]
-    assert report.skipped == {"duplicate_id": 1, "empty_candidates": 2, "invalid_json": 1,
+    assert report.skipped == {"duplicate_id": 1, "empty_candidates": 2, "broken_line": 1,
                               "missing_answer": 1, "not_an_object": 1}
     assert report.num_skipped == 6
     assert json.loads(json.dumps(report.to_dict()))["num_skipped"] == 6
@@ -174,12 +174,14 @@ def test_image_root_and_check_images(tmp_path, image_dir):
 def test_whole_file_errors(tmp_path):
     empty = tmp_path / "empty.json"
     empty.write_text("  \n")
-    with pytest.raises(cand.CandidateError, match="empty"):
+    with pytest.raises(cand.CandidateError, match="empty") as info:
         cand.load_candidates(empty)
+    assert (info.value.record, info.value.reason) == (None, "empty_file")
     broken = tmp_path / "broken.json"
     broken.write_text('[{"id": 1,')
-    with pytest.raises(cand.CandidateError, match="not valid JSON"):
+    with pytest.raises(cand.CandidateError, match="valid JSON array") as info:
         cand.load_candidates(broken, on_bad_record="skip")
+    assert (info.value.file, info.value.line, info.value.reason) == (str(broken), 1, "malformed_json")
     with pytest.raises(ValueError, match="on_bad_record"):
         cand.parse_records([], on_bad_record="ignore")
 

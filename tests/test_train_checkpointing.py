@@ -11,7 +11,8 @@ import numpy as np
 import optax
 import pytest
 
-from dreamprm_jax.train.checkpointing import CheckpointConfig, Checkpointer, abstract_like, to_json_able
+from dreamprm_jax.train.checkpointing import CheckpointConfig, Checkpointer, abstract_like
+from dreamprm_jax.utils.jsonable import to_jsonable
 
 sys.path.insert(0, os.path.dirname(__file__))
 from _ckpt_worker import extra_at, state_at  # noqa: E402
@@ -130,11 +131,11 @@ def test_async_save_round_trip(tmp_path):
 
 
 def test_extra_must_be_json_able():
-    assert to_json_able({"a": (1, np.float32(0.5)), "b": jnp.arange(2)}) == {"a": [1, 0.5], "b": [0, 1]}
+    assert to_jsonable({"a": (1, np.float32(0.5)), "b": jnp.arange(2)}, where="extra") == {"a": [1, 0.5], "b": [0, 1]}
     with pytest.raises(TypeError, match=r"extra\.cfg: value of type object"):
-        to_json_able({"cfg": object()})
+        to_jsonable({"cfg": object()}, where="extra")
     with pytest.raises(ValueError, match=r"extra\.loss: non-finite"):
-        to_json_able({"loss": float("nan")})
+        to_jsonable({"loss": float("nan")}, where="extra")
 
 
 @pytest.mark.parametrize("where", ["after_create", "before_rename"])

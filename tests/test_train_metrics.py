@@ -69,7 +69,7 @@ def test_nonfinite_values_become_null_and_reserved_keys(tmp_path):
             logger.log(1, meta_loss_nan_test=float("nan"))
         with pytest.raises(ValueError, match="'step' is reserved"):
             logger.log(2, step=3)
-        with pytest.raises(TypeError, match="metrics field 'bad'"):
+        with pytest.raises(TypeError, match=r"metrics\.bad: value of type"):
             logger.log(2, bad=object())
     line = (tmp_path / "metrics.jsonl").read_text().strip()
     assert json.loads(line)["meta_loss_nan_test"] is None and "NaN" not in line

@@ -29,6 +29,8 @@ import optax
 from jax import lax
 from jax.custom_derivatives import CustomVJPPrimal, SymbolicZero
 
+from dreamprm_jax.utils.remat import apply_remat
+
 __all__ = [
     "inner_adamw",
     "step_lr",
@@ -37,7 +39,6 @@ __all__ = [
     "unroll",
     "num_steps",
     "batch_at",
-    "resolve_remat_policy",
     "mixed_value_and_grad",
     "SECOND_ORDER_MODES",
     "FULL_UNROLL_MAX_STEPS",
@@ -281,23 +282,6 @@ def batch_at(inner_batches: Any, t) -> Any:
     return jax.tree.map(lambda x: lax.dynamic_index_in_dim(x, t, axis=0, keepdims=False), inner_batches)
 
 
-def resolve_remat_policy(remat: Any):
-    """``False``/``None`` -> no remat; ``True`` -> ``nothing_saveable``; a str names a
-    ``jax.checkpoint_policies`` member; a callable is used as the policy."""
-    if remat is None or remat is False:
-        return None
-    if remat is True:
-        return jax.checkpoint_policies.nothing_saveable
-    if isinstance(remat, str):
-        policy = getattr(jax.checkpoint_policies, remat, None)
-        if policy is None:
-            raise ValueError(f"inner.resolve_remat_policy: unknown jax.checkpoint_policies member {remat!r}")
-        return policy
-    if callable(remat):
-        return remat
-    raise TypeError(f"inner.resolve_remat_policy: remat must be bool, str or callable, got {type(remat).__name__}")
-
-
 def unroll(
     inner_loss: InnerLoss,
     optimizer: optax.GradientTransformation,
@@ -333,7 +317,6 @@ def unroll(
       ``(params_T, opt_state_T, metrics)``; each metric is stacked ``[T]``.
     """
     T = num_steps(inner_batches)  # validates the stacking
-    policy = resolve_remat_policy(remat)
     if scan_unroll is None:
         scan_unroll = T if T <= FULL_UNROLL_MAX_STEPS else 1
 
@@ -342,8 +325,7 @@ def unroll(
         p, s, metrics = inner_step(inner_loss, optimizer, p, s, alpha, batch, second_order=second_order)
         return (p, s), metrics
 
-    if policy is not None:
-        body = jax.checkpoint(body, policy=policy)
+    body = apply_remat(body, remat)
     if peel_first and T > 1:
         (params, opt_state), first = body((params, opt_state), batch_at(inner_batches, 0))
         rest = jax.tree.map(lambda x: x[1:], inner_batches)

@@ -13,8 +13,9 @@ Two record kinds (CONTRACTS.md, "DreamPRM data records"):
     {"input": "question ... Step 1: ... Step S: ... Final answer: ...",
      "image_path": str | null, "true_false": bool}      optional: id
 
-A file is a JSON array or JSON Lines; the first non-blank character decides (``[`` =
-array).  Training data may also come in TRL's stepwise-supervision format
+A file is a JSON array or JSON Lines, read by
+:func:`~dreamprm_jax.data.jsonfiles.read_json_records` (the first non-blank character
+decides: ``[`` = array; a single pretty-printed JSON object is an error).  Training data may also come in TRL's stepwise-supervision format
 (``prompt``, ``completions`` = list of step strings, ``labels`` = list of bool, optional
 ``images`` / ``image``); see :func:`convert_trl_record`.
 
@@ -29,14 +30,16 @@ Validation policy (every record, all of it before any tokenisation):
 * ``dataset`` is one of ``domains`` when a domain list is given, and every declared domain
   has at least one (good) record;
 * ``image_path`` (when not null) is resolved against ``image_root`` (default: the records
-  file's folder), must stay inside it lexically (``..`` or an absolute path elsewhere is an
-  error), must exist and must decode with PIL (``verify()`` then a full ``load()``);
+  file's folder) by :func:`~dreamprm_jax.data.jsonfiles.resolve_image_path` (symlinks
+  resolved; ``..``, an absolute path elsewhere or a symlink out of the root is an error),
+  must exist and must decode with PIL (``verify()`` then a full ``load()``);
 * meta chains split into steps (:func:`dreamprm_jax.data.steps.split_steps`, strict mode);
 * ``(id, sid)`` pairs (training) and ``id`` (meta) are unique when present.
 
 An error is a :class:`RecordError` naming the file, the record index (0-based), the line
 (JSON Lines; 1-based), the field and what was expected.  File-level problems (empty file,
-non-UTF-8 bytes, malformed JSON array, zero records for a declared domain) always raise.
+non-UTF-8 bytes, malformed JSON array, a single JSON object, zero records for a declared
+domain) always raise.
 With ``on_bad_record="skip"`` bad records are dropped and counted per reason in a
 :class:`collections.Counter` returned beside the good records; nothing is dropped silently.
 """
@@ -44,12 +47,24 @@ With ``on_bad_record="skip"`` bad records are dropped and counted per reason in 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 from collections import Counter
 from typing import Any, Iterable, Iterator, NamedTuple, Sequence
 
+from dreamprm_jax.data.jsonfiles import (
+    DUPLICATE_ID,
+    MISSING_FIELD,
+    MISSING_IMAGE,
+    NOT_AN_OBJECT,
+    PATH_ESCAPE,
+    WRONG_TYPE,
+    ImagePathEscape,
+    RecordError,
+    read_json_records,
+    resolve_image_path,
+)
+from dreamprm_jax.data.jsonfiles import short_repr as _short
 from dreamprm_jax.data.steps import StepError, split_steps
 
 __all__ = [
@@ -67,73 +82,15 @@ __all__ = [
     "iter_texts",
 ]
 
-# Reasons (Counter keys in skip mode).
-MALFORMED_JSON = "malformed_json"
-BROKEN_LINE = "broken_line"
-NOT_AN_OBJECT = "not_an_object"
-MISSING_FIELD = "missing_field"
-WRONG_TYPE = "wrong_type"
+# Reasons (Counter keys in skip mode); those shared with other records files live in jsonfiles.
 OUT_OF_RANGE = "out_of_range"
 NOT_FINITE = "not_finite"
 NOT_BOOLEAN = "not_boolean"
 EMPTY_TEXT = "empty_text"
 UNKNOWN_DOMAIN = "unknown_domain"
 EMPTY_DOMAIN = "empty_domain"
-PATH_ESCAPE = "path_escapes_image_root"
-MISSING_IMAGE = "missing_image"
 CORRUPT_IMAGE = "corrupt_image"
 NO_STEPS = "bad_steps"
-DUPLICATE_ID = "duplicate_id"
-EMPTY_FILE = "empty_file"
-NOT_UTF8 = "not_utf8"
-
-
-class RecordError(ValueError):
-    """A bad record or records file.
-
-    Attributes:
-      file: path of the records file.
-      record: 0-based record index (``None`` for file-level errors).
-      line: 1-based line number (JSON Lines, malformed JSON, non-UTF-8), else ``None``.
-      field: the offending field (``None`` when the whole record / file is at fault).
-      expected: what was expected, in words.
-      reason: short machine key (the Counter key in skip mode).
-      got: a short repr of what was found (may be ``None``).
-    """
-
-    def __init__(self, file, record, field, expected, reason, *, line=None, got=None):
-        self.file = str(file)
-        self.record = record
-        self.line = line
-        self.field = field
-        self.expected = expected
-        self.reason = reason
-        self.got = got
-        where = [self.file]
-        if record is not None:
-            where.append(f"record {record}")
-        if line is not None:
-            where.append(f"line {line}")
-        msg = ", ".join(where)
-        if field is not None:
-            msg += f", field '{field}'"
-        msg += f": expected {expected}"
-        if got is not None:
-            msg += f", got {got}"
-        msg += f" [{reason}]"
-        super().__init__(msg)
-
-    def __reduce__(self):  # picklable (multiprocessing, pytest-xdist)
-        return (_rebuild_error, (self.file, self.record, self.field, self.expected, self.reason, self.line, self.got))
-
-
-def _rebuild_error(file, record, field, expected, reason, line, got):
-    return RecordError(file, record, field, expected, reason, line=line, got=got)
-
-
-def _short(value: Any, limit: int = 60) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 @dataclasses.dataclass(frozen=True)
@@ -183,64 +140,6 @@ class Loaded(NamedTuple):
 
 
 # ----------------------------------------------------------------------------- reading
-
-
-class _Raw(NamedTuple):
-    index: int
-    line: int | None
-    value: Any
-
-
-def read_json_records(path: str | os.PathLike, on_bad_record: str = "error", counter: Counter | None = None,
-                      examples: dict | None = None) -> list[_Raw]:
-    """Raw JSON values of a records file (JSON array or JSON Lines, detected).
-
-    Returns ``[(index, line, value)]``; ``line`` is set for JSON Lines.  A broken JSON Lines
-    line raises (or, with skip, is counted under ``broken_line``); everything else that is
-    wrong with the file raises :class:`RecordError`.
-    """
-    path = os.fspath(path)
-    with open(path, "rb") as f:
-        data = f.read()
-    if data.startswith(b"\xef\xbb\xbf"):
-        data = data[3:]
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = data[: e.start].count(b"\n") + 1
-        raise RecordError(path, None, None, "UTF-8 text", NOT_UTF8, line=line,
-                          got=f"byte {data[e.start:e.start + 1]!r} at offset {e.start}") from None
-    stripped = text.lstrip()
-    if not stripped:
-        raise RecordError(path, None, None, "at least one record (JSON array or JSON Lines)", EMPTY_FILE, got="an empty file")
-    out: list[_Raw] = []
-    if stripped[0] == "[":
-        try:
-            values = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise RecordError(path, None, None, "a valid JSON array", MALFORMED_JSON, line=e.lineno,
-                              got=f"{e.msg} (column {e.colno})") from None
-        if not isinstance(values, list):
-            raise RecordError(path, None, None, "a JSON array of objects", MALFORMED_JSON, got=type(values).__name__)
-        out = [_Raw(i, None, v) for i, v in enumerate(values)]
-    else:
-        index = 0
-        for lineno, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                value = json.loads(line)
-            except json.JSONDecodeError as e:
-                err = RecordError(path, index, None, "one JSON object per line (JSON Lines)", BROKEN_LINE, line=lineno,
-                                  got=f"{e.msg} (column {e.colno})")
-                _fail(err, on_bad_record, counter, examples)
-                index += 1
-                continue
-            out.append(_Raw(index, lineno, value))
-            index += 1
-    if not out and not (counter and sum(counter.values())):
-        raise RecordError(path, None, None, "at least one record", EMPTY_FILE, got="no records")
-    return out
 
 
 def _fail(err: RecordError, on_bad_record: str, counter: Counter | None, examples: dict | None) -> None:
@@ -319,19 +218,6 @@ def _optional_number(ctx: _Ctx, rec: dict, field: str, integer: bool = False):
     return value
 
 
-def resolve_image_path(image_path: str, image_root: str) -> str:
-    """Absolute, normalised path of ``image_path`` under ``image_root``.
-
-    Lexical check (``os.path.normpath``; symlinks inside the root are allowed): the result
-    must be ``image_root`` itself or below it.  Raises ``ValueError`` otherwise.
-    """
-    root = os.path.normpath(os.path.abspath(image_root))
-    full = os.path.normpath(os.path.join(root, image_path))
-    if os.path.commonpath([root, full]) != root:
-        raise ValueError(f"{image_path!r} resolves to {full!r}, outside the image root {root!r}")
-    return full
-
-
 def check_image(path: str) -> None:
     """Raise ``OSError``/``ValueError`` unless PIL can identify, verify and fully decode ``path``."""
     from PIL import Image
@@ -350,9 +236,8 @@ def _image(ctx: _Ctx, rec: dict, image_root: str, check_images: bool, seen: dict
         raise ctx.error("image_path", "a non-empty path string or null", WRONG_TYPE, got=_short(value))
     try:
         full = resolve_image_path(value, image_root)
-    except ValueError:
-        raise ctx.error("image_path", f"a path inside the image root {os.path.abspath(image_root)!r}", PATH_ESCAPE,
-                        got=_short(value)) from None
+    except ImagePathEscape as e:
+        raise ctx.error("image_path", e.expected, PATH_ESCAPE, got=e.got) from None
     if full not in seen:
         if not os.path.isfile(full):
             seen[full] = (MISSING_IMAGE, "an existing image file", full)
@@ -527,7 +412,7 @@ def load_train_records(
     path = os.fspath(path)
     counter: Counter = Counter()
     examples: dict[str, str] = {}
-    raws = read_json_records(path, on_bad_record, counter, examples)
+    raws = read_json_records(path)
     root = _default_root(path, image_root)
     domain_set = None if domains is None else tuple(domains)
     seen_images: dict = {}
@@ -536,6 +421,8 @@ def load_train_records(
     for raw in raws:
         ctx = _Ctx(path, raw.index, raw.line)
         try:
+            if raw.error is not None:
+                raise raw.error
             value = raw.value
             is_trl = format == "trl" or (format == "auto" and isinstance(value, dict)
                                          and "completions" in value and "labels" in value)
@@ -587,7 +474,7 @@ def load_meta_records(
     path = os.fspath(path)
     counter: Counter = Counter()
     examples: dict[str, str] = {}
-    raws = read_json_records(path, on_bad_record, counter, examples)
+    raws = read_json_records(path)
     root = _default_root(path, image_root)
     seen_images: dict = {}
     seen_ids: dict = {}
@@ -595,6 +482,8 @@ def load_meta_records(
     for raw in raws:
         ctx = _Ctx(path, raw.index, raw.line)
         try:
+            if raw.error is not None:
+                raise raw.error
             rec = _parse_meta(ctx, raw.value, root, check_images, seen_images, step_mode)
             if rec.id is not None:
                 if rec.id in seen_ids:

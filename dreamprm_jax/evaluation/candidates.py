@@ -12,9 +12,11 @@ File format (a JSON array, or JSON Lines with one object per line)::
 neutral / unlabelled step (VisualProcessBench's "neutral" label); when present it must
 have one entry per step found by :func:`step_prefixes`.
 
-Every record is checked before anything is scored. A problem is reported as a
-:class:`CandidateError` naming the file, the record index (and line for JSON Lines),
-the record id, the field and what was expected. With ``on_bad_record="skip"`` the
+The file is read by :func:`dreamprm_jax.data.jsonfiles.read_json_records`, the reader of
+training records files too. Every record is checked before anything is scored. A problem
+is reported as a :class:`~dreamprm_jax.data.jsonfiles.RecordError` (``CandidateError`` is
+the same class) naming the file, the record index (and line for JSON Lines), the record
+id, the field and what was expected. With ``on_bad_record="skip"`` the
 record is dropped instead and counted under its reason in :class:`LoadReport`
 (reasons are the keys of :data:`SKIP_REASONS`).
 
@@ -29,11 +31,25 @@ numbers are not exactly 1..S are rejected ("bad_steps"), as the training loader 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Literal
 
+from dreamprm_jax.data.jsonfiles import (
+    BROKEN_LINE,
+    DUPLICATE_ID,
+    MISSING_FIELD,
+    MISSING_IMAGE,
+    NOT_AN_OBJECT,
+    PATH_ESCAPE,
+    WRONG_TYPE,
+    ImagePathEscape,
+    JsonRecord,
+    RecordError,
+    read_json_records,
+    resolve_image_path,
+)
+from dreamprm_jax.data.jsonfiles import short_repr as _short
 from dreamprm_jax.data.steps import StepError, find_max_step, split_steps
 
 __all__ = [
@@ -42,6 +58,7 @@ __all__ = [
     "CandidateError",
     "LoadReport",
     "Question",
+    "RecordError",
     "StepError",
     "find_max_step",
     "load_candidates",
@@ -50,37 +67,24 @@ __all__ = [
 ]
 
 #: Reasons a record can be rejected, with what was expected (keys of LoadReport.skipped).
+#: The reasons shared with training records files have the same names there.
 SKIP_REASONS: dict[str, str] = {
-    "invalid_json": "a line that parses as JSON",
-    "not_an_object": "a JSON object",
-    "missing_field": "every required field present",
-    "bad_type": "fields of the documented types",
+    BROKEN_LINE: "a line that parses as JSON",
+    NOT_AN_OBJECT: "a JSON object",
+    MISSING_FIELD: "every required field present",
+    WRONG_TYPE: "fields of the documented types",
     "missing_answer": "a non-empty gold answer",
     "empty_candidates": "a non-empty list of candidates",
     "candidate_without_steps": "candidate text with at least one 'Step k' marker",
     "bad_steps": "step markers numbered exactly 1..S, each with a non-empty prefix",
     "bad_step_labels": "step_labels of 0/1/null, one per step",
-    "missing_image": "image_path pointing to an existing file",
-    "image_outside_root": "image_path inside the image root",
-    "duplicate_id": "ids unique within the file",
+    MISSING_IMAGE: "image_path pointing to an existing file",
+    PATH_ESCAPE: "image_path inside the image root",
+    DUPLICATE_ID: "ids unique within the file",
 }
 
-
-class CandidateError(ValueError):
-    """A candidate file or record that does not follow the format.
-
-    Attributes: ``path`` (file), ``index`` (0-based record index or None for the whole
-    file), ``field`` (dotted field path or None) and ``reason`` (a key of SKIP_REASONS,
-    or "file" for whole-file problems).
-    """
-
-    def __init__(self, message: str, *, path: str, index: int | None = None,
-                 field: str | None = None, reason: str = "file"):
-        super().__init__(message)
-        self.path = path
-        self.index = index
-        self.field = field
-        self.reason = reason
+#: Candidate files report problems with the records files' error type.
+CandidateError = RecordError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -165,147 +169,98 @@ def step_prefixes(text: str) -> list[str]:
 # ---------------------------------------------------------------------------------------
 
 
-def _read_raw(path: str) -> list[tuple[int | None, Any]]:
-    """(line number or None, parsed object or a ``_BadLine``) for every record."""
-    with open(path, encoding="utf-8") as f:
-        content = f.read()
-    stripped = content.lstrip()
-    if not stripped:
-        raise CandidateError(f"{path}: the file is empty; expected a JSON array or JSON Lines "
-                             "of candidate records", path=path)
-    if stripped.startswith("["):
-        try:
-            data = json.loads(content)
-        except json.JSONDecodeError as e:
-            raise CandidateError(f"{path}: not valid JSON ({e}); expected a JSON array of "
-                                 "candidate records", path=path) from e
-        if not isinstance(data, list):
-            raise CandidateError(f"{path}: expected a JSON array at the top level, got "
-                                 f"{type(data).__name__}", path=path)
-        return [(None, r) for r in data]
-    out: list[tuple[int | None, Any]] = []
-    for lineno, line in enumerate(content.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            out.append((lineno, json.loads(line)))
-        except json.JSONDecodeError as e:
-            out.append((lineno, _BadLine(str(e))))
-    return out
-
-
-@dataclasses.dataclass(frozen=True)
-class _BadLine:
-    error: str
-
-
 class _Reject(Exception):
-    def __init__(self, reason: str, field: str | None, detail: str):
-        super().__init__(detail)
-        self.reason, self.field, self.detail = reason, field, detail
+    """A record problem, before the loader adds the file, record, line and id."""
 
-
-def _short(value: Any, limit: int = 60) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+    def __init__(self, reason: str, field: str | None, expected: str, got: str | None = None):
+        super().__init__(f"expected {expected}" + (f", got {got}" if got is not None else ""))
+        self.reason, self.field, self.expected, self.got = reason, field, expected, got
 
 
 def _resolve_image(image_path: str, image_root: str, check_exists: bool) -> str:
-    root = os.path.realpath(image_root)
-    full = os.path.realpath(os.path.join(root, image_path))
-    if os.path.commonpath([root, full]) != root:
-        raise _Reject("image_outside_root", "image_path",
-                      f"expected a path inside the image root {root!r}, got {image_path!r} "
-                      f"(resolves to {full!r})")
+    try:
+        full = resolve_image_path(image_path, image_root)
+    except ImagePathEscape as e:
+        raise _Reject(PATH_ESCAPE, "image_path", e.expected, e.got) from None
     if check_exists and not os.path.isfile(full):
-        raise _Reject("missing_image", "image_path",
-                      f"expected an existing image file, {image_path!r} (resolved to {full!r}) "
-                      "does not exist")
+        raise _Reject(MISSING_IMAGE, "image_path", "an existing image file",
+                      f"{image_path!r} (resolved to {full!r}, which does not exist)")
     return full
 
 
 def _validate(record: Any, image_root: str, check_images: bool, record_index: int) -> Question:
-    if isinstance(record, _BadLine):
-        raise _Reject("invalid_json", None, f"expected one JSON object per line: {record.error}")
     if not isinstance(record, dict):
-        raise _Reject("not_an_object", None,
-                      f"expected a JSON object, got {type(record).__name__}")
+        raise _Reject(NOT_AN_OBJECT, None, "a JSON object", type(record).__name__)
 
     def req_str(name: str, *, allow_empty: bool = True) -> str:
         if name not in record:
-            raise _Reject("missing_field", name, "expected a string, the field is missing")
+            raise _Reject(MISSING_FIELD, name, "a string", "the field missing")
         value = record[name]
         if isinstance(value, (int, float)) and not isinstance(value, bool) and name in ("id", "answer"):
             value = str(value)  # numeric ids / numeric gold answers are common; accept them
         if not isinstance(value, str):
-            raise _Reject("bad_type", name, f"expected a string, got {_short(value)}")
+            raise _Reject(WRONG_TYPE, name, "a string", _short(value))
         if not allow_empty and not value.strip():
-            raise _Reject("missing_field", name, "expected a non-empty string, got ''")
+            raise _Reject(MISSING_FIELD, name, "a non-empty string", "''")
         return value
 
     qid = req_str("id", allow_empty=False)
     benchmark = req_str("benchmark", allow_empty=False)
     question = req_str("question")
     if "answer" not in record or record["answer"] is None:
-        raise _Reject("missing_answer", "answer", "expected a non-empty gold answer, the field is "
-                      "missing or null")
+        raise _Reject("missing_answer", "answer", "a non-empty gold answer", "the field missing or null")
     answer = req_str("answer")
     if not answer.strip():
-        raise _Reject("missing_answer", "answer", "expected a non-empty gold answer, got ''")
+        raise _Reject("missing_answer", "answer", "a non-empty gold answer", "''")
 
     choices = record.get("choices")
     if choices is not None:
         if not isinstance(choices, list) or not all(isinstance(c, str) for c in choices):
-            raise _Reject("bad_type", "choices", f"expected a list of strings, got {_short(choices)}")
+            raise _Reject(WRONG_TYPE, "choices", "a list of strings", _short(choices))
         if len(choices) > 26:
-            raise _Reject("bad_type", "choices", f"expected at most 26 choices (A-Z), got {len(choices)}")
+            raise _Reject(WRONG_TYPE, "choices", "at most 26 choices (A-Z)", str(len(choices)))
         choices = tuple(choices)
 
     if "image_path" not in record:
-        raise _Reject("missing_field", "image_path", "expected a string or null, the field is missing")
+        raise _Reject(MISSING_FIELD, "image_path", "a string or null", "the field missing")
     image_path = record["image_path"]
     if image_path is not None:
         if not isinstance(image_path, str) or not image_path.strip():
-            raise _Reject("bad_type", "image_path",
-                          f"expected a non-empty string or null, got {_short(image_path)}")
+            raise _Reject(WRONG_TYPE, "image_path", "a non-empty string or null", _short(image_path))
         image_path = _resolve_image(image_path, image_root, check_images)
 
     if "candidates" not in record:
-        raise _Reject("missing_field", "candidates", "expected a list of candidates, the field is missing")
+        raise _Reject(MISSING_FIELD, "candidates", "a list of candidates", "the field missing")
     raw_cands = record["candidates"]
     if not isinstance(raw_cands, list):
-        raise _Reject("bad_type", "candidates", f"expected a list of candidates, got {_short(raw_cands)}")
+        raise _Reject(WRONG_TYPE, "candidates", "a list of candidates", _short(raw_cands))
     if not raw_cands:
-        raise _Reject("empty_candidates", "candidates", "expected at least one candidate, got []")
+        raise _Reject("empty_candidates", "candidates", "at least one candidate", "[]")
     candidates = []
     for j, c in enumerate(raw_cands):
         field = f"candidates[{j}]"
         if not isinstance(c, dict):
-            raise _Reject("bad_type", field, f"expected an object with a 'text' field, got {_short(c)}")
+            raise _Reject(WRONG_TYPE, field, "an object with a 'text' field", _short(c))
         text = c.get("text")
         if not isinstance(text, str):
-            raise _Reject("missing_field" if text is None else "bad_type", f"{field}.text",
-                          f"expected a string, got {_short(text)}")
+            raise _Reject(MISSING_FIELD if text is None else WRONG_TYPE, f"{field}.text", "a string", _short(text))
         if find_max_step(text) == 0:
-            raise _Reject("candidate_without_steps", f"{field}.text",
-                          f"expected at least one 'Step k' marker, got {_short(text)}")
+            raise _Reject("candidate_without_steps", f"{field}.text", "at least one 'Step k' marker", _short(text))
         try:
             prefixes = step_prefixes(text)
         except StepError as e:
-            raise _Reject("bad_steps", f"{field}.text", f"{e}; got {_short(text)}") from None
+            raise _Reject("bad_steps", f"{field}.text", f"steps numbered 1..S ({e})", _short(text)) from None
         correct = c.get("correct")
         if correct is not None and not isinstance(correct, bool):
-            raise _Reject("bad_type", f"{field}.correct", f"expected true/false, got {_short(correct)}")
+            raise _Reject(WRONG_TYPE, f"{field}.correct", "true/false", _short(correct))
         labels = c.get("step_labels")
         if labels is not None:
             if (not isinstance(labels, list)
                     or not all(v is None or (isinstance(v, int) and v in (0, 1)) for v in labels)):
-                raise _Reject("bad_step_labels", f"{field}.step_labels",
-                              f"expected a list of 0/1/null, got {_short(labels)}")
+                raise _Reject("bad_step_labels", f"{field}.step_labels", "a list of 0/1/null", _short(labels))
             if len(labels) != len(prefixes):
                 raise _Reject("bad_step_labels", f"{field}.step_labels",
-                              f"expected one label per step ({len(prefixes)} steps found in the text), "
-                              f"got {len(labels)} labels")
+                              f"one label per step ({len(prefixes)} steps found in the text)", f"{len(labels)} labels")
             labels = tuple(None if v is None else int(v) for v in labels)
         candidates.append(Candidate(text=text, prefixes=tuple(prefixes), correct=correct,
                                     step_labels=labels))
@@ -324,37 +279,43 @@ def parse_records(
     line_numbers: Sequence[int | None] | None = None,
 ) -> tuple[list[Question], LoadReport]:
     """Validate already-parsed records (see :func:`load_candidates` for the arguments)."""
+    records = list(records)
+    lines = line_numbers if line_numbers is not None else [None] * len(records)
+    entries = [JsonRecord(i, line, record) for i, (line, record) in enumerate(zip(lines, records))]
+    return _parse(entries, source, image_root, on_bad_record, check_images)
+
+
+def _parse(entries: Sequence[JsonRecord], source: str, image_root: str | None,
+           on_bad_record: str, check_images: bool) -> tuple[list[Question], LoadReport]:
     if on_bad_record not in ("error", "skip"):
         raise ValueError(f"on_bad_record: expected 'error' or 'skip', got {on_bad_record!r}")
-    records = list(records)
     root = image_root if image_root is not None else os.getcwd()
     questions: list[Question] = []
     skipped: dict[str, int] = {}
     messages: list[str] = []
     seen: dict[str, int] = {}
-    for i, record in enumerate(records):
-        line = line_numbers[i] if line_numbers is not None else None
-        where = f"{source}: record {i}" + (f" (line {line})" if line is not None else "")
+    for entry in entries:
+        i, record = entry.index, entry.value
         rid = record.get("id") if isinstance(record, dict) else None
-        if rid is not None:
-            where += f" (id={rid!r})"
         try:
+            if entry.error is not None:
+                raise entry.error
             q = _validate(record, root, check_images, i)
             if q.id in seen:
-                raise _Reject("duplicate_id", "id", f"expected a unique id, {q.id!r} already used by "
-                              f"record {seen[q.id]}")
+                raise _Reject(DUPLICATE_ID, "id", f"a unique id (first used by record {seen[q.id]})", repr(q.id))
         except _Reject as r:
-            field = f"field '{r.field}'" if r.field else "record"
-            message = f"{where}: {field}: {r.detail}"
-            if on_bad_record == "error":
-                raise CandidateError(message, path=source, index=i, field=r.field,
-                                     reason=r.reason) from None
-            skipped[r.reason] = skipped.get(r.reason, 0) + 1
-            messages.append(message)
+            err = RecordError(source, i, r.field, r.expected, r.reason, line=entry.line, got=r.got, id=rid)
+        except RecordError as e:
+            err = e
+        else:
+            seen[q.id] = i
+            questions.append(q)
             continue
-        seen[q.id] = i
-        questions.append(q)
-    report = LoadReport(path=source, num_records=len(records), num_loaded=len(questions),
+        if on_bad_record == "error":
+            raise err from None
+        skipped[err.reason] = skipped.get(err.reason, 0) + 1
+        messages.append(str(err))
+    report = LoadReport(path=source, num_records=len(entries), num_loaded=len(questions),
                         skipped=dict(sorted(skipped.items())), messages=tuple(messages))
     return questions, report
 
@@ -369,11 +330,12 @@ def load_candidates(
     """Load and validate a best-of-N candidate file (JSON array or JSON Lines).
 
     Args:
-      path: the candidate file.
+      path: the candidate file, read by :func:`dreamprm_jax.data.jsonfiles.read_json_records`.
       image_root: directory that relative ``image_path`` values are resolved against
-        and that no resolved image may escape (``..`` or an absolute path elsewhere is
-        rejected). Defaults to the candidate file's directory.
-      on_bad_record: "error" raises :class:`CandidateError` at the first bad record;
+        and that no resolved image may escape (symlinks resolved; ``..``, an absolute path
+        elsewhere or a symlink out of the root is rejected). Defaults to the candidate
+        file's directory.
+      on_bad_record: "error" raises :class:`RecordError` at the first bad record;
         "skip" drops bad records and counts them per reason in the report.
       check_images: check that every image file exists.
 
@@ -381,12 +343,9 @@ def load_candidates(
       (questions in file order, :class:`LoadReport`).
 
     Raises:
-      CandidateError: whole-file problems (unreadable JSON array, empty file) always;
-        record problems when ``on_bad_record == "error"``.
+      RecordError: whole-file problems (unreadable JSON array, a single JSON object, empty
+        file) always; record problems when ``on_bad_record == "error"``.
     """
     path = os.fspath(path)
     root = os.fspath(image_root) if image_root is not None else os.path.dirname(os.path.abspath(path))
-    raw = _read_raw(path)
-    return parse_records([r for _, r in raw], source=path, image_root=root,
-                         on_bad_record=on_bad_record, check_images=check_images,
-                         line_numbers=[ln for ln, _ in raw])
+    return _parse(read_json_records(path), path, root, on_bad_record, check_images)

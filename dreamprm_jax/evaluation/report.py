@@ -7,7 +7,6 @@ is the mean over questions (micro); "Macro" the mean over benchmarks.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -15,6 +14,7 @@ from typing import Any
 
 from dreamprm_jax.evaluation.candidates import LoadReport
 from dreamprm_jax.evaluation.selection import OVERALL_MACRO, OVERALL_MICRO, Stat, SweepResult
+from dreamprm_jax.utils.jsonable import write_json
 
 __all__ = [
     "format_step_metrics",
@@ -98,16 +98,6 @@ def report_dict(result: SweepResult, *, step_metrics: Mapping[str, Any] | None =
     return out
 
 
-def write_json(path: str | os.PathLike, data: Mapping[str, Any]) -> str:
-    """Write strict JSON (NaN/inf refused), sorted keys, 2-space indent."""
-    path = os.fspath(path)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2, sort_keys=True, allow_nan=False)
-        f.write("\n")
-    return path
-
-
 def plot_accuracy_vs_n(result: SweepResult, path: str | os.PathLike, *, scope: str = OVERALL_MICRO,
                        methods: Sequence[str] | None = None) -> str:
     """PNG: accuracy (%) versus N, one line per method, ± std error bars (matplotlib Agg)."""
@@ -154,6 +144,7 @@ def write_report(out_dir: str | os.PathLike, result: SweepResult, *,
     with open(text_path, "w", encoding="utf-8") as f:
         f.write("\n\n".join(parts) + "\n")
     json_path = write_json(os.path.join(out_dir, f"{name}.json"),
-                           report_dict(result, step_metrics=step_metrics, load_report=load_report, extra=extra))
+                           report_dict(result, step_metrics=step_metrics, load_report=load_report, extra=extra),
+                           sort_keys=True)
     png_path = plot_accuracy_vs_n(result, os.path.join(out_dir, f"{name}.png"))
     return {"text": text_path, "json": json_path, "png": png_path}

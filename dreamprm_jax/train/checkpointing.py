@@ -57,7 +57,6 @@ Example::
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 from typing import Any, Mapping
 
@@ -65,7 +64,9 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-__all__ = ["CheckpointConfig", "Checkpointer", "abstract_like", "to_json_able"]
+from dreamprm_jax.utils.jsonable import to_jsonable
+
+__all__ = ["CheckpointConfig", "Checkpointer", "abstract_like"]
 
 _STATE = "state"
 _EXTRA = "extra"
@@ -90,39 +91,6 @@ class CheckpointConfig:
             raise ValueError(f"CheckpointConfig.save_every must be >= 0, got {self.save_every}")
         if self.keep is not None and self.keep < 1:
             raise ValueError(f"CheckpointConfig.keep must be >= 1 or None, got {self.keep}")
-
-
-def to_json_able(value: Any, where: str = "extra") -> Any:
-    """Returns ``value`` as plain JSON types, or raises naming the offending field.
-
-    numpy / jax scalars become Python numbers, arrays become (nested) lists, tuples become
-    lists; dict keys must be strings. Non-finite floats are refused (JSON has no NaN).
-    """
-    if value is None or isinstance(value, (bool, str)):
-        return value
-    if isinstance(value, (int, np.integer)):
-        return int(value)
-    if isinstance(value, (float, np.floating)):
-        if not math.isfinite(float(value)):
-            raise ValueError(f"checkpoint {where}: non-finite float {value!r} is not JSON-able")
-        return float(value)
-    if isinstance(value, np.bool_):
-        return bool(value)
-    if isinstance(value, (np.ndarray, jax.Array)):
-        return to_json_able(np.asarray(value).tolist(), where)
-    if isinstance(value, Mapping):
-        out = {}
-        for k, v in value.items():
-            if not isinstance(k, str):
-                raise TypeError(f"checkpoint {where}: dict key {k!r} must be a str")
-            out[k] = to_json_able(v, f"{where}.{k}")
-        return out
-    if isinstance(value, (list, tuple)):
-        return [to_json_able(v, f"{where}[{i}]") for i, v in enumerate(value)]
-    raise TypeError(
-        f"checkpoint {where}: value of type {type(value).__name__} is not JSON-able "
-        "(expected None, bool, int, float, str, list, dict or a numpy/jax array)"
-    )
 
 
 def abstract_like(tree: Any) -> Any:
@@ -235,7 +203,7 @@ class Checkpointer:
             return False
         if step in self._manager.all_steps():
             return False
-        extra_json = to_json_able(dict(extra or {}), where=f"{self.directory}/{step}/extra")
+        extra_json = to_jsonable(dict(extra or {}), where=f"{self.directory}/{step}/extra")
         args = ocp.args.Composite(**{_STATE: ocp.args.StandardSave(state), _EXTRA: ocp.args.JsonSave(extra_json)})
         return bool(self._manager.save(step, args=args, force=True))
 

@@ -25,13 +25,14 @@ once and writes JSONL only. Vectors become ``key/0``, ``key/1``, ... and mapping
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 import warnings
 from typing import Any, Iterable, Mapping
 
 import numpy as np
+
+from dreamprm_jax.utils.jsonable import to_jsonable
 
 __all__ = ["MetricsLogger", "read_jsonl", "format_postfix"]
 
@@ -42,33 +43,6 @@ def _warn_once(key: str, message: str) -> None:
     if key not in _WARNED:
         _WARNED.add(key)
         warnings.warn(message, RuntimeWarning, stacklevel=3)
-
-
-def _to_json_value(value: Any, where: str) -> Any:
-    """Scalars -> float/int/bool, arrays -> lists, mappings -> dicts; NaN/inf -> None."""
-    if isinstance(value, Mapping):
-        return {str(k): _to_json_value(v, f"{where}.{k}") for k, v in value.items()}
-    if isinstance(value, (str, bool)) or value is None:
-        return value
-    if isinstance(value, (list, tuple)):
-        return [_to_json_value(v, f"{where}[{i}]") for i, v in enumerate(value)]
-    try:
-        array = np.asarray(value)  # jax arrays, numpy scalars, Python numbers
-    except Exception as e:  # pragma: no cover - exotic objects
-        raise TypeError(f"metrics field '{where}': cannot convert {type(value).__name__} to JSON") from e
-    if array.dtype == object or array.dtype.kind in "USV":
-        raise TypeError(f"metrics field '{where}': expected a number, array or mapping, got {type(value).__name__}")
-    if array.ndim > 0:
-        return [_to_json_value(v, f"{where}[{i}]") for i, v in enumerate(array)]
-    if array.dtype.kind == "b":
-        return bool(array)
-    if array.dtype.kind in "iu":
-        return int(array)
-    x = float(array)
-    if not math.isfinite(x):
-        _warn_once(f"nonfinite:{where}", f"metrics field '{where}' is {x}; written as null in JSON Lines")
-        return None
-    return x
 
 
 def _flatten_scalars(record: Mapping[str, Any], prefix: str = "") -> Iterable[tuple[str, float]]:
@@ -182,7 +156,7 @@ class MetricsLogger:
             if reserved in items:
                 raise ValueError(f"metrics field '{reserved}' is reserved (set by MetricsLogger.log)")
         record = {"step": int(step), "time": time.time()}
-        record.update({k: _to_json_value(v, k) for k, v in items.items()})
+        record.update({k: to_jsonable(v, where=f"metrics.{k}", nonfinite="null") for k, v in items.items()})
         self._file.write(json.dumps(record, allow_nan=False) + "\n")
         self._file.flush()
         if self._tb is not None:
@@ -228,7 +202,7 @@ def format_postfix(metrics: Mapping[str, Any], *, keys: Iterable[str] | None = N
     for k in chosen:
         if k not in metrics:
             continue
-        v = _to_json_value(metrics[k], k)
+        v = to_jsonable(metrics[k], where=f"metrics.{k}", nonfinite="null")
         if isinstance(v, Mapping):
             if keys is None:
                 continue

@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dreamprm_jax.utils.remat import apply_remat
+
 from .config import Qwen2VLConfig
 
 # ---------------------------------------------------------------------- primitives
@@ -87,18 +89,6 @@ def apply_rotary(x, cos, sin):
     return x * cos + rotate_half(x) * sin
 
 
-def remat_policy(name: str):
-    """Map a ``config.remat`` name to a ``jax.checkpoint`` policy (None = recompute everything)."""
-    policies = {
-        "full": None,
-        "nothing_saveable": jax.checkpoint_policies.nothing_saveable,
-        "everything_saveable": jax.checkpoint_policies.everything_saveable,
-        "dots_saveable": jax.checkpoint_policies.dots_saveable,
-        "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-    }
-    return policies[name]
-
-
 #: Stacks of at most this many blocks run as a Python loop (unrolled in the program); deeper
 #: stacks run under ``lax.scan``, whose compile time does not grow with depth.
 UNROLL_MAX_BLOCKS = 4
@@ -120,8 +110,7 @@ def scan_blocks(config: Qwen2VLConfig, block: Callable, x, stacked_params):
     def body(carry, p):
         return block(carry, p), None
 
-    if config.remat != "none":
-        body = jax.checkpoint(body, policy=remat_policy(config.remat), prevent_cse=False)
+    body = apply_remat(body, config.remat, prevent_cse=False)
     depth = jax.tree_util.tree_leaves(stacked_params)[0].shape[0]
     if depth <= UNROLL_MAX_BLOCKS:
         for i in range(depth):
