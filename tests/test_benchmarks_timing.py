@@ -60,7 +60,6 @@ def test_paired_ratio_is_exact_when_the_load_changes_between_rounds():
 
 @pytest.mark.parametrize("interleave", [True, False])
 def test_step_throughput_cli_times_every_run(tmp_path, interleave):
-    pytest.importorskip("torch")
     from benchmarks import step_throughput
 
     out = tmp_path / "st.json"

@@ -1,4 +1,4 @@
-"""Smoke test of experiments/compare_hypergradients.py and the problem registry."""
+"""Smoke test of the compare-hypergradients CLI and the problem registry."""
 
 import json
 import os
@@ -6,7 +6,7 @@ import os
 import pytest
 
 from dreamprm_jax.bilevel import problems
-from experiments import compare_hypergradients
+from dreamprm_jax.cli import compare_hypergradients
 
 
 def test_cli_writes_json_and_png(tmp_path):

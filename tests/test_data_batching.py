@@ -25,6 +25,7 @@ from dreamprm_jax.data.batching import (
     stack_train,
 )
 from dreamprm_jax.data.dataset import build_meta_dataset, build_train_dataset
+from dreamprm_jax.models import qwen2_vl
 
 D = 12  # fake patch dim
 PAD = 0
@@ -390,9 +391,6 @@ def test_integration_real_processor_and_model(data_dir, tmp_path_factory):
     sample beside other samples / images (row 1) and alone with dummy rows (row 0) agree
     (atol 2e-5, float32), with right padding, dummy rows and padded patch slots.
     """
-    qwen2_vl = pytest.importorskip("dreamprm_jax.models.qwen2_vl")
-    if not hasattr(qwen2_vl, "prepare_batch"):
-        pytest.skip("qwen2_vl.prepare_batch has not landed")
     import jax
 
     from dreamprm_jax.data.batching import model_prepare_fn
@@ -423,7 +421,6 @@ def test_integration_real_processor_and_model(data_dir, tmp_path_factory):
 def test_packed_meta_scores_equal_one_row_per_step(data_dir, tmp_path_factory):
     """prm.score on a packed meta batch == on one row per step prefix (real processor, tiny
     Qwen2-VL with an image, float32; atol 1e-5 on the logits, the summation order differs)."""
-    pytest.importorskip("dreamprm_jax.models.qwen2_vl")
     import dataclasses
 
     import jax

@@ -13,7 +13,7 @@ from dreamprm_jax.data.processor import Processor
 from dreamprm_jax.data.tokenizer import build_offline_tokenizer
 from dreamprm_jax.evaluation import prm_scorer
 from dreamprm_jax.models import prm, qwen2_vl
-from experiments import evaluate
+from dreamprm_jax.cli import evaluate
 
 QUESTIONS = [
     ("q0", "bars", "How many red bars are in the image?", "3", ["3", "3", "4", "2"]),
@@ -130,6 +130,9 @@ def test_evaluate_cli_end_to_end_and_deterministic(setup, tmp_path, capsys):
         outs.append(json.loads((out / "best_of_n.json").read_text()))
     printed = capsys.readouterr().out
     assert "chains/s" in printed and "Best-of-4 accuracy" in printed and "[dreamprm] Step-level" in printed
+    text = (tmp_path / "run1" / "best_of_n.txt").read_text()
+    assert text.rstrip() in printed  # the report as written, printed once per run
+    assert text.index("[dreamprm] Step-level") < text.index("[vanilla_prm] Step-level")
     assert _strip_timing(outs[0]) == _strip_timing(outs[1])
 
     report = outs[0]
@@ -174,23 +177,29 @@ def test_help_documents_every_option(capsys):
 def test_train_missing_trains_the_default_runs_with_their_configs(setup, tmp_path, monkeypatch, capsys):
     import shutil
 
+    from dreamprm_jax.cli import train as train_cli
+    from dreamprm_jax.configs import TrainConfig
     from dreamprm_jax.train import loop
 
     seen = []
 
-    def fake_train(cfg):  # stands in for minutes of training: copies a tiny export into place
+    def fake_run(cfg):  # stands in for minutes of training: copies a tiny export into place
         seen.append(cfg)
-        shutil.copytree(setup["exports"]["dreamprm"], os.path.join(cfg.out_dir, "export"))
-        return loop.TrainResult(out_dir=cfg.out_dir, step=1, domains=("a",), weights=np.ones(1), planted_quality=None,
-                                spearman=None, interrupted=False, seconds=0.0, compile_count=1, final_metrics={})
+        export_dir = os.path.join(cfg.out_dir, "export")
+        shutil.copytree(setup["exports"]["dreamprm"], export_dir)
+        result = loop.TrainResult(out_dir=cfg.out_dir, step=1, domains=("a",), weights=np.ones(1), interrupted=False,
+                                  seconds=0.0, compile_count=1, final_metrics={}, metrics_path=None,
+                                  checkpoint_dir=os.path.join(cfg.out_dir, "checkpoints"), export_dir=export_dir,
+                                  weights_path=None)
+        return train_cli.TrainRun(result, planted_quality=None, spearman=None)
 
-    monkeypatch.setattr(loop, "train", fake_train)
+    monkeypatch.setattr(train_cli, "run", fake_run)
     monkeypatch.chdir(tmp_path)
     argv = ["--candidates", setup["good_file"], "--train-missing", "--ns", "2", "--trials", "1", "--no-progress",
             "--batch-size", "8"]  # the CLI test's batch shape: compiled programs are reused
     assert evaluate.main(argv) == 0
     assert [(c.out_dir, c.reweighting) for c in seen] == [("runs/vanilla", False), ("runs/default", True)]
-    assert all(c.iterations == loop.TrainConfig().iterations for c in seen)
+    assert all(c.iterations == TrainConfig().iterations for c in seen)
     report = json.loads((tmp_path / "runs" / "eval" / "best_of_n.json").read_text())
     assert "vanilla_prm/mean" in report["selection"]["methods"] and "dreamprm/mean" in report["selection"]["methods"]
     assert "training it now (python -m experiments.train --no-reweighting" in capsys.readouterr().err

@@ -40,10 +40,15 @@ def test_tables(result):
 def test_write_report(tmp_path, result):
     labels = np.where(np.random.default_rng(1).random((12, 8, 3)) < 0.7, 1, 0)
     step = metrics.step_metrics(np.zeros((12, 8, 3)), labels, benchmarks=list(result.benchmarks) * 4)
-    paths = report.write_report(tmp_path / "out", result, step_metrics=step, extra={"checkpoint": "x"})
-    text = open(paths["text"]).read()
-    assert "Step-level error detection" in text and "dreamprm/mean" in text
-    data = json.loads(open(paths["json"]).read())
+    files = report.write_report(tmp_path / "out", result, step_metrics=step, step_metrics_label="dreamprm",
+                                more_step_metrics={"vanilla_prm": step}, extra={"checkpoint": "x"})
+    text = open(files.text_path).read()
+    assert text == files.text
+    assert "dreamprm/mean" in text
+    # the labelled table first, the further ones after everything else
+    assert text.index("[dreamprm] Step-level error detection") < text.index("[vanilla_prm] Step-level error detection")
+    assert text.count("Step-level error detection") == 2 and text.endswith("\n")
+    data = json.loads(open(files.json_path).read())
     acc = data["selection"]["accuracy"]
     assert set(acc) == set(result.methods)
     for m in result.methods:
@@ -55,7 +60,7 @@ def test_write_report(tmp_path, result):
     assert "overall_micro" in data["selection"]["overall_definitions"]
     assert data["step_metrics"]["overall"]["step_f1"]["num_steps"] == 12 * 8 * 3
     assert data["extra"] == {"checkpoint": "x"}
-    with open(paths["png"], "rb") as f:
+    with open(files.png_path, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
@@ -67,5 +72,5 @@ def test_json_refuses_nan(tmp_path):
 def test_report_is_byte_identical_across_runs(tmp_path, result):
     a = report.write_report(tmp_path / "a", result)
     b = report.write_report(tmp_path / "b", result)
-    for key in ("text", "json"):
-        assert open(a[key], "rb").read() == open(b[key], "rb").read()
+    for path_a, path_b in ((a.text_path, b.text_path), (a.json_path, b.json_path)):
+        assert open(path_a, "rb").read() == open(path_b, "rb").read()

@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+from dreamprm_jax.data import synthetic
 from dreamprm_jax.evaluation import candidates as cand
 from dreamprm_jax.evaluation import selection as sel
 from dreamprm_jax.evaluation.scoring import StepScores
@@ -210,13 +211,12 @@ def test_evaluate_argument_errors():
 def test_synthetic_candidates_end_to_end():
     # the synthetic generator (helper DATA) writes this format; its labels must agree with
     # our answer matching, and our oracle with its baseline
-    generate = pytest.importorskip("dreamprm_jax.data.synthetic.generate")
-    records, _ = generate.test_questions(generate.SyntheticConfig(test=40))
+    records, _ = synthetic.test_questions(synthetic.SyntheticConfig(test=40))
     questions, report = cand.parse_records(records, check_images=False)
     assert report.num_loaded == 40
     inputs = sel.build_inputs(questions, correct_source="match")
     assert inputs.label_disagreements == 0
     res = sel.evaluate(inputs, sel.standard_methods(), ns=(2, 8), num_trials=5)
-    base = generate.best_of_n_baselines(records)
+    base = synthetic.best_of_n_baselines(records)
     np.testing.assert_allclose(res.accuracy["oracle"][8]["overall_micro"].mean, base["oracle"], atol=1e-12)
     assert res.accuracy["self_consistency"][8]["overall_micro"].std == 0.0

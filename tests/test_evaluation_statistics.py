@@ -85,3 +85,13 @@ def test_spearman_permutation_p_monte_carlo_agrees_with_exact():
     exact = statistics.spearman_permutation_p(x, y)
     sampled = statistics.spearman_permutation_p(x, y, exact_up_to=0, num_samples=20000, seed=2)
     assert sampled == pytest.approx(exact, abs=0.01)
+
+
+def test_spearman_closed_forms():
+    x = [0.1, 0.5, 0.2, 0.9]
+    assert statistics.spearman(x, [1, 3, 2, 4]) == pytest.approx(1.0, abs=1e-12)   # same order
+    assert statistics.spearman(x, [4, 2, 3, 1]) == pytest.approx(-1.0, abs=1e-12)  # reversed
+    # no ties: 1 - 6 sum d^2 / (n (n^2 - 1)); ranks of x = [0, 2, 1, 3], of y = [0, 1, 3, 2]: sum d^2 = 6
+    assert statistics.spearman(x, [1, 2, 4, 3]) == pytest.approx(1 - 6 * 6 / (4 * 15), abs=1e-12)
+    # ties: Pearson of the average ranks [0.5, 0.5, 2] and [0, 1, 2] = sqrt(3) / 2
+    assert statistics.spearman([1, 1, 2], [1, 2, 3]) == pytest.approx(np.sqrt(3) / 2, abs=1e-12)

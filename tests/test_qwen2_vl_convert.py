@@ -2,12 +2,11 @@
 
 import numpy as np
 import pytest
+import torch
+import transformers
 
 from dreamprm_jax.models import qwen2_vl
 from dreamprm_jax.models.qwen2_vl import convert
-
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
 
 
 def _hf_model(config):

@@ -10,12 +10,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
+import transformers
 
 from dreamprm_jax.models import qwen2_vl
 from dreamprm_jax.models.qwen2_vl import Qwen2VLConfig, TextConfig, VisionConfig, convert
-
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
 
 ATOL = 1e-4
 BUCKET = (2, 40, 32)  # (batch, length, patches) shared by all parity cases

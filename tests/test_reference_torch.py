@@ -22,14 +22,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
 
-torch = pytest.importorskip("torch")
-
-from benchmarks import _common  # noqa: E402
-from benchmarks.reference_torch import TorchReference  # noqa: E402
-from dreamprm_jax import bilevel  # noqa: E402
-from dreamprm_jax.models import prm, qwen2_vl  # noqa: E402
-from dreamprm_jax.train import step as step_lib  # noqa: E402
+from benchmarks import _common
+from benchmarks.reference_torch import TorchReference
+from dreamprm_jax import bilevel
+from dreamprm_jax.models import prm, qwen2_vl
+from dreamprm_jax.train import step as step_lib
 
 R = 0.01
 SPEC = _common.ProblemSpec(batch=2, seq_len=24, unroll=5, meta_chains=2, meta_steps=2, step_len=3, question_len=4,

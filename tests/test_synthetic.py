@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dreamprm_jax.data import synthetic
+from dreamprm_jax.data import steps, synthetic
 from dreamprm_jax.data.synthetic import domains as domains_mod
 from dreamprm_jax.data.synthetic.tasks import BLATANT_VALUE, NUMBER_WORDS
 
@@ -143,7 +143,6 @@ def test_chains_have_five_steps_and_a_final_answer(bench):
 
 
 def test_training_texts_equal_meta_step_prefixes(bench):
-    steps = pytest.importorskip("dreamprm_jax.data.steps")
     _, _, files = bench
     problem = synthetic.sample_problem(np.random.default_rng(0))
     chain = synthetic.make_chain(problem, np.random.default_rng(1))

@@ -15,9 +15,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dreamprm_jax import configs
+from dreamprm_jax import bilevel, configs
+from dreamprm_jax.cli import train as train_cli
 from dreamprm_jax.data import synthetic
-from dreamprm_jax.train import loop
+from dreamprm_jax.train import demo, loop
 from dreamprm_jax.train import step as step_lib
 from dreamprm_jax.train.checkpointing import Checkpointer
 
@@ -44,6 +45,12 @@ def tiny_config(data_dir: str, out_dir: str, **overrides) -> configs.TrainConfig
     return dataclasses.replace(base, **overrides)
 
 
+def train(cfg: configs.TrainConfig, **kwargs) -> loop.TrainResult:
+    """``loop.train`` on the config's record files and a fresh demo model."""
+    source = demo.resolve_data(cfg)
+    return loop.train(cfg, source.data, demo.resolve_model(cfg, source.data), **kwargs)
+
+
 def final_state(out_dir: str):
     with Checkpointer(os.path.join(out_dir, "checkpoints")) as ckpt:
         step, state, extra = ckpt.restore_latest()
@@ -60,14 +67,14 @@ def assert_trees_equal(a, b):
 
 def test_resume_continues_bit_for_bit(tiny_data, tmp_path):
     ramp = dict(meta_lr_warmup=3)  # the meta learning-rate ramp spans the resume point
-    straight = loop.train(tiny_config(tiny_data, str(tmp_path / "straight"), **ramp))
+    straight = train(tiny_config(tiny_data, str(tmp_path / "straight"), **ramp))
     assert straight.step == 4 and not straight.interrupted
     assert np.all(np.isfinite(straight.weights))
 
     half = str(tmp_path / "halves")
-    first = loop.train(tiny_config(tiny_data, half, iterations=2, **ramp))
+    first = train(tiny_config(tiny_data, half, iterations=2, **ramp))
     assert first.step == 2
-    second = loop.train(tiny_config(tiny_data, half, iterations=4, resume=True, **ramp))
+    second = train(tiny_config(tiny_data, half, iterations=4, resume=True, **ramp))
     assert second.step == 4
 
     step_a, state_a, extra_a = final_state(str(tmp_path / "straight"))
@@ -110,10 +117,10 @@ def test_sigterm_saves_and_resume_matches(tiny_data, tmp_path):
 
     step, state, _ = final_state(out)
     assert step >= 2
-    resumed = loop.train(dataclasses.replace(cfg, iterations=step + 1, resume=True))
+    resumed = train(dataclasses.replace(cfg, iterations=step + 1, resume=True))
     assert resumed.step == step + 1
     straight_dir = str(tmp_path / "straight")
-    loop.train(dataclasses.replace(cfg, out_dir=straight_dir, iterations=step + 1, checkpoint_every=1000))
+    train(dataclasses.replace(cfg, out_dir=straight_dir, iterations=step + 1, checkpoint_every=1000))
     _, state_resumed, _ = final_state(out)
     _, state_straight, _ = final_state(straight_dir)
     assert_trees_equal(state_resumed, state_straight)
@@ -122,9 +129,9 @@ def test_sigterm_saves_and_resume_matches(tiny_data, tmp_path):
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tiny_data, tmp_path):
     out = str(tmp_path / "diverged")
     cfg = tiny_config(tiny_data, out, iterations=2)
-    loop.train(cfg)  # a good checkpoint at step 2
+    train(cfg)  # a good checkpoint at step 2
     with pytest.raises(loop.TrainingDiverged, match="non-finite.*last good checkpoint is step 2"):
-        loop.train(dataclasses.replace(cfg, iterations=4, resume=True, inner_lr=float("inf")))
+        train(dataclasses.replace(cfg, iterations=4, resume=True, inner_lr=float("inf")))
     step, state, _ = final_state(out)
     assert step == 2
     assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state) if np.issubdtype(x.dtype, np.floating))
@@ -163,13 +170,53 @@ def test_hypergradient_clip_is_relative_to_the_recent_median():
 
 def test_vanilla_prm_keeps_uniform_weights_and_exports(tiny_data, tmp_path):
     out = str(tmp_path / "vanilla")
-    result = loop.train(tiny_config(tiny_data, out, iterations=2, reweighting=False, export=True))
+    finished = train_cli.run(tiny_config(tiny_data, out, iterations=2, reweighting=False, export=True))
+    result = finished.result
     np.testing.assert_allclose(result.weights, np.ones(len(result.domains)), rtol=1e-6, atol=0)
+    assert finished.planted_quality is None and finished.spearman is None  # record files, nothing planted
+    assert result.export_dir == os.path.join(out, "export")
+    assert result.weights_path == os.path.join(out, "domain_weights.json")
+    assert result.metrics_path == os.path.join(out, "metrics.jsonl")
     assert os.path.isfile(os.path.join(out, "export", "prm_head.safetensors"))
     assert os.path.isfile(os.path.join(out, "export", "tokenizer.json"))
     with open(os.path.join(out, "domain_weights.json")) as f:
         assert set(json.load(f)) == set(result.domains)
     assert os.path.isfile(os.path.join(out, "domain_weights.png"))
+
+
+def test_raw_weights_for_gives_the_normalised_weights():
+    domains = ("a", "b", "c")
+    raw = loop.raw_weights_for({"c": 3.0, "a": 1.0, "b": 0.002}, domains)
+    expected = np.array([1.0, 0.002, 3.0]) / np.mean([1.0, 0.002, 3.0])
+    np.testing.assert_allclose(np.asarray(bilevel.domain_weights(jnp.asarray(raw))), expected, rtol=1e-6, atol=0)
+    with pytest.raises(ValueError, match="one weight for each of the data's domains"):
+        loop.raw_weights_for({"a": 1.0, "b": 1.0}, domains)
+    with pytest.raises(ValueError, match="finite weights > 0"):
+        loop.raw_weights_for({"a": 1.0, "b": 0.0, "c": 1.0}, domains)
+
+
+def test_fixed_domain_weights_are_held_and_runs_repeat_in_one_process(tiny_data, tmp_path):
+    """Three arms in one process: learned weights, then fixed weights (held through training)
+    with another config, then the fixed arm again, which repeats it bit for bit."""
+    cfg = tiny_config(tiny_data, str(tmp_path / "learned"), iterations=2, hypergradient="darts")
+    learned = train(cfg)
+    assert learned.step == 2 and learned.final_metrics["hypergrad_norm"] > 0
+
+    given = {d: float(i + 1) for i, d in enumerate(learned.domains)}
+    expected = np.arange(1, len(given) + 1) / np.mean(np.arange(1, len(given) + 1))  # [K], mean 1
+    fixed_cfg = dataclasses.replace(cfg, out_dir=str(tmp_path / "fixed"), hypergradient="exact")
+    fixed = train(fixed_cfg, fixed_domain_weights=given)
+    assert fixed.domains == learned.domains
+    np.testing.assert_allclose(fixed.weights, expected, rtol=1e-6, atol=0)
+    np.testing.assert_allclose([fixed.final_metrics["domain_weights"][d] for d in fixed.domains], expected,
+                               rtol=1e-6, atol=0)
+    assert fixed.final_metrics["hypergrad_norm"] == 0.0  # reweighting off: no hypergradient
+    _, state, extra = final_state(fixed.out_dir)
+    assert extra["config"]["reweighting"] is False
+
+    again = train(dataclasses.replace(fixed_cfg, out_dir=str(tmp_path / "again")), fixed_domain_weights=given)
+    np.testing.assert_array_equal(again.weights, fixed.weights)  # bit for bit (atol=0, rtol=0)
+    assert_trees_equal(state, final_state(again.out_dir)[1])
 
 
 def test_trains_from_transformers_checkpoint_directory(tiny_data, tmp_path):
@@ -194,7 +241,7 @@ def test_trains_from_transformers_checkpoint_directory(tiny_data, tmp_path):
     assert not any(name.endswith((".bin", ".pt")) for name in os.listdir(model_dir))
 
     out = str(tmp_path / "from_hf")
-    from experiments.train import main
+    from dreamprm_jax.cli.train import main
 
     code = main(["--model-dir", model_dir, "--train-json", os.path.join(tiny_data, "train.json"),
                  "--meta-json", os.path.join(tiny_data, "meta.json"), "--image-root", tiny_data,
@@ -215,7 +262,7 @@ def test_cli_reports_bad_record_with_file_and_field(tiny_data, tmp_path, capsys)
     records = json.load(open(os.path.join(tiny_data, "train.json")))[:3]
     records[1]["accuracy"] = 1.5
     bad.write_text(json.dumps(records))
-    from experiments.train import main
+    from dreamprm_jax.cli.train import main
 
     code = main(["--train-json", str(bad), "--meta-json", os.path.join(tiny_data, "meta.json"),
                  "--image-root", tiny_data, "--out-dir", str(tmp_path / "run"), "--progress", "false"])

@@ -44,7 +44,7 @@ REPO = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 
 from processes import free_port, wait_all  # noqa: E402
-from test_train_loop import tiny_config, tiny_data  # noqa: E402,F401 - tiny_data is a fixture
+from test_train_loop import tiny_config, tiny_data, train  # noqa: E402,F401 - tiny_data is a fixture
 
 FAST_XLA = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 ITERATIONS = 3
@@ -105,12 +105,10 @@ def _worker_meshes(data_dir: str, out_json: str) -> None:
 
     jax.config.update("jax_compilation_cache_dir", os.path.join(os.path.expanduser("~"), ".cache", "dreamprm_jax_xla"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-    from dreamprm_jax.train import loop
-
     results = {"devices": jax.device_count()}
     for name, mesh in (("1x1", "data=1,fsdp=1"), ("default", None)):
         out_dir = os.path.join(os.path.dirname(out_json), name)
-        result = loop.train(tiny_config(data_dir, out_dir, **_run_kwargs(mesh)))
+        result = train(tiny_config(data_dir, out_dir, **_run_kwargs(mesh)))
         results[name] = {"weights": dict(zip(result.domains, result.weights.tolist())), "step": result.step,
                          "history": _history(out_dir),
                          "compile_count": result.compile_count, "out_dir": out_dir}
@@ -121,7 +119,7 @@ def _worker_meshes(data_dir: str, out_json: str) -> None:
 # ------------------------------------------------------------------------------ tests
 
 def test_help_documents_device_flags(capsys):
-    from experiments.train import main
+    from dreamprm_jax.cli.train import main
 
     with pytest.raises(SystemExit) as exit_info:
         main(["--help"])

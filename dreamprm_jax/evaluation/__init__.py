@@ -46,6 +46,8 @@ from dreamprm_jax.evaluation.candidates import (
 )
 from dreamprm_jax.evaluation.metrics import first_error_metrics, step_f1, step_metrics
 from dreamprm_jax.evaluation.report import (
+    ReportFiles,
+    format_report,
     format_step_metrics,
     format_sweep_table,
     format_table,
@@ -83,4 +85,4 @@ from dreamprm_jax.evaluation.selection import (
 )
 
 __all__ = [name for name in dir() if not name.startswith("_") and name not in {
-    "aggregation", "answers", "candidates", "metrics", "report", "scoring", "selection"}]
+    "aggregation", "answers", "candidates", "metrics", "report", "scoring", "selection", "statistics"}]

@@ -35,8 +35,9 @@ Throughput (:class:`ScorerStats`): ``prefixes_per_s`` = requests / wall seconds,
 ``chains_per_s`` = distinct candidate ids / wall seconds, over everything this scorer
 has scored since construction (or :meth:`PRMScorer.reset_stats`); wall time includes
 encoding and compilation. ``steady_chains_per_s`` leaves out the time of the calls that
-traced and compiled a new program (jit compiles synchronously, before dispatch). ``compile_count`` is the number of programs in the jit cache
-of the shared scoring function (one per (B, L, N) shape).
+traced and compiled a new program (jit compiles synchronously, before dispatch).
+``compile_count`` is the number of times the shared scoring function was traced: jit
+traces once per new (B, L, N) shape, and each trace is one compiled program.
 """
 
 from __future__ import annotations
@@ -63,6 +64,7 @@ __all__ = [
     "ExportNotFoundError",
     "PRMScorer",
     "ScorerStats",
+    "ScoringFunction",
     "load_scorer",
     "scoring_function",
 ]
@@ -91,19 +93,30 @@ class ExportNotFoundError(FileNotFoundError):
     """An exported PRM directory is missing or incomplete; the message names it."""
 
 
+class ScoringFunction:
+    """The jitted ``(params, batch) -> logits [B]`` of one model config, and ``trace_count``:
+    how many times jit traced it. The counter is bumped inside the traced Python function,
+    which jit runs once per new input signature (a cache miss: one more compiled program)."""
+
+    def __init__(self, config):
+        self.trace_count = 0
+
+        def logits(params, batch):
+            self.trace_count += 1  # runs while tracing only, never in the compiled program
+            _, z = prm.score(config, params, batch)  # [B] f32
+            return z
+
+        self._jitted = jax.jit(logits)
+
+    def __call__(self, params, batch) -> jax.Array:
+        return self._jitted(params, batch)
+
+
 @functools.lru_cache(maxsize=None)
-def scoring_function(config) -> Any:
-    """The jitted ``(params, batch) -> logits [B]`` for one (hashable) model config.
-
-    Cached per config, so all scorers of one architecture share compiled programs;
-    ``scoring_function(config)._cache_size()`` counts them.
-    """
-
-    def logits(params, batch):
-        _, z = prm.score(config, params, batch)  # [B] f32
-        return z
-
-    return jax.jit(logits)
+def scoring_function(config) -> ScoringFunction:
+    """The :class:`ScoringFunction` of one (hashable) model config. Cached per config, so all
+    scorers of one architecture share compiled programs (and one ``trace_count``)."""
+    return ScoringFunction(config)
 
 
 @dataclasses.dataclass
@@ -184,8 +197,8 @@ class PRMScorer:
     # ------------------------------------------------------------------ bookkeeping
     @property
     def compile_count(self) -> int:
-        """Programs in the shared jit cache of this model config (one per batch shape)."""
-        return int(self._fn._cache_size())
+        """Programs compiled for this model config so far, by every scorer of it (one per batch shape)."""
+        return self._fn.trace_count
 
     def reset_stats(self) -> None:
         self.stats = ScorerStats()

@@ -10,13 +10,15 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 from dreamprm_jax.evaluation.candidates import LoadReport
 from dreamprm_jax.evaluation.selection import OVERALL_MACRO, OVERALL_MICRO, Stat, SweepResult
 from dreamprm_jax.utils.jsonable import write_json
 
 __all__ = [
+    "ReportFiles",
+    "format_report",
     "format_step_metrics",
     "format_sweep_table",
     "format_table",
@@ -126,25 +128,55 @@ def plot_accuracy_vs_n(result: SweepResult, path: str | os.PathLike, *, scope: s
     return path
 
 
-def write_report(out_dir: str | os.PathLike, result: SweepResult, *,
-                 step_metrics: Mapping[str, Any] | None = None, load_report: LoadReport | None = None,
-                 extra: Mapping[str, Any] | None = None, name: str = "best_of_n") -> dict[str, str]:
-    """Write ``<name>.txt`` (tables), ``<name>.json`` and ``<name>.png``; returns the paths."""
-    out_dir = os.fspath(out_dir)
-    os.makedirs(out_dir, exist_ok=True)
+class ReportFiles(NamedTuple):
+    """What :func:`write_report` wrote: the text it wrote (tables) and the three paths."""
+
+    text: str
+    text_path: str
+    json_path: str
+    png_path: str
+
+
+def format_report(result: SweepResult, *, step_metrics: Mapping[str, Any] | None = None,
+                  step_metrics_label: str | None = None,
+                  more_step_metrics: Mapping[str, Mapping[str, Any]] | None = None,
+                  load_report: LoadReport | None = None) -> str:
+    """The text report: the best-of-N table, the accuracy-versus-N tables (micro, macro) when
+    the sweep has several N, the step-level table of ``step_metrics`` (headed ``[label]`` when
+    ``step_metrics_label`` is given), skipped records, then one step-level table per entry of
+    ``more_step_metrics`` (``{label: metrics}``)."""
     parts = [format_table(result)]
     if len(result.ns) > 1:
         parts.append(format_sweep_table(result, OVERALL_MICRO))
         parts.append(format_sweep_table(result, OVERALL_MACRO))
     if step_metrics is not None:
-        parts.append(format_step_metrics(step_metrics))
+        label = "" if step_metrics_label is None else f"[{step_metrics_label}] "
+        parts.append(label + format_step_metrics(step_metrics))
     if load_report is not None and load_report.num_skipped:
         parts.append(f"Skipped records: {dict(load_report.skipped)} of {load_report.num_records}")
+    text = "\n\n".join(parts) + "\n"
+    for label, metrics in (more_step_metrics or {}).items():
+        text += f"\n[{label}] " + format_step_metrics(metrics) + "\n"
+    return text
+
+
+def write_report(out_dir: str | os.PathLike, result: SweepResult, *,
+                 step_metrics: Mapping[str, Any] | None = None, step_metrics_label: str | None = None,
+                 more_step_metrics: Mapping[str, Mapping[str, Any]] | None = None,
+                 load_report: LoadReport | None = None, extra: Mapping[str, Any] | None = None,
+                 name: str = "best_of_n") -> ReportFiles:
+    """Write ``<name>.txt`` (:func:`format_report`), ``<name>.json`` (:func:`report_dict`: the
+    numbers of ``step_metrics``, not of ``more_step_metrics``; put those in ``extra``) and
+    ``<name>.png``; returns the text and the paths."""
+    out_dir = os.fspath(out_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    text = format_report(result, step_metrics=step_metrics, step_metrics_label=step_metrics_label,
+                         more_step_metrics=more_step_metrics, load_report=load_report)
     text_path = os.path.join(out_dir, f"{name}.txt")
     with open(text_path, "w", encoding="utf-8") as f:
-        f.write("\n\n".join(parts) + "\n")
+        f.write(text)
     json_path = write_json(os.path.join(out_dir, f"{name}.json"),
                            report_dict(result, step_metrics=step_metrics, load_report=load_report, extra=extra),
                            sort_keys=True)
     png_path = plot_accuracy_vs_n(result, os.path.join(out_dir, f"{name}.png"))
-    return {"text": text_path, "json": json_path, "png": png_path}
+    return ReportFiles(text, text_path, json_path, png_path)

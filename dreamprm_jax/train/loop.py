@@ -1,12 +1,18 @@
-"""The DreamPRM training loop: one flat function in banner-marked sections.
+"""The DreamPRM training loop: a library function over a data source and a model source.
 
-    data (records -> validated -> cached tables)   model (checkpoint dir, or a small random Qwen2-VL)
+    TrainData (records files)             PRMModel (config, parameters, processor, tokenizer)
                  \\                                  /
           per iteration: T stacked train batches + one meta batch (static buckets, host numpy)
                                     |
               jitted bi-level iteration (T inner AdamW steps + hypergradient + meta step)
                                     |
       metrics (JSONL / TensorBoard / progress bar), orbax checkpoints, export at the end
+
+:func:`train` takes what it trains on and returns a :class:`TrainResult`; where the data and
+the model come from (a generated benchmark, a random demo model, a checkpoint directory) is
+the caller's business (:mod:`dreamprm_jax.train.demo` for the command line's choices). It can
+be called several times in one process, e.g. once per arm of a study, and with
+``fixed_domain_weights`` it trains the PRM under weights the caller chooses.
 
 The state is a dict of pytrees; the jitted iteration donates it. Metrics of iteration k are
 fetched from the device after iteration k + 1 has been dispatched, so the host never waits
@@ -20,7 +26,7 @@ plain single-device program. Several processes (``--num-processes``, ``--coordin
 process reads the same files and runs the same samplers, so every process builds the same
 *global* batch, and each uploads only the rows its own devices hold (``put`` slices the
 global batch; the image-patch rows stay global, as the sharding module requires). Process 0
-alone writes metrics, plots, the export and ``domain_weights.json``; all processes take part
+alone writes metrics, the export and ``domain_weights.json``; all processes take part
 in checkpoints (each writes its shards) and in the final gather of the parameters.
 """
 
@@ -32,24 +38,23 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from dreamprm_jax import bilevel
 from dreamprm_jax import data as data_lib
 from dreamprm_jax.configs import TrainConfig
-from dreamprm_jax.data import synthetic
 from dreamprm_jax.data.processor import Processor
-from dreamprm_jax.data.tokenizer import build_offline_tokenizer
 from dreamprm_jax.models import prm, qwen2_vl
 from dreamprm_jax.train import distributed, sharding
 from dreamprm_jax.train import step as step_lib
 from dreamprm_jax.train.checkpointing import Checkpointer, abstract_like
 from dreamprm_jax.train.interrupts import GracefulInterrupt
 from dreamprm_jax.train.metrics import MetricsLogger, format_postfix
-from dreamprm_jax.train.plots import plot_domain_weights, plot_losses
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                    "chat_template.json", "vocab.json", "merges.txt")
@@ -59,35 +64,49 @@ class TrainingDiverged(RuntimeError):
     """A loss or a domain weight became NaN/Inf; the last good checkpoint is left in place."""
 
 
+@dataclasses.dataclass(frozen=True)
+class TrainData:
+    """What the PRM trains on: DreamPRM training records and meta records (JSON array or JSON
+    Lines), and the directory their image paths are resolved against (default: each file's own
+    directory). They are validated, preprocessed and cached (``cfg.cache_dir``) by :func:`train`."""
+
+    train_json: str
+    meta_json: str
+    image_root: str | None = None
+
+
+@dataclasses.dataclass
+class PRMModel:
+    """A PRM to train: the backbone config, the PRM parameters ``{"backbone", "head"}``, the
+    processor it reads with, and the directory whose tokenizer files go into the export."""
+
+    config: qwen2_vl.Qwen2VLConfig
+    params: Any
+    processor: Processor
+    tokenizer_dir: str
+
+
 @dataclasses.dataclass
 class TrainResult:
+    """What :func:`train` returns. Paths are ``None`` when the file was not written (an
+    interrupted run exports nothing; processes other than 0 write no metrics or export)."""
+
     out_dir: str
     step: int
     domains: tuple[str, ...]
-    weights: np.ndarray  # [K] normalised domain weights w
-    planted_quality: dict[str, float] | None
-    spearman: float | None
+    weights: np.ndarray  # [K] normalised domain weights w, in ``domains`` order
     interrupted: bool
     seconds: float
     compile_count: int
-    final_metrics: dict[str, Any]
+    final_metrics: dict[str, Any]  # the last iteration's losses, hypergradient norm and weights
+    metrics_path: str | None
+    checkpoint_dir: str
+    export_dir: str | None
+    weights_path: str | None  # domain_weights.json
 
-
-def spearman(x, y) -> float:
-    """Spearman rank correlation (average ranks for ties)."""
-    def ranks(a):
-        a = np.asarray(a, np.float64)
-        order = np.argsort(a, kind="stable")
-        r = np.empty(len(a))
-        r[order] = np.arange(len(a))
-        for v in np.unique(a):  # average ties
-            tie = a == v
-            r[tie] = r[tie].mean()
-        return r
-    rx, ry = ranks(x), ranks(y)
-    rx, ry = rx - rx.mean(), ry - ry.mean()
-    denom = np.sqrt((rx ** 2).sum() * (ry ** 2).sum())
-    return float((rx * ry).sum() / denom) if denom > 0 else float("nan")
+    @property
+    def domain_weights(self) -> dict[str, float]:
+        return {d: float(w) for d, w in zip(self.domains, self.weights)}
 
 
 def _say(cfg: TrainConfig, message: str) -> None:
@@ -97,7 +116,8 @@ def _say(cfg: TrainConfig, message: str) -> None:
 
 def start_processes(cfg: TrainConfig) -> None:
     """``jax.distributed.initialize`` when flags or environment ask for several processes
-    (``--coordinator-address auto``: cluster auto-detection); a no-op for one process."""
+    (``--coordinator-address auto``: cluster auto-detection); a no-op for one process, and
+    for every call after the first."""
     distributed.initialize(None if cfg.coordinator_address == "auto" else cfg.coordinator_address,
                            cfg.num_processes, cfg.process_id, auto=cfg.coordinator_address == "auto")
 
@@ -122,72 +142,51 @@ class _NoLogger:
 
 
 # ----------------------------------------------------------------------------------------
-# Data files
+# Model source
 # ----------------------------------------------------------------------------------------
 
-def resolve_data(cfg: TrainConfig) -> tuple[str, str, str | None, dict[str, float] | None]:
-    """(train_json, meta_json, image_root, planted qualities or None); generates the demo data."""
-    if cfg.train_json is not None:
-        if cfg.meta_json is None:
-            raise ValueError("--train-json was given without --meta-json; expected both DreamPRM files")
-        return cfg.train_json, cfg.meta_json, cfg.image_root, None
-    config = dataclasses.replace(synthetic.default_config(), seed=cfg.synthetic_seed)
-    _say(cfg, f"[data] generated benchmark in {cfg.data_dir} (seed {cfg.synthetic_seed})")
-    manifest = synthetic.generate(cfg.data_dir, config, progress=cfg.progress, reuse=True)
-    return (os.path.join(cfg.data_dir, "train.json"), os.path.join(cfg.data_dir, "meta.json"), cfg.data_dir,
-            synthetic.planted_qualities(manifest))
+def processor_options(cfg: TrainConfig) -> dict[str, int]:
+    """The image settings of ``cfg`` as :class:`Processor` keyword arguments."""
+    return dict(max_image_side=cfg.max_image_side, min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels)
+
+
+def load_model(model_dir: str, cfg: TrainConfig) -> PRMModel:
+    """The PRM of a local Hugging Face Qwen2-VL checkpoint directory: its backbone, its reward
+    head when the directory has one (``prm.HEAD_FILE``, a training export), else a new head
+    drawn from ``cfg.seed``; its tokenizer and ``cfg``'s image settings."""
+    model_config, backbone = qwen2_vl.load_checkpoint(model_dir, dtype=cfg.dtype, remat=cfg.remat)
+    processor = Processor.from_directory(model_dir, vision=model_config.vision, **processor_options(cfg))
+    if os.path.isfile(os.path.join(model_dir, prm.HEAD_FILE)):
+        _, params = prm.load(model_dir)
+    else:
+        params = prm.init(model_config, jax.random.key(cfg.seed), backbone)
+    return PRMModel(model_config, params, processor, model_dir)
 
 
 # ----------------------------------------------------------------------------------------
-# Model and processor
+# Domain weights
 # ----------------------------------------------------------------------------------------
 
-def build_model(cfg: TrainConfig, train_json: str, meta_json: str, image_root: str | None):
-    """(model_config, prm params, processor, tokenizer_dir)."""
-    processor_kw = dict(max_image_side=cfg.max_image_side, min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels)
-    key = jax.random.key(cfg.seed)
-    if cfg.model_dir is not None:
-        model_config, backbone = qwen2_vl.load_checkpoint(cfg.model_dir, dtype=cfg.dtype, remat=cfg.remat)
-        processor = Processor.from_directory(cfg.model_dir, vision=model_config.vision, **processor_kw)
-        if os.path.isfile(os.path.join(cfg.model_dir, prm.HEAD_FILE)):
-            _, params = prm.load(cfg.model_dir)
-        else:
-            params = prm.init(model_config, key, backbone)
-        return model_config, params, processor, cfg.model_dir
-
-    # A small random Qwen2-VL and a byte-level BPE learnt offline from the training texts;
-    # the tokenizer is kept in the run directory so a resumed run reads the same one.
-    tokenizer_dir = os.path.join(cfg.out_dir, "tokenizer")
-    if not os.path.isfile(os.path.join(tokenizer_dir, "tokenizer.json")):
-        _say(cfg, f"[model] building an offline tokenizer in {tokenizer_dir}")
-        train = data_lib.load_train_records(train_json, image_root=image_root, check_images=False,
-                                            on_bad_record="skip").records
-        meta = data_lib.load_meta_records(meta_json, image_root=image_root, check_images=False,
-                                          on_bad_record="skip").records
-        from dreamprm_jax.data.records import iter_texts
-        build_offline_tokenizer(list(iter_texts(train)) + list(iter_texts(meta)), 1024, tokenizer_dir)
-    processor = Processor.from_directory(tokenizer_dir, **processor_kw)
-    ids = processor.special_token_ids
-    if cfg.model_preset != "demo":
-        raise ValueError(f"--model-preset {cfg.model_preset!r}: without --model-dir only 'demo' (a small random "
-                         "Qwen2-VL) is built; for the 2B model pass --model-dir with a local checkpoint")
-    model_config = qwen2_vl.demo(
-        vocab_size=ids.vocab_size, image_token_id=ids.image_pad, video_token_id=ids.video_pad,
-        vision_start_token_id=ids.vision_start, vision_end_token_id=ids.vision_end,
-        hidden_size=cfg.model_hidden_size, num_hidden_layers=cfg.model_layers, dtype=cfg.dtype, remat=cfg.remat)
-    processor = Processor.from_directory(tokenizer_dir, vision=model_config.vision, **processor_kw)
-    backbone_key, head_key = jax.random.split(key)
-    params = prm.init(model_config, head_key, qwen2_vl.init_params(model_config, backbone_key))
-    return model_config, params, processor, tokenizer_dir
+def raw_weights_for(weights: Mapping[str, float], domains: tuple[str, ...]) -> np.ndarray:
+    """Raw weights r [K] with ``softplus(r) / mean(softplus(r))`` equal to ``weights`` normalised
+    to mean 1 (in ``domains`` order): r = softplus^-1(w / mean(w)), so mean(softplus(r)) = 1."""
+    if set(weights) != set(domains):
+        raise ValueError(f"fixed_domain_weights: expected one weight for each of the data's domains {list(domains)}, "
+                         f"got {sorted(weights)}")
+    w = np.array([float(weights[d]) for d in domains], np.float64)
+    if not np.all(np.isfinite(w) & (w > 0)):
+        raise ValueError(f"fixed_domain_weights: expected finite weights > 0, got {dict(zip(domains, w.tolist()))}")
+    w = w / w.mean()
+    return (w + np.log(-np.expm1(-w))).astype(np.float32)  # softplus^-1(w) = log(e^w - 1), stable form
 
 
 # ----------------------------------------------------------------------------------------
 # Export
 # ----------------------------------------------------------------------------------------
 
-def export(out_dir: str, model_config, params, processor, tokenizer_dir: str, domains, weights) -> str:
+def export(out_dir: str, model_config, params, processor, tokenizer_dir: str, domains, weights) -> tuple[str, str]:
     """Hugging Face-compatible PRM directory (backbone + head + tokenizer + image settings) and the
-    weights as JSON."""
+    weights as JSON; returns both paths."""
     path = os.path.join(out_dir, "export")
     prm.save(path, model_config, jax.device_get(params))
     processor.save_preprocessor_config(path)
@@ -195,35 +194,56 @@ def export(out_dir: str, model_config, params, processor, tokenizer_dir: str, do
         src = os.path.join(tokenizer_dir, name)
         if os.path.isfile(src):
             shutil.copy2(src, os.path.join(path, name))
-    with open(os.path.join(out_dir, "domain_weights.json"), "w") as f:
+    weights_path = os.path.join(out_dir, "domain_weights.json")
+    with open(weights_path, "w") as f:
         json.dump({d: float(w) for d, w in zip(domains, weights)}, f, indent=2)
-    return path
+    return path, weights_path
 
 
 # ----------------------------------------------------------------------------------------
 # The loop
 # ----------------------------------------------------------------------------------------
 
-def train(cfg: TrainConfig) -> TrainResult:
+def train(cfg: TrainConfig, data: TrainData, model: PRMModel | str, *,
+          fixed_domain_weights: Mapping[str, float] | None = None) -> TrainResult:
+    """Train ``model`` on ``data`` with ``cfg``'s optimisation, run and device settings.
+
+    Args:
+      cfg: the run's settings. Its data and model fields (``train_json``, ``model_dir``,
+        ``model_preset``, ``data_dir``, ...) are not read here: they choose ``data`` and
+        ``model`` on the command line (:mod:`dreamprm_jax.train.demo`).
+      data: the training and meta records.
+      model: a built PRM, or a local checkpoint directory (:func:`load_model`). The state
+        takes over ``model.params`` and donates its buffers: build a model per call.
+      fixed_domain_weights: ``{domain: weight}`` for every domain of ``data``: the PRM trains
+        under these weights (normalised to mean 1), held fixed (reweighting off). ``None``:
+        ``cfg.reweighting`` decides.
+
+    Returns the final step, the learned (or fixed) domain weights, the last iteration's
+    metrics and the paths written. Raises :class:`TrainingDiverged` on a NaN/Inf loss or weight.
+    """
     t_start = time.perf_counter()
     start_processes(cfg)  # before anything touches a device
     primary = distributed.is_primary()
-    cfg = dataclasses.replace(cfg, progress=cfg.progress and primary)
+    cfg = dataclasses.replace(cfg, progress=cfg.progress and primary,
+                              reweighting=cfg.reweighting and fixed_domain_weights is None)
     os.makedirs(cfg.out_dir, exist_ok=True)
+    if isinstance(model, str):
+        model = load_model(model, cfg)
+    model_config, processor = model.config, model.processor
 
-    # --- data and model ------------------------------------------------------------------
-    # Process 0 first: the generated data, tokenizer and cache are then reused by the others.
+    # --- data -----------------------------------------------------------------------------
+    # Process 0 first: the preprocessing cache is then reused by the others.
     with distributed.primary_first("dreamprm_jax.data"):
-        train_json, meta_json, image_root, planted = resolve_data(cfg)
-        model_config, params, processor, tokenizer_dir = build_model(cfg, train_json, meta_json, image_root)
-        train_table = data_lib.build_train_dataset(train_json, processor, cfg.cache_dir, image_root=image_root,
-                                                   on_bad_record=cfg.on_bad_record)
-        meta_table = data_lib.build_meta_dataset(meta_json, processor, cfg.cache_dir, image_root=image_root,
-                                                 on_bad_record=cfg.on_bad_record)
+        train_table = data_lib.build_train_dataset(data.train_json, processor, cfg.cache_dir,
+                                                   image_root=data.image_root, on_bad_record=cfg.on_bad_record)
+        meta_table = data_lib.build_meta_dataset(data.meta_json, processor, cfg.cache_dir,
+                                                 image_root=data.image_root, on_bad_record=cfg.on_bad_record)
     for name, table in (("train", train_table), ("meta", meta_table)):
         if table.skipped:
             _say(cfg, f"[data] {name}: skipped bad records: " + ", ".join(f"{r}: {n}" for r, n in table.skipped.items()))
     domains = train_table.domains
+    fixed_raw = None if fixed_domain_weights is None else raw_weights_for(fixed_domain_weights, domains)  # [K]
     pad = processor.special_token_ids.pad
     prepare = data_lib.model_prepare_fn(model_config)
     train_builder = data_lib.BatchBuilder(
@@ -246,9 +266,14 @@ def train(cfg: TrainConfig) -> TrainResult:
     optimizer = sharding.constrain_optimizer(step_lib.inner_optimizer(
         cfg.inner_lr, cfg.inner_lr_step_size, cfg.inner_lr_gamma, cfg.inner_weight_decay, cfg.inner_grad_clip), mesh)
     meta_opt = step_lib.meta_optimizer(cfg.meta_lr, cfg.meta_weight_decay, cfg.meta_lr_warmup, cfg.meta_grad_clip)
-    state = sharding.sharded_init(lambda p: step_lib.init_state(p, len(domains), optimizer, meta_opt), mesh,
-                                  sharding.shard_tree(params, mesh))
-    del params  # the state owns the parameters from here on (its buffers are donated)
+
+    def init_state(params):
+        state = step_lib.init_state(params, len(domains), optimizer, meta_opt)
+        if fixed_raw is not None:  # a [K] constant; the meta optimizer's state does not depend on r
+            state["raw_weights"] = jnp.asarray(fixed_raw)
+        return state
+
+    state = sharding.sharded_init(init_state, mesh, sharding.shard_tree(model.params, mesh))
 
     def make_step(reweighting: bool):
         return sharding.ShardedStep(step_lib.make_bilevel_step(
@@ -259,10 +284,9 @@ def train(cfg: TrainConfig) -> TrainResult:
     bilevel_step = make_step(cfg.reweighting)
     # Warm-up iterations train the PRM only (no hypergradient: about 5x cheaper on CPU).
     warmup_step = make_step(False) if cfg.reweighting and cfg.meta_warmup > 0 else bilevel_step
-
     # --- checkpoint: resume -------------------------------------------------------------
-    checkpointer = Checkpointer(os.path.join(cfg.out_dir, "checkpoints"), save_every=cfg.checkpoint_every,
-                                keep=cfg.keep_checkpoints)
+    checkpointer_dir = os.path.join(cfg.out_dir, "checkpoints")
+    checkpointer = Checkpointer(checkpointer_dir, save_every=cfg.checkpoint_every, keep=cfg.keep_checkpoints)
     start = 0
     if cfg.resume:
         restored = checkpointer.restore_latest(abstract_like(state))  # lands in the live state's shards
@@ -348,35 +372,18 @@ def train(cfg: TrainConfig) -> TrainResult:
     checkpointer.wait_until_finished()
     checkpointer.close()
 
-    # --- report and export (process 0; every process joins the gathers) -------------------
+    # --- export (process 0; every process joins the gathers) -------------------------------
     weights = np.asarray(jax.device_get(bilevel.domain_weights(sharding.to_host(state["raw_weights"], mesh))))
-    rho = None
-    if planted is not None:
-        rho = spearman(weights, [planted[d] for d in domains])
     log_path = os.path.join(cfg.out_dir, "metrics.jsonl")
-    if primary and os.path.isfile(log_path) and os.path.getsize(log_path) > 0:
-        plot_domain_weights(log_path, os.path.join(cfg.out_dir, "domain_weights.png"), planted_quality=planted)
-        plot_losses(log_path, os.path.join(cfg.out_dir, "losses.png"))
+    metrics_path = log_path if primary and os.path.isfile(log_path) and os.path.getsize(log_path) > 0 else None
+    export_dir = weights_path = None
     if cfg.export and not interrupted:
         host_params = sharding.to_host(state["params"], mesh)
         if primary:
-            export(cfg.out_dir, model_config, host_params, processor, tokenizer_dir, domains, weights)
+            export_dir, weights_path = export(cfg.out_dir, model_config, host_params, processor, model.tokenizer_dir,
+                                              domains, weights)
     compile_count = bilevel_step.compile_count() + (warmup_step.compile_count() if warmup_step is not bilevel_step else 0)
-    return TrainResult(out_dir=cfg.out_dir, step=step, domains=domains, weights=weights, planted_quality=planted,
-                       spearman=rho, interrupted=interrupted, seconds=time.perf_counter() - t_start,
-                       compile_count=compile_count, final_metrics=last)
-
-
-def format_result(result: TrainResult) -> str:
-    """The closing table: domain, planted quality, learned weight (and Spearman)."""
-    lines = [f"{'domain':<24} {'planted quality':>16} {'learned weight':>15}"]
-    order = np.argsort(-result.weights)
-    for i in order:
-        d = result.domains[i]
-        q = "" if result.planted_quality is None else f"{result.planted_quality.get(d, float('nan')):.3f}"
-        lines.append(f"{d:<24} {q:>16} {result.weights[i]:>15.4f}")
-    if result.spearman is not None:
-        lines.append(f"Spearman(learned weight, planted quality) = {result.spearman:.3f}")
-    lines.append(f"{result.step} iterations in {result.seconds:.1f} s ({result.compile_count} compiled programs)"
-                 + (" [interrupted]" if result.interrupted else ""))
-    return "\n".join(lines)
+    return TrainResult(out_dir=cfg.out_dir, step=step, domains=domains, weights=weights, interrupted=interrupted,
+                       seconds=time.perf_counter() - t_start, compile_count=compile_count, final_metrics=last,
+                       metrics_path=metrics_path, checkpoint_dir=checkpointer_dir, export_dir=export_dir,
+                       weights_path=weights_path)
