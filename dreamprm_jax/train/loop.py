@@ -32,7 +32,7 @@ import os
 import shutil
 import sys
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
@@ -182,6 +182,46 @@ def build_model(cfg: TrainConfig, train_json: str, meta_json: str, image_root: s
 
 
 # ----------------------------------------------------------------------------------------
+# Batches
+# ----------------------------------------------------------------------------------------
+
+class BatchSources(NamedTuple):
+    """Where every iteration's batches come from: ``cfg.unroll`` train draws stacked
+    (``train_builder.stacked_train([train_sampler.next() ...])``) and one meta batch
+    (``meta_builder.meta_batch(meta_sampler.next())``)."""
+
+    train_table: Any
+    meta_table: Any
+    train_builder: data_lib.BatchBuilder
+    meta_builder: data_lib.BatchBuilder
+    train_sampler: data_lib.Sampler
+    meta_sampler: data_lib.Sampler
+
+
+def build_batch_sources(cfg: TrainConfig, model_config, processor, train_json: str, meta_json: str,
+                        image_root: str | None) -> BatchSources:
+    """Cached tables, static-bucket batch builders and seeded samplers of a run (samplers at
+    their start; a resumed run loads their positions from the checkpoint)."""
+    train_table = data_lib.build_train_dataset(train_json, processor, cfg.cache_dir, image_root=image_root,
+                                               on_bad_record=cfg.on_bad_record)
+    meta_table = data_lib.build_meta_dataset(meta_json, processor, cfg.cache_dir, image_root=image_root,
+                                             on_bad_record=cfg.on_bad_record)
+    pad = processor.special_token_ids.pad
+    prepare = data_lib.model_prepare_fn(model_config)
+    train_builder = data_lib.BatchBuilder(
+        train_table, data_lib.BatchSpec(cfg.train_batch_size, cfg.seq_buckets, cfg.patch_buckets, pad_id=pad), prepare)
+    meta_builder = data_lib.BatchBuilder(
+        meta_table, data_lib.BatchSpec(cfg.meta_batch_size, cfg.seq_buckets, cfg.patch_buckets, pad_id=pad,
+                                       max_steps=int(meta_table.info["max_steps"]), pack_chains=cfg.pack_meta),
+        prepare)
+    groups = np.asarray(train_table.samples["domain_id"]) if cfg.sampler in ("stratified", "balanced") else None
+    train_sampler = data_lib.Sampler(len(train_table.samples), cfg.train_batch_size, seed=cfg.seed, mode=cfg.sampler,
+                                     groups=groups)
+    meta_sampler = data_lib.Sampler(meta_builder.num_chains, cfg.meta_batch_size, seed=cfg.seed + 1)
+    return BatchSources(train_table, meta_table, train_builder, meta_builder, train_sampler, meta_sampler)
+
+
+# ----------------------------------------------------------------------------------------
 # Export
 # ----------------------------------------------------------------------------------------
 
@@ -216,26 +256,12 @@ def train(cfg: TrainConfig) -> TrainResult:
     with distributed.primary_first("dreamprm_jax.data"):
         train_json, meta_json, image_root, planted = resolve_data(cfg)
         model_config, params, processor, tokenizer_dir = build_model(cfg, train_json, meta_json, image_root)
-        train_table = data_lib.build_train_dataset(train_json, processor, cfg.cache_dir, image_root=image_root,
-                                                   on_bad_record=cfg.on_bad_record)
-        meta_table = data_lib.build_meta_dataset(meta_json, processor, cfg.cache_dir, image_root=image_root,
-                                                 on_bad_record=cfg.on_bad_record)
+        train_table, meta_table, train_builder, meta_builder, train_sampler, meta_sampler = build_batch_sources(
+            cfg, model_config, processor, train_json, meta_json, image_root)
     for name, table in (("train", train_table), ("meta", meta_table)):
         if table.skipped:
             _say(cfg, f"[data] {name}: skipped bad records: " + ", ".join(f"{r}: {n}" for r, n in table.skipped.items()))
     domains = train_table.domains
-    pad = processor.special_token_ids.pad
-    prepare = data_lib.model_prepare_fn(model_config)
-    train_builder = data_lib.BatchBuilder(
-        train_table, data_lib.BatchSpec(cfg.train_batch_size, cfg.seq_buckets, cfg.patch_buckets, pad_id=pad), prepare)
-    meta_builder = data_lib.BatchBuilder(
-        meta_table, data_lib.BatchSpec(cfg.meta_batch_size, cfg.seq_buckets, cfg.patch_buckets, pad_id=pad,
-                                       max_steps=int(meta_table.info["max_steps"]), pack_chains=cfg.pack_meta),
-        prepare)
-    groups = np.asarray(train_table.samples["domain_id"]) if cfg.sampler in ("stratified", "balanced") else None
-    train_sampler = data_lib.Sampler(len(train_table.samples), cfg.train_batch_size, seed=cfg.seed, mode=cfg.sampler,
-                                     groups=groups)
-    meta_sampler = data_lib.Sampler(meta_builder.num_chains, cfg.meta_batch_size, seed=cfg.seed + 1)
     _say(cfg, f"[data] {len(train_table.samples)} training samples in {len(domains)} domains, "
               f"{meta_builder.num_chains} meta chains" + (" (cached)" if train_table.from_cache else ""))
 
