@@ -1,30 +1,67 @@
-"""Smoke test of the compare-hypergradients CLI and the problem registry."""
+"""experiments/compare_hypergradients.py end to end: a tiny run trained with checkpoints,
+then two methods compared with exact at its start, middle and end."""
 
 import json
+import math
 import os
 
 import pytest
 
-from dreamprm_jax.bilevel import problems
+from dreamprm_jax.bilevel.compare import agreement
 from dreamprm_jax.cli import compare_hypergradients
+from dreamprm_jax.train import hypergradient_audit
+from tests.tiny_run import tiny_benchmark, tiny_config, train
 
 
-def test_cli_writes_json_and_png(tmp_path):
-    out = compare_hypergradients.main([
-        "--model", "mlp", "--methods", "exact,darts", "--states", "1", "--draws", "1", "--inner-steps", "2",
-        "--num-domains", "2", "--repeats", "1", "--out", str(tmp_path)])
-    data = json.load(open(tmp_path / "compare_mlp.json"))
-    assert os.path.exists(tmp_path / "compare_mlp.png")
-    assert set(data["methods"]) == {"exact", "darts"} and data["exact_over_darts_time"] > 0
-    exact = data["methods"]["exact"]["summary"]
-    assert exact["cosine_mean"] >= 1 - 1e-6 and exact["rel_err_median"] == 0.0  # the reference itself
-    assert "temp_size_in_bytes" in data["methods"]["exact"]["memory"]
-    assert out["methods"]["darts"]["summary"]["finite_fraction"] == 1.0
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """2 iterations of the tiny config, checkpoints at 1 and 2; the vanilla PRM (no hypergradient
+    in training: the cheapest compile), whose parameters still move between checkpoints."""
+    data = tiny_benchmark(tmp_path_factory.mktemp("synthetic"))
+    out = str(tmp_path_factory.mktemp("run"))
+    train(tiny_config(data, out, iterations=2, checkpoint_every=1, keep_checkpoints=10, reweighting=False))
+    return out
 
 
-def test_problem_registry():
-    assert {"mlp", "tiny_transformer", "quadratic"} <= set(problems.available_problems())
-    prob = problems.get_problem("dreamprm_jax.bilevel.problems:quadratic", num_domains=2)
-    assert prob.alpha.shape == (2,)
-    with pytest.raises(ValueError, match="unknown problem"):
-        problems.get_problem("nope")
+def test_cli_compares_at_initial_state_and_checkpoints(tiny_run, tmp_path):
+    code = compare_hypergradients.main(["--run-dir", tiny_run, "--methods", "exact,darts", "--draws", "1",
+                                        "--repeats", "1", "--out", str(tmp_path)])
+    assert code == 0
+    assert os.path.isfile(tmp_path / "hypergradient_audit.png")
+    data = json.load(open(tmp_path / "hypergradient_audit.json"))
+    assert data["trained_method"] == "exact" and data["unroll"] == 2 and len(data["domains"]) == 6
+    assert [(c["step"], c["source"]) for c in data["checkpoints"]] == [(0, "initial"), (1, "checkpoint"),
+                                                                       (2, "checkpoint")]
+    for c in data["checkpoints"]:
+        assert set(c["methods"]) == {"exact", "darts"}
+        exact = c["methods"]["exact"]
+        assert exact["rel_err"] == [0.0] and exact["sign_agree"] == [1.0]  # the reference itself, exactly
+        assert abs(exact["cosine"][0] - 1.0) <= 1e-12, exact["cosine"]
+        for m in c["methods"].values():
+            assert m["finite"] == [True] and len(m["hypergradient"]) == 1 and len(m["hypergradient"][0]) == 6
+            values = [m["cosine"][0], m["rel_err"][0], m["sign_agree"][0], m["time_s"], *m["hypergradient"][0]]
+            assert all(math.isfinite(v) for v in values), values
+            assert -1.0 - 1e-12 <= m["cosine"][0] <= 1.0 + 1e-12 and m["time_s"] > 0
+    # the first draw at a checkpoint is the batch the run trained on next: the state moved between steps
+    g = [c["methods"]["exact"]["hypergradient"][0] for c in data["checkpoints"]]
+    assert g[0] != g[1] != g[2]
+
+
+def test_missing_run_is_an_error_naming_the_directory(tmp_path, capsys):
+    assert compare_hypergradients.main(["--run-dir", str(tmp_path / "nope")]) == 2
+    assert "nope/checkpoints" in capsys.readouterr().err
+
+
+def test_select_steps_nearest_to_quarters_with_the_initial_state():
+    assert hypergradient_audit.select_steps([60, 120, 180, 240]) == [0, 60, 120, 240]
+    assert hypergradient_audit.select_steps([100, 600]) == [0, 100, 600]  # 1/4 and 1/2 -> 100
+    assert hypergradient_audit.select_steps([2, 4]) == [0, 2, 4]  # 1/4 = 1: a tie between 0 and 2 -> 0
+    assert hypergradient_audit.select_steps([0, 5]) == [0, 5]
+
+
+def test_agreement_metrics():
+    a = agreement([1.0, -2.0, 0.5], [2.0, -4.0, -1.0])
+    assert a.finite and a.sign_agree == pytest.approx(2 / 3, abs=1e-12)
+    assert a.cosine == pytest.approx((2 + 8 - 0.5) / (21 ** 0.5 * 5.25 ** 0.5), rel=1e-12)
+    assert a.rel_err == pytest.approx(((1 + 4 + 2.25) / 21) ** 0.5, rel=1e-12)
+    assert not agreement([float("nan"), 1.0], [1.0, 1.0]).finite

@@ -15,7 +15,7 @@ from jax.flatten_util import ravel_pytree
 
 from dreamprm_jax import bilevel
 from dreamprm_jax.bilevel import inner as inner_lib
-from dreamprm_jax.bilevel import problems
+from tests import problems
 
 
 @pytest.fixture(scope="module")

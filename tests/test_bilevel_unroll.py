@@ -13,13 +13,13 @@ import pytest
 
 from dreamprm_jax import bilevel
 from dreamprm_jax.bilevel import inner as inner_lib
-from dreamprm_jax.bilevel import problems
+from tests import problems
 
 
 @pytest.fixture(scope="module")
 def setup():
     with jax.enable_x64(True):
-        prob = problems.get_problem("mlp", dtype=jnp.float64, inner_steps=5)
+        prob = problems.mlp_regression(dtype=jnp.float64, inner_steps=5)
         return prob, prob.sample_batches(jax.random.PRNGKey(2))
 
 

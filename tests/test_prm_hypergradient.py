@@ -1,6 +1,6 @@
-"""Exact hypergradients through the tiny Qwen2-VL PRM (dreamprm_jax/train/prm_problem.py).
+"""Exact hypergradients through the tiny Qwen2-VL PRM (tests/prm_problem.py).
 
-The "prm" problem: ``qwen2_vl.tiny()`` + the reward head, DreamPRM's two losses
+The problem: ``qwen2_vl.tiny()`` + the reward head, DreamPRM's two losses
 (``train.step.make_losses``), inner AdamW (``train.step.inner_optimizer``), batches from the
 generated benchmark with an image in every row. Float64 (``jax.enable_x64``) in a
 module-scoped fixture; every tolerance is stated in its assertion.
@@ -8,11 +8,10 @@ module-scoped fixture; every tolerance is stated in its assertion.
 Float64 and the model: ``qwen2_vl.DTYPES`` has no "float64" and the model casts to float32
 on purpose (norm statistics, rotary tables, attention scores, logits, reward head), so with
 float64 parameters its losses would still be float32-accurate and finite differences could
-not check anything to 1e-5. Until the model accepts ``dtype="float64"``, the fixture
-:func:`float64_model` swaps the model modules' ``jnp`` for a view of ``jax.numpy`` whose
-``float32`` is ``float64`` (test-only, undone after the module); a test checks that the
-traced losses then hold no float32 value at all. Once ``"float64" in qwen2_vl.DTYPES`` the
-shim is skipped and the problem asks the model for float64 compute itself.
+not check anything to 1e-5. The fixture :func:`float64_model` therefore swaps the model
+modules' ``jnp`` for a view of ``jax.numpy`` whose ``float32`` is ``float64`` (test-only,
+undone after the module); a test checks that the traced losses then hold no float32 value
+at all.
 """
 
 import contextlib
@@ -25,8 +24,7 @@ import numpy as np
 import pytest
 
 from dreamprm_jax import bilevel
-from dreamprm_jax.bilevel import problems
-from dreamprm_jax.train import prm_problem as prm_problem_lib
+from tests import prm_problem as prm_problem_lib
 
 ALPHA = (0.3, -0.2, 0.1)  # raw domain weights: unequal weights, so every domain matters
 #: XLA CPU options that halve the compile time of these second-order programs (~45 s -> ~22 s
@@ -51,9 +49,6 @@ class _Float64Numpy:
 @contextlib.contextmanager
 def float64_model():
     """The model computes in float64 while this is active (see the module docstring)."""
-    if prm_problem_lib.model_supports_float64():
-        yield
-        return
     from dreamprm_jax.models import prm
     from dreamprm_jax.models.qwen2_vl import model, text, vision
 
@@ -74,7 +69,7 @@ def data_kw(tmp_path_factory):
 def prob(data_kw):
     """(problem, (inner [T=2, ...], outer)); float64 and the float64 model for the whole module."""
     with jax.enable_x64(True), float64_model():
-        p = problems.get_problem("prm", seed=0, dtype=jnp.float64, inner_steps=2, inner_lr=1e-2, **data_kw)
+        p = prm_problem_lib.prm_problem(seed=0, dtype=jnp.float64, inner_steps=2, inner_lr=1e-2, **data_kw)
         p = dataclasses.replace(p, alpha=jnp.asarray(ALPHA, jnp.float64))
         yield p, p.sample_batches(jax.random.PRNGKey(1))
 

@@ -18,9 +18,10 @@ import pytest
 from dreamprm_jax import bilevel, configs
 from dreamprm_jax.cli import train as train_cli
 from dreamprm_jax.data import synthetic
-from dreamprm_jax.train import demo, loop
+from dreamprm_jax.train import loop
 from dreamprm_jax.train import step as step_lib
 from dreamprm_jax.train.checkpointing import Checkpointer
+from tests.tiny_run import tiny_benchmark, tiny_config, train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -28,27 +29,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory):
     """A generated benchmark with a handful of chains per domain (all six domains)."""
-    out = tmp_path_factory.mktemp("synthetic")
-    config = dataclasses.replace(synthetic.default_config(), train_per_domain=6, meta=8, test=4)
-    synthetic.generate(out, config)
-    return str(out)
-
-
-def tiny_config(data_dir: str, out_dir: str, **overrides) -> configs.TrainConfig:
-    base = dataclasses.replace(
-        configs.default(),
-        train_json=os.path.join(data_dir, "train.json"), meta_json=os.path.join(data_dir, "meta.json"),
-        image_root=data_dir, cache_dir=os.path.join(data_dir, "cache"), out_dir=out_dir,
-        model_hidden_size=32, model_layers=1, train_batch_size=4, meta_batch_size=2, unroll=2,
-        iterations=4, checkpoint_every=2, log_every=1, progress=False, export=False, meta_warmup=0, meta_lr_warmup=0,
-        seq_buckets=(192,), patch_buckets=(256,))  # one static shape: one compiled program per run
-    return dataclasses.replace(base, **overrides)
-
-
-def train(cfg: configs.TrainConfig, **kwargs) -> loop.TrainResult:
-    """``loop.train`` on the config's record files and a fresh demo model."""
-    source = demo.resolve_data(cfg)
-    return loop.train(cfg, source.data, demo.resolve_model(cfg, source.data), **kwargs)
+    return tiny_benchmark(tmp_path_factory.mktemp("synthetic"))
 
 
 def final_state(out_dir: str):

@@ -10,7 +10,6 @@ from dreamprm_jax.bilevel.losses import aggregation_loss, chain_scores, weighted
 from dreamprm_jax.bilevel.inner import inner_adamw, inner_step, num_steps, step_lr, unroll
 from dreamprm_jax.bilevel.hypergradient import EXACT_METHODS, METHODS, hypergradient, register_method
 from dreamprm_jax.bilevel.implicit import implicit_hypergradient
-from dreamprm_jax.bilevel.precision import BF16_COMPUTE, Policy, cast_floating, with_compute_dtype
 
 __all__ = [
     "domain_weights",
@@ -29,8 +28,4 @@ __all__ = [
     "EXACT_METHODS",
     "register_method",
     "implicit_hypergradient",
-    "Policy",
-    "BF16_COMPUTE",
-    "cast_floating",
-    "with_compute_dtype",
 ]

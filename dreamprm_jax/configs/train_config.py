@@ -142,6 +142,18 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], where: str = "config") -> "TrainConfig":
+        """The inverse of :meth:`to_dict` after a JSON round trip (lists back to tuples).
+
+        A field missing from ``values`` keeps its default; an unknown one is an error naming
+        ``where`` (e.g. the checkpoint the dict was read from)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise ValueError(f"{where}: unknown TrainConfig field(s) {unknown}; expected fields of TrainConfig")
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+
 
 # ----------------------------------------------------------------------------------------
 # Command line

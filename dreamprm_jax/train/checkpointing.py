@@ -244,6 +244,21 @@ class Checkpointer:
         extra = restored[_EXTRA]
         return restored[_STATE], dict(extra) if extra is not None else {}
 
+    def restore_extra(self, step: int) -> dict:
+        """The ``extra`` JSON of step ``step`` alone (the state is not read).
+
+        Raises:
+          FileNotFoundError: no committed step ``step``.
+        """
+        step = int(step)
+        if step not in self._manager.all_steps():
+            raise FileNotFoundError(
+                f"{self.directory}: no committed checkpoint for step {step} (have {self.all_steps()})"
+            )
+        restored = self._manager.restore(step, args=ocp.args.Composite(**{_EXTRA: ocp.args.JsonRestore()}))
+        extra = restored[_EXTRA]
+        return dict(extra) if extra is not None else {}
+
     def restore_latest(self, abstract_state: Any = None, *, allow_cast: bool = False) -> tuple[int, Any, dict] | None:
         """Restores the most recent committed step -> ``(step, state, extra)``, or ``None``.
 

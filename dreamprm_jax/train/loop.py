@@ -39,7 +39,7 @@ import shutil
 import sys
 import time
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -181,6 +181,45 @@ def raw_weights_for(weights: Mapping[str, float], domains: tuple[str, ...]) -> n
 
 
 # ----------------------------------------------------------------------------------------
+# Batches
+# ----------------------------------------------------------------------------------------
+
+class BatchSources(NamedTuple):
+    """Where every iteration's batches come from: ``cfg.unroll`` train draws stacked
+    (``train_builder.stacked_train([train_sampler.next() ...])``) and one meta batch
+    (``meta_builder.meta_batch(meta_sampler.next())``)."""
+
+    train_table: Any
+    meta_table: Any
+    train_builder: data_lib.BatchBuilder
+    meta_builder: data_lib.BatchBuilder
+    train_sampler: data_lib.Sampler
+    meta_sampler: data_lib.Sampler
+
+
+def build_batch_sources(cfg: TrainConfig, model_config, processor, data: TrainData) -> BatchSources:
+    """Cached tables, static-bucket batch builders and seeded samplers of a run (samplers at
+    their start; a resumed run loads their positions from the checkpoint)."""
+    train_table = data_lib.build_train_dataset(data.train_json, processor, cfg.cache_dir, image_root=data.image_root,
+                                               on_bad_record=cfg.on_bad_record)
+    meta_table = data_lib.build_meta_dataset(data.meta_json, processor, cfg.cache_dir, image_root=data.image_root,
+                                             on_bad_record=cfg.on_bad_record)
+    pad = processor.special_token_ids.pad
+    prepare = data_lib.model_prepare_fn(model_config)
+    train_builder = data_lib.BatchBuilder(
+        train_table, data_lib.BatchSpec(cfg.train_batch_size, cfg.seq_buckets, cfg.patch_buckets, pad_id=pad), prepare)
+    meta_builder = data_lib.BatchBuilder(
+        meta_table, data_lib.BatchSpec(cfg.meta_batch_size, cfg.seq_buckets, cfg.patch_buckets, pad_id=pad,
+                                       max_steps=int(meta_table.info["max_steps"]), pack_chains=cfg.pack_meta),
+        prepare)
+    groups = np.asarray(train_table.samples["domain_id"]) if cfg.sampler in ("stratified", "balanced") else None
+    train_sampler = data_lib.Sampler(len(train_table.samples), cfg.train_batch_size, seed=cfg.seed, mode=cfg.sampler,
+                                     groups=groups)
+    meta_sampler = data_lib.Sampler(meta_builder.num_chains, cfg.meta_batch_size, seed=cfg.seed + 1)
+    return BatchSources(train_table, meta_table, train_builder, meta_builder, train_sampler, meta_sampler)
+
+
+# ----------------------------------------------------------------------------------------
 # Export
 # ----------------------------------------------------------------------------------------
 
@@ -235,27 +274,13 @@ def train(cfg: TrainConfig, data: TrainData, model: PRMModel | str, *,
     # --- data -----------------------------------------------------------------------------
     # Process 0 first: the preprocessing cache is then reused by the others.
     with distributed.primary_first("dreamprm_jax.data"):
-        train_table = data_lib.build_train_dataset(data.train_json, processor, cfg.cache_dir,
-                                                   image_root=data.image_root, on_bad_record=cfg.on_bad_record)
-        meta_table = data_lib.build_meta_dataset(data.meta_json, processor, cfg.cache_dir,
-                                                 image_root=data.image_root, on_bad_record=cfg.on_bad_record)
+        sources = build_batch_sources(cfg, model_config, processor, data)
+    train_table, meta_table, train_builder, meta_builder, train_sampler, meta_sampler = sources
     for name, table in (("train", train_table), ("meta", meta_table)):
         if table.skipped:
             _say(cfg, f"[data] {name}: skipped bad records: " + ", ".join(f"{r}: {n}" for r, n in table.skipped.items()))
     domains = train_table.domains
     fixed_raw = None if fixed_domain_weights is None else raw_weights_for(fixed_domain_weights, domains)  # [K]
-    pad = processor.special_token_ids.pad
-    prepare = data_lib.model_prepare_fn(model_config)
-    train_builder = data_lib.BatchBuilder(
-        train_table, data_lib.BatchSpec(cfg.train_batch_size, cfg.seq_buckets, cfg.patch_buckets, pad_id=pad), prepare)
-    meta_builder = data_lib.BatchBuilder(
-        meta_table, data_lib.BatchSpec(cfg.meta_batch_size, cfg.seq_buckets, cfg.patch_buckets, pad_id=pad,
-                                       max_steps=int(meta_table.info["max_steps"]), pack_chains=cfg.pack_meta),
-        prepare)
-    groups = np.asarray(train_table.samples["domain_id"]) if cfg.sampler in ("stratified", "balanced") else None
-    train_sampler = data_lib.Sampler(len(train_table.samples), cfg.train_batch_size, seed=cfg.seed, mode=cfg.sampler,
-                                     groups=groups)
-    meta_sampler = data_lib.Sampler(meta_builder.num_chains, cfg.meta_batch_size, seed=cfg.seed + 1)
     _say(cfg, f"[data] {len(train_table.samples)} training samples in {len(domains)} domains, "
               f"{meta_builder.num_chains} meta chains" + (" (cached)" if train_table.from_cache else ""))
 

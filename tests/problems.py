@@ -1,24 +1,17 @@
-"""Toy bilevel problems for tests and ``experiments.compare_hypergradients``.
+"""Toy bilevel problems for the engine's tests.
 
 A *problem* bundles what :func:`dreamprm_jax.bilevel.hypergradient` needs::
 
     Problem(inner_loss, outer_loss, params, optimizer, opt_state, alpha, sample_batches)
 
-with ``sample_batches(rng) -> (inner_batches [T, ...], outer_batch)``. Problems register
-by name (:func:`register_problem`), so a new one (e.g. ``"prm"``, the tiny Qwen2-VL PRM)
-is added from its own module without touching this file or the CLI: call
-``register_problem("prm")`` there and either import that module (CLI ``--import``), name it
-on the command line as ``package.module:factory``, or advertise it under the
-``dreamprm_jax.problems`` entry-point group.
-
-Factories take keyword arguments ``seed, dtype, num_domains, inner_steps, inner_lr`` (and
-may take more) and return a :class:`Problem`.
+with ``sample_batches(rng) -> (inner_batches [T, ...], outer_batch)``: an MLP regression
+over noisy domains, a one-block transformer scoring its last token (a PRM in miniature)
+and a strongly convex quadratic with a closed-form implicit hypergradient.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import math
 from typing import Any, Callable
 
@@ -29,8 +22,6 @@ import optax
 from dreamprm_jax.bilevel.domain_weights import init_raw_weights
 from dreamprm_jax.bilevel.inner import inner_adamw, step_lr
 from dreamprm_jax.bilevel.losses import aggregation_loss, weighted_mse
-
-__all__ = ["Problem", "register_problem", "get_problem", "available_problems", "PROBLEMS"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,52 +39,6 @@ class Problem:
     num_domains: int
     inner_steps: int
     description: str = ""
-
-
-PROBLEMS: dict[str, Callable[..., Problem]] = {}
-
-
-def register_problem(name: str):
-    """Decorator: register ``factory(**kwargs) -> Problem`` under ``name``."""
-
-    def deco(factory):
-        if name in PROBLEMS and PROBLEMS[name] is not factory:
-            raise ValueError(f"problems.register_problem: {name!r} is already registered")
-        PROBLEMS[name] = factory
-        return factory
-
-    return deco
-
-
-def available_problems() -> list[str]:
-    return sorted(PROBLEMS)
-
-
-def get_problem(name: str, **kwargs) -> Problem:
-    """Build problem ``name``: a registered name, or ``"package.module:factory"``
-    (importing the module first, which may itself register more names)."""
-    if name not in PROBLEMS and ":" in name:
-        module, _, attr = name.partition(":")
-        factory = getattr(importlib.import_module(module), attr, None)
-        if factory is None:
-            raise ValueError(f"problems.get_problem: module {module!r} has no attribute {attr!r}")
-        return factory(**kwargs)
-    if name not in PROBLEMS:
-        _load_entry_points()
-    if name not in PROBLEMS:
-        raise ValueError(f"problems.get_problem: unknown problem {name!r}; registered: {available_problems()} "
-                         "(or give 'package.module:factory', or import a module that registers it)")
-    return PROBLEMS[name](**kwargs)
-
-
-def _load_entry_points() -> None:
-    """Register factories advertised under the ``dreamprm_jax.problems`` entry-point group
-    (``[project.entry-points."dreamprm_jax.problems"] prm = "pkg.module:factory"``)."""
-    from importlib.metadata import entry_points
-
-    for ep in entry_points(group="dreamprm_jax.problems"):
-        if ep.name not in PROBLEMS:
-            PROBLEMS[ep.name] = ep.load()
 
 
 def _optimizer(inner_lr, optimizer):
@@ -115,7 +60,6 @@ def mlp_logits(params, x):
     return (h @ params["fc2"]["kernel"] + params["fc2"]["bias"])[..., 0]  # [B]
 
 
-@register_problem("mlp")
 def mlp_regression(*, seed: int = 0, dtype=jnp.float32, num_domains: int = 4, inner_steps: int = 5,
                    inner_lr: float = 1e-3, batch_size: int = 32, outer_batch_size: int = 64, in_dim: int = 8,
                    hidden: int = 32, optimizer: optax.GradientTransformation | None = None) -> Problem:
@@ -189,7 +133,6 @@ def transformer_logits(params, tokens, mask):
     return (norm(hl) @ params["head"])[..., 0] * params["heads"].sum() / nh  # [B]
 
 
-@register_problem("tiny_transformer")
 def tiny_transformer(*, seed: int = 0, dtype=jnp.float32, num_domains: int = 3, inner_steps: int = 3,
                      inner_lr: float = 1e-3, batch_size: int = 8, seq_len: int = 8, vocab: int = 16,
                      embed: int = 16, num_heads: int = 2, num_chains: int = 3, num_steps_per_chain: int = 3,
@@ -244,7 +187,6 @@ def tiny_transformer(*, seed: int = 0, dtype=jnp.float32, num_domains: int = 3, 
 
 # ----------------------------------------------------------------------------- quadratic
 
-@register_problem("quadratic")
 def quadratic(*, seed: int = 0, dtype=jnp.float32, num_domains: int = 3, inner_steps: int = 5,
               inner_lr: float = 0.1, dim: int = 6, optimizer: optax.GradientTransformation | None = None) -> Problem:
     """Strongly convex quadratic inner problem with a closed-form implicit hypergradient.

@@ -1,4 +1,4 @@
-"""The ``"prm"`` bilevel problem: a tiny Qwen2-VL PRM on the generated benchmark.
+"""A tiny Qwen2-VL PRM on the generated benchmark as a bilevel problem (test fixture).
 
 The real training pieces, shrunk to a size where every hypergradient method runs on a
 2-core CPU in about a second per call (compiling each takes tens of seconds)::
@@ -15,17 +15,13 @@ included) and one meta batch of ``meta_chains`` chains x 5 step prefixes, all pa
 sequence bucket and one patch bucket, so every draw has the same shapes and one compiled
 hypergradient serves them all.
 
-Registered as ``"prm"`` in :mod:`dreamprm_jax.bilevel.problems`; importing this module
-registers it (``experiments.compare_hypergradients`` does so for ``--model prm``).
-
 Precision: the Qwen2-VL forward accepts compute dtypes float32 / bfloat16 / float16 only
 (``qwen2_vl.DTYPES``). With ``dtype=jnp.float64`` the parameters, optimizer state, domain
 weights and float batch entries are float64, but the model still computes in float32: its
 ``dense`` casts kernels to ``config.dtype`` and it casts norm statistics, rotary tables,
 attention scores, logits and the reward head to float32 explicitly. The losses are then
 float32-accurate functions of float64 inputs (finite differences at h = 1e-5 see nothing);
-tests/test_prm_hypergradient.py shows how the model runs in true float64. Once
-:func:`model_supports_float64` holds, float64 ``dtype`` selects float64 compute here.
+tests/test_prm_hypergradient.py makes the model compute in float64 for its checks.
 """
 
 from __future__ import annotations
@@ -41,22 +37,10 @@ import numpy as np
 import optax
 
 from dreamprm_jax.bilevel.domain_weights import init_raw_weights
-from dreamprm_jax.bilevel.problems import Problem, register_problem
-
-__all__ = ["prm_problem", "PRMData", "prepare_data", "model_supports_float64", "DEFAULT_DATA_DIR"]
-
-#: Where the generated benchmark, tokenizer and preprocessing cache go by default.
-DEFAULT_DATA_DIR = os.path.join("runs", "prm_problem")
+from tests.problems import Problem
 
 _CACHE: dict[tuple, "PRMData"] = {}
 _LOCK = threading.Lock()
-
-
-def model_supports_float64() -> bool:
-    """Whether the Qwen2-VL model accepts ``dtype="float64"`` compute (``qwen2_vl.DTYPES``)."""
-    from dreamprm_jax.models import qwen2_vl
-
-    return "float64" in qwen2_vl.DTYPES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,7 +62,7 @@ def _round_up(x: int, m: int) -> int:
     return -(-int(x) // m) * m
 
 
-def prepare_data(*, data_dir: str = DEFAULT_DATA_DIR, model: str = "tiny", num_domains: int = 4,
+def prepare_data(*, data_dir: str, model: str = "tiny", num_domains: int = 4,
                  synthetic_seed: int = 0, chains_per_domain: int = 8, meta: int = 8, image_size: int = 32,
                  batch_size: int = 4, meta_chains: int = 2, compute_dtype: str = "float32") -> PRMData:
     """Generate (or reuse) the benchmark, tokenizer and cached tables; build the model config.
@@ -186,12 +170,11 @@ def _numpy_rng(rng) -> np.random.Generator:
     return np.random.default_rng([int(s) for s in seed])
 
 
-@register_problem("prm")
 def prm_problem(*, seed: int = 0, dtype=jnp.float32, num_domains: int = 4, inner_steps: int = 5,
                 inner_lr: float = 1e-3, batch_size: int = 4, meta_chains: int = 2, model: str = "tiny",
-                aggregation: str = "mean", weight_decay: float = 1e-2, data_dir: str = DEFAULT_DATA_DIR,
+                aggregation: str = "mean", weight_decay: float = 1e-2, data_dir: str,
                 synthetic_seed: int = 0, chains_per_domain: int = 8, meta: int = 8, image_size: int = 32,
-                compute_dtype: str | None = None, optimizer: optax.GradientTransformation | None = None) -> Problem:
+                compute_dtype: str = "float32", optimizer: optax.GradientTransformation | None = None) -> Problem:
     """A tiny Qwen2-VL PRM on generated multimodal data, with DreamPRM's two losses.
 
     Args:
@@ -207,19 +190,15 @@ def prm_problem(*, seed: int = 0, dtype=jnp.float32, num_domains: int = 4, inner
       aggregation: ``"mean"`` (reference code) or ``"sum"`` (paper) of the step logits.
       data_dir: benchmark / tokenizer / cache directory (reused across calls and processes).
       chains_per_domain, meta, image_size, synthetic_seed: size of the generated benchmark.
-      compute_dtype: the model's compute dtype; default ``"float64"`` when ``dtype`` is float64
-        and the model supports it (:func:`model_supports_float64`), else ``"float32"``.
+      compute_dtype: the model's compute dtype (``qwen2_vl.DTYPES``).
       optimizer: overrides the inner AdamW.
 
-    Returns a :class:`~dreamprm_jax.bilevel.problems.Problem` whose ``sample_batches(rng)``
+    Returns a :class:`tests.problems.Problem` whose ``sample_batches(rng)``
     returns ``(inner [T, B, ...], outer)`` train / meta batches (numpy -> jax, static shapes).
     """
     from dreamprm_jax.models import prm, qwen2_vl
     from dreamprm_jax.train.step import inner_optimizer, make_losses
 
-    if compute_dtype is None:
-        wide = jnp.dtype(dtype) == jnp.float64 and model_supports_float64()
-        compute_dtype = "float64" if wide else "float32"
     prep = prepare_data(data_dir=data_dir, model=model, num_domains=num_domains, synthetic_seed=synthetic_seed,
                         chains_per_domain=chains_per_domain, meta=meta, image_size=image_size, batch_size=batch_size,
                         meta_chains=meta_chains, compute_dtype=compute_dtype)

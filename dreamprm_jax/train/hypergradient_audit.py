@@ -1,0 +1,267 @@
+"""Hypergradient methods against ``exact`` at checkpoints of a real training run.
+
+A run directory written by ``python -m experiments.train`` holds ``checkpoints/`` (orbax,
+:mod:`dreamprm_jax.train.checkpointing`) whose ``extra`` carries the run's configuration and
+its samplers' positions. The audit rebuilds the run the way the trainer does
+(:func:`~dreamprm_jax.train.demo.resolve_data`, :func:`~dreamprm_jax.train.demo.resolve_model`,
+:func:`~dreamprm_jax.train.loop.build_batch_sources`, :func:`~dreamprm_jax.train.step.make_losses`,
+:func:`~dreamprm_jax.train.step.inner_optimizer`) and, at the checkpoints nearest to the
+start, 1/4, 1/2 and the end of the run, restores the state (parameters, inner AdamW state,
+raw domain weights) and the samplers, draws the next ``draws`` (T inner batches, meta batch)
+pairs the run would have trained on, and computes every method's hypergradient
+``dL_meta/dr`` from that state. Each one is compared with ``exact``
+(:func:`dreamprm_jax.bilevel.compare.agreement`: cosine, relative error, share of the K
+domains whose sign agrees) and timed per call after compilation.
+
+The trainer never saves step 0; the start of the run is its initial state rebuilt from
+its configuration and seed (same parameters, ``r = 0``, fresh optimizer states).
+
+``exact`` is exact for the T-step unrolled objective ``L_meta(phi_T(r))``: it differentiates
+through the T inner AdamW steps the run takes per iteration, not through the whole
+training trajectory, so the short-horizon bias of stopping at T remains (Wu et al.,
+"Understanding Short-Horizon Bias in Stochastic Meta-Optimization", ICLR 2018).
+
+Paths in the saved configuration (``data_dir``, ``cache_dir``, ``train_json``, ...) are
+read as the run wrote them: relative ones resolve against the current directory, so
+audit from the directory the training ran in. The audit runs on one device.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import time
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+
+from dreamprm_jax import bilevel
+from dreamprm_jax.bilevel.compare import agreement
+from dreamprm_jax.configs import TrainConfig
+from dreamprm_jax.train import demo, loop
+from dreamprm_jax.train import step as step_lib
+from dreamprm_jax.train.checkpointing import Checkpointer, abstract_like
+
+__all__ = ["RunAudit", "CheckpointAudit", "MethodAudit", "audit_run", "select_steps", "format_audit",
+           "plot_audit", "REFERENCE", "FRACTIONS"]
+
+REFERENCE = "exact"
+#: Where in the run the audit looks: start, a quarter, half, end.
+FRACTIONS = (0.0, 0.25, 0.5, 1.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class MethodAudit:
+    """One method at one checkpoint, over the draws (lists are per draw)."""
+
+    cosine: list[float]
+    rel_err: list[float]
+    sign_agree: list[float]  # share of the K domains whose sign agrees with exact
+    finite: list[bool]
+    time_s: float  # median wall time per call after compilation, over draws x repeats
+    hypergradient: list[list[float]]  # [draws][K]
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointAudit:
+    step: int
+    source: str  # "checkpoint" or "initial" (rebuilt from the config and seed)
+    methods: dict[str, MethodAudit]
+
+
+@dataclasses.dataclass(frozen=True)
+class RunAudit:
+    run_dir: str
+    trained_method: str  # the run's own --hypergradient
+    unroll: int  # T
+    domains: list[str]
+    draws: int
+    method_options: dict[str, dict]
+    device: str
+    checkpoints: list[CheckpointAudit]
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def select_steps(available: Sequence[int], fractions: Sequence[float] = FRACTIONS) -> list[int]:
+    """For each fraction of the last step, the nearest of ``available`` or 0 (the initial
+    state), ascending without repeats."""
+    candidates = sorted(set(int(s) for s in available) | {0})
+    last = candidates[-1]
+    chosen = {min(candidates, key=lambda s: (abs(s - f * last), s)) for f in fractions}
+    return sorted(chosen)
+
+
+def _method_options(methods: Sequence[str], options: dict[str, dict], cfg: TrainConfig) -> dict[str, dict]:
+    """``options`` per method; the run's own method also gets the run's options (they win)."""
+    out = {m: dict(options.get(m, {})) for m in methods}
+    if cfg.hypergradient in out:
+        out[cfg.hypergradient].update(cfg.hypergradient_kwargs())
+    return out
+
+
+def audit_run(run_dir: str, methods: Sequence[str], *, draws: int = 2, repeats: int = 3,
+              method_options: dict[str, dict] | None = None, steps: Sequence[int] | None = None,
+              progress: bool = False) -> RunAudit:
+    """Compare ``methods`` with ``exact`` at checkpoints of the run in ``run_dir``.
+
+    Args:
+      run_dir: a directory written by ``python -m experiments.train`` with ``checkpoints/``.
+      methods: names in ``bilevel.METHODS``; ``exact`` is added first when missing.
+      draws: (T inner batches, meta batch) draws per checkpoint, continuing the run's samplers.
+      repeats: timed calls per method and draw after a first, compiling, call.
+      method_options: per-method options (``{"darts": {"R": 0.01}}``); the run's own method
+        also gets the run's ``--hypergradient-options``.
+      steps: checkpoint steps to audit (0 = the initial state); default :func:`select_steps`.
+
+    Raises:
+      FileNotFoundError: no committed checkpoint under ``run_dir/checkpoints`` (or a step
+        in ``steps`` that is not one).
+      ValueError: an unknown method.
+    """
+    methods = list(dict.fromkeys([REFERENCE, *methods]))
+    unknown = [m for m in methods if m not in bilevel.METHODS]
+    if unknown:
+        raise ValueError(f"audit_run: unknown method(s) {unknown}; expected some of {sorted(bilevel.METHODS)}")
+    if draws < 1 or repeats < 1:
+        raise ValueError(f"audit_run: expected draws >= 1 and repeats >= 1, got {draws}, {repeats}")
+    ckpt_dir = os.path.join(run_dir, "checkpoints")
+    if not os.path.isdir(ckpt_dir):
+        raise FileNotFoundError(f"{ckpt_dir}: no checkpoint directory; expected a run written by "
+                                "python -m experiments.train (train with e.g. --checkpoint-every 60 --keep-checkpoints 10)")
+    with Checkpointer(ckpt_dir, keep=None) as checkpointer:
+        available = checkpointer.all_steps()
+        if not available:
+            raise FileNotFoundError(f"{ckpt_dir}: no committed checkpoint")
+        extra = checkpointer.restore_extra(available[-1])
+        if "config" not in extra:
+            raise ValueError(f"{ckpt_dir}/{available[-1]}/extra: no 'config' field; expected the TrainConfig "
+                             "that python -m experiments.train saves with every checkpoint")
+        cfg = TrainConfig.from_dict(extra["config"], where=f"{ckpt_dir}/{available[-1]}/extra.config")
+        cfg = dataclasses.replace(cfg, out_dir=run_dir, progress=progress)  # the tokenizer is read from the run
+        steps = select_steps(available) if steps is None else sorted(set(int(s) for s in steps))
+        missing = [s for s in steps if s != 0 and s not in available]
+        if missing:
+            raise FileNotFoundError(f"{ckpt_dir}: no checkpoint for step(s) {missing} (have {available})")
+
+        # --- the run rebuilt as the trainer builds it ------------------------------------
+        data = demo.resolve_data(cfg).data
+        model = demo.resolve_model(cfg, data)
+        model_config, params = model.config, model.params
+        sources = loop.build_batch_sources(cfg, model_config, model.processor, data)
+        domains = list(sources.train_table.domains)
+        optimizer = step_lib.inner_optimizer(cfg.inner_lr, cfg.inner_lr_step_size, cfg.inner_lr_gamma,
+                                             cfg.inner_weight_decay, cfg.inner_grad_clip)
+        meta_opt = step_lib.meta_optimizer(cfg.meta_lr, cfg.meta_weight_decay, cfg.meta_lr_warmup, cfg.meta_grad_clip)
+        # committed to the device like a restored state, so both hit one compiled program per method
+        initial = jax.device_put(step_lib.init_state(params, len(domains), optimizer, meta_opt), jax.devices()[0])
+        del params
+        inner_loss, outer_loss = step_lib.make_losses(model_config, cfg.aggregation)
+        options = _method_options(methods, method_options or {}, cfg)
+        fns = {m: jax.jit(functools.partial(bilevel.hypergradient, m, inner_loss, outer_loss, optimizer, **options[m]))
+               for m in methods}
+
+        results = []
+        for step in steps:
+            if step == 0 and 0 not in available:
+                state, source = initial, "initial"
+                train_position, meta_position = None, None
+            else:
+                state, step_extra = checkpointer.restore(step, abstract_like(initial))
+                source = "checkpoint"
+                train_position, meta_position = step_extra["train_sampler"], step_extra["meta_sampler"]
+            results.append(_audit_state(state, step, source, sources, train_position, meta_position, cfg.unroll,
+                                        fns, draws, repeats, progress))
+    return RunAudit(run_dir=run_dir, trained_method=cfg.hypergradient, unroll=cfg.unroll, domains=domains,
+                    draws=draws, method_options=options, device=jax.devices()[0].device_kind, checkpoints=results)
+
+
+def _audit_state(state, step: int, source: str, sources: loop.BatchSources, train_position, meta_position,
+                 unroll: int, fns: dict, draws: int, repeats: int, progress: bool) -> CheckpointAudit:
+    """Every method at one state over ``draws`` batch draws continuing the run's samplers."""
+    train_sampler, meta_sampler = sources.train_sampler, sources.meta_sampler
+    if train_position is None:  # the samplers at their start, as the run began
+        train_sampler.load_state_dict({"epoch": 0, "position": 0, "seed": train_sampler.seed})
+        meta_sampler.load_state_dict({"epoch": 0, "position": 0, "seed": meta_sampler.seed})
+    else:
+        train_sampler.load_state_dict(train_position)
+        meta_sampler.load_state_dict(meta_position)
+    per_method: dict[str, dict[str, list]] = {m: {"agreement": [], "times": [], "g": []} for m in fns}
+    for draw in range(draws):
+        inner_batches, _ = sources.train_builder.stacked_train([train_sampler.next() for _ in range(unroll)])
+        meta_batch, _ = sources.meta_builder.meta_batch(meta_sampler.next())
+        args = (state["params"], state["opt_state"], state["raw_weights"], inner_batches, meta_batch)
+        grads = {}
+        for method, fn in fns.items():
+            t0 = time.perf_counter()
+            g, _ = jax.block_until_ready(fn(*args))  # compiles on the first draw of each shape
+            if progress:
+                print(f"[audit] step {step} draw {draw} {method}: first call {time.perf_counter() - t0:.2f} s",
+                      flush=True)
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                jax.block_until_ready(fn(*args))
+                per_method[method]["times"].append(time.perf_counter() - t0)
+            grads[method] = np.asarray(g, np.float64)
+        for method, g in grads.items():
+            per_method[method]["agreement"].append(agreement(g, grads[REFERENCE]))
+            per_method[method]["g"].append(g.tolist())
+    methods = {}
+    for method, r in per_method.items():
+        agree = r["agreement"]
+        methods[method] = MethodAudit(cosine=[a.cosine for a in agree], rel_err=[a.rel_err for a in agree],
+                                      sign_agree=[a.sign_agree for a in agree], finite=[a.finite for a in agree],
+                                      time_s=float(np.median(r["times"])), hypergradient=r["g"])
+    return CheckpointAudit(step=step, source=source, methods=methods)
+
+
+def _mean(values: Sequence[float]) -> float:
+    return float(np.mean(values)) if len(values) else float("nan")
+
+
+def format_audit(audit: RunAudit) -> str:
+    """A table: one row per checkpoint and method (means over draws)."""
+    header = f"{'step':>7s} {'method':14s} {'cosine':>8s} {'rel_err':>9s} {'sign':>6s} {'finite':>6s} {'ms/call':>9s}"
+    lines = [f"run {audit.run_dir}: trained with {audit.trained_method}, T={audit.unroll}, K={len(audit.domains)}, "
+             f"{audit.draws} draw(s) per checkpoint, device {audit.device}",
+             "(exact is exact for the T-step unrolled objective; the short-horizon bias of stopping at T remains)",
+             header, "-" * len(header)]
+    for c in audit.checkpoints:
+        for method, m in c.methods.items():
+            step = f"{c.step}" + ("*" if c.source == "initial" else "")
+            lines.append(f"{step:>7s} {method:14s} {_mean(m.cosine):8.4f} {_mean(m.rel_err):9.2e} "
+                         f"{_mean(m.sign_agree):6.2f} {np.mean(m.finite):6.2f} {1e3 * m.time_s:9.2f}")
+    if any(c.source == "initial" for c in audit.checkpoints):
+        lines.append("* the initial state rebuilt from the run's config and seed")
+    return "\n".join(lines)
+
+
+def plot_audit(audit: RunAudit, path: str) -> str:
+    """Cosine and sign agreement with exact against the checkpoint step, one line per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [c.step for c in audit.checkpoints]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for method in audit.checkpoints[0].methods:
+        axes[0].plot(steps, [_mean(c.methods[method].cosine) for c in audit.checkpoints], marker="o", label=method)
+        axes[1].plot(steps, [_mean(c.methods[method].sign_agree) for c in audit.checkpoints], marker="o", label=method)
+    axes[0].set_ylabel("cosine similarity to exact")
+    axes[0].set_ylim(-1.05, 1.05)
+    axes[1].set_ylabel("share of domains with exact's sign")
+    axes[1].set_ylim(-0.05, 1.05)
+    for ax in axes:
+        ax.set_xlabel("training iteration (checkpoint)")
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=8)
+    fig.suptitle(f"{os.path.basename(os.path.normpath(audit.run_dir))}: T={audit.unroll}, K={len(audit.domains)}, "
+                 f"trained with {audit.trained_method}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
