@@ -19,28 +19,29 @@ import optax
 
 from dreamprm_jax import bilevel
 from dreamprm_jax.bilevel import _common
+from dreamprm_jax.data.types import MetaBatch, TrainBatch
 from dreamprm_jax.models import prm, qwen2_vl
 
 State = dict[str, Any]
 
 
 def make_losses(model_config, aggregation: str) -> tuple[Callable, Callable]:
-    """The lower- and upper-level losses of DreamPRM over model batches.
+    """The lower- and upper-level losses of DreamPRM over typed batches.
 
-    inner_loss(params, r, batch) = sum_i m_i w[d_i] (p_i - y_i)^2 / sum_i m_i
-    outer_loss(params, batch)    = mean_chains (sigmoid(A) - label)^2,
+    inner_loss(params, r, batch: TrainBatch) = sum_i m_i w[d_i] (p_i - y_i)^2 / sum_i m_i
+    outer_loss(params, batch: MetaBatch)     = mean_chains (sigmoid(A) - label)^2,
         A = mean (or sum) over the chain's steps of the step logit z_s = log(p_s / (1 - p_s)).
     """
 
-    def inner_loss(params, raw_weights, batch):
-        probs, _ = prm.score(model_config, params, batch)  # [B]
-        return bilevel.weighted_mse(probs, batch["labels"], batch["domain_ids"], raw_weights, batch["sample_mask"])
+    def inner_loss(params, raw_weights, batch: TrainBatch):
+        probs, _ = prm.score(model_config, params, batch.inputs)  # [B]
+        return bilevel.weighted_mse(probs, batch.labels, batch.domain_ids, raw_weights, batch.sample_mask)
 
-    def outer_loss(params, batch):
-        _, step_logits = prm.score(model_config, params, batch)  # [M * S]
-        m, s = batch["step_mask"].shape
+    def outer_loss(params, batch: MetaBatch):
+        _, step_logits = prm.score(model_config, params, batch.inputs)  # [M * S]
+        m, s = batch.step_mask.shape
         return bilevel.aggregation_loss(
-            step_logits.reshape(m, s), batch["step_mask"], batch["labels"], batch["chain_mask"], reduce=aggregation)
+            step_logits.reshape(m, s), batch.step_mask, batch.labels, batch.chain_mask, reduce=aggregation)
 
     return inner_loss, outer_loss
 
@@ -148,10 +149,10 @@ def make_bilevel_step(model_config, optimizer, meta_opt, *, method: str = "exact
                              f"method_options must not set it too (got scan_unroll={options['scan_unroll']!r})")
         options["scan_unroll"] = True
 
-    def step(state: State, inner_batches, meta_batch):
+    def step(state: State, inner_batches: TrainBatch, meta_batch: MetaBatch):
         # The rotary tables once per iteration, outside the unroll (see qwen2_vl.with_rope_tables).
-        inner_batches = qwen2_vl.with_rope_tables(model_config, inner_batches)
-        meta_batch = qwen2_vl.with_rope_tables(model_config, meta_batch)
+        inner_batches = inner_batches.replace(inputs=qwen2_vl.with_rope_tables(model_config, inner_batches.inputs))
+        meta_batch = meta_batch.replace(inputs=qwen2_vl.with_rope_tables(model_config, meta_batch.inputs))
         raw = state["raw_weights"]
         if reweighting:
             g_raw, aux = bilevel.hypergradient(
