@@ -183,6 +183,37 @@ def test_host_rows_single_process():
     assert distributed.host_rows(sh, (rows, 3), process_index=jax.process_count()).size == 0
 
 
+def _typed_batches(seq_len: int, T: int = 2, B: int = 4, M: int = 2, S: int = 2):
+    from dreamprm_jax.data.types import MetaBatch, ModelInputs, TrainBatch
+
+    def inputs(lead, rows):
+        ids = np.ones(lead + (rows, seq_len), np.int32)
+        return ModelInputs(ids, ids, np.zeros(lead + (3, rows, seq_len), np.int32))
+
+    inner = TrainBatch(inputs((T,), B), labels=np.full((T, B), 0.5, np.float32), domain_ids=np.zeros((T, B), np.int32),
+                       sample_mask=np.ones((T, B), np.float32))
+    meta = MetaBatch(inputs((), M * S), step_mask=np.ones((M, S), np.float32), labels=np.ones((M,), np.float32),
+                     chain_mask=np.ones((M,), np.float32))
+    return inner, meta
+
+
+def test_sharded_step_counts_one_program_per_batch_shape():
+    import jax.numpy as jnp
+
+    def step(state, inner, meta):
+        total = jnp.sum(inner.labels) + jnp.sum(meta.labels) + jnp.sum(inner.inputs.attention_mask)
+        return dict(state, step=state["step"] + 1), {"total": total}
+
+    mesh = sharding.make_mesh()
+    state = sharding.sharded_init(lambda w: {"params": {"w": w}, "opt_state": (), "raw_weights": jnp.zeros((3,)),
+                                             "step": jnp.zeros((), jnp.int32)}, mesh, jnp.ones((8,)))
+    sharded = sharding.ShardedStep(step, mesh)
+    for seq_len, programs in ((8, 1), (8, 1), (16, 2), (8, 2)):
+        state, metrics = sharded(state, *_typed_batches(seq_len))
+        assert sharded.compile_count() == programs, (seq_len, sharded.compile_count())
+    assert int(state["step"]) == 4 and float(metrics["total"]) == 2 * 4 * 0.5 + 2 + 2 * 4 * 8  # exact: small ints
+
+
 def test_sharded_init_and_to_host():
     import jax.numpy as jnp
     import optax

@@ -199,6 +199,9 @@ def collate(rows: Sequence[Sample | None], spec: BatchSpec, prepare_fn: Callable
         pixel_values = np.concatenate(pixels, 0) if pixels else np.zeros((0, dim), np.float32)  # [sum P_i, D]
         image_grid_thw = np.concatenate(grids, 0) if grids else np.zeros((0, 3), np.int64)  # [images, 3]
     inputs = prepare_fn(input_ids, attention, pixel_values, image_grid_thw, num_patches=patch_bucket)
+    if not isinstance(inputs, ModelInputs):
+        raise TypeError(f"collate: prepare_fn returned {type(inputs).__name__}; expected ModelInputs "
+                        "(as qwen2_vl.prepare_batch returns)")
     stats = {
         "seq_bucket": int(seq_bucket),
         "patch_bucket": None if patch_bucket is None else int(patch_bucket),
