@@ -19,8 +19,9 @@ of a ``image_side`` px square), in the exact layout the trainer feeds the model:
   chains; domain ids uniform in ``[0, K)``.
 
 Each batch is kept twice: ``hf`` (numpy, transformers-style inputs + labels, for the
-PyTorch reference) and ``jax`` (``qwen2_vl.prepare_batch`` + labels; the ``T`` inner batches
-stacked on a leading axis), built from the same arrays.
+PyTorch reference) and ``jax`` (``data.types.TrainBatch`` / ``MetaBatch`` over
+``qwen2_vl.prepare_batch``; the ``T`` inner batches stacked on a leading axis), built from the
+same arrays.
 """
 
 from __future__ import annotations
@@ -195,20 +196,21 @@ def _image(config, spec: ProblemSpec, rng):
     return head, pix, [1, g, g]
 
 
-def to_jax_batch(config, hf: dict) -> dict:
-    """``qwen2_vl.prepare_batch`` of the HF-style inputs plus the label entries (numpy)."""
+def to_jax_batch(config, hf: dict):
+    """``qwen2_vl.prepare_batch`` of the HF-style inputs with the targets (numpy): a ``TrainBatch``
+    when ``hf`` holds ``domain_ids``, else a ``MetaBatch``."""
+    from dreamprm_jax.data.types import MetaBatch, TrainBatch
     from dreamprm_jax.models import qwen2_vl
 
-    batch = dict(qwen2_vl.prepare_batch(config, hf["input_ids"], hf["attention_mask"], hf.get("pixel_values"),
-                                        hf.get("image_grid_thw")))
-    for k in ("labels", "domain_ids", "sample_mask", "step_mask", "chain_mask"):
-        if k in hf:
-            batch[k] = hf[k]
-    return batch
+    inputs = qwen2_vl.prepare_batch(config, hf["input_ids"], hf["attention_mask"], hf.get("pixel_values"),
+                                    hf.get("image_grid_thw"))
+    if "domain_ids" in hf:
+        return TrainBatch(inputs, labels=hf["labels"], domain_ids=hf["domain_ids"], sample_mask=hf["sample_mask"])
+    return MetaBatch(inputs, step_mask=hf["step_mask"], labels=hf["labels"], chain_mask=hf["chain_mask"])
 
 
 def make_problem(config, spec: ProblemSpec) -> dict:
-    """``{"inner_hf": [T dicts], "meta_hf": dict, "inner_jax": stacked [T, ...], "meta_jax": dict,
+    """``{"inner_hf": [T dicts], "meta_hf": dict, "inner_jax": TrainBatch [T, ...], "meta_jax": MetaBatch,
     "inner_tokens": real tokens per inner batch [T], "meta_tokens": int}`` (all numpy)."""
     rng = np.random.default_rng(spec.seed)
     L = spec.seq_len
@@ -245,7 +247,9 @@ def make_problem(config, spec: ProblemSpec) -> dict:
     meta_hf["chain_mask"] = np.ones(spec.meta_chains, np.float32)
 
     inner_jax = [to_jax_batch(config, hf) for hf in inner_hf]
-    stacked = {k: np.stack([b[k] for b in inner_jax]) for k in inner_jax[0]}
+    from dreamprm_jax.data import batching
+
+    stacked = batching.stack(inner_jax)  # [T, ...]
     return {
         "inner_hf": inner_hf,
         "meta_hf": meta_hf,
@@ -257,7 +261,7 @@ def make_problem(config, spec: ProblemSpec) -> dict:
     }
 
 
-def _packed_meta(config, spec: ProblemSpec, rows, pixels, grids, labels) -> dict:
+def _packed_meta(config, spec: ProblemSpec, rows, pixels, grids, labels):
     """The meta rows packed one row per chain by the trainer's own ``collate_meta(pack_chains=True)``."""
     from dreamprm_jax.data import batching
 

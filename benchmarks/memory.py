@@ -118,6 +118,8 @@ def abstract_batches(config, args, T: int):
     import jax
     import numpy as np
 
+    from dreamprm_jax.data.types import MetaBatch, ModelInputs, TrainBatch
+
     v = config.vision
     grid = args.image_side // v.patch_size
     patches = grid * grid  # 1024 for 448 px
@@ -128,16 +130,17 @@ def abstract_batches(config, args, T: int):
         return jax.ShapeDtypeStruct(tuple(shape), np.dtype(dtype))
 
     def model(rows, n_images, lead=()):
-        return {"input_ids": sd(lead + (rows, L), np.int32), "attention_mask": sd(lead + (rows, L), np.int32),
-                "position_ids": sd(lead + (3, rows, L), np.int32),
-                "pixel_values": sd(lead + (n_images * patches, v.patch_dim), np.float32),
-                "vision_position_ids": sd(lead + (n_images * patches, 2), np.int32),
-                "vision_segment_ids": sd(lead + (n_images * patches,), np.int32)}
+        return ModelInputs(
+            input_ids=sd(lead + (rows, L), np.int32), attention_mask=sd(lead + (rows, L), np.int32),
+            position_ids=sd(lead + (3, rows, L), np.int32),
+            pixel_values=sd(lead + (n_images * patches, v.patch_dim), np.float32),
+            vision_position_ids=sd(lead + (n_images * patches, 2), np.int32),
+            vision_segment_ids=sd(lead + (n_images * patches,), np.int32))
 
-    inner = model(1, 1, (T,))
-    inner.update(labels=sd((T, 1), np.float32), domain_ids=sd((T, 1), np.int32), sample_mask=sd((T, 1), np.float32))
-    meta = model(S, S)
-    meta.update(step_mask=sd((1, S), np.float32), labels=sd((1,), np.float32), chain_mask=sd((1,), np.float32))
+    inner = TrainBatch(model(1, 1, (T,)), labels=sd((T, 1), np.float32), domain_ids=sd((T, 1), np.int32),
+                       sample_mask=sd((T, 1), np.float32))
+    meta = MetaBatch(model(S, S), step_mask=sd((1, S), np.float32), labels=sd((1,), np.float32),
+                     chain_mask=sd((1,), np.float32))
     return inner, meta, patches
 
 

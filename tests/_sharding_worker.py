@@ -9,8 +9,9 @@
     JAX_COORDINATOR_ADDRESS=127.0.0.1:PORT JAX_NUM_PROCESSES=2 JAX_PROCESS_ID=i \\
     XLA_FLAGS=--xla_force_host_platform_device_count=2 JAX_PLATFORMS=cpu \\
         python tests/_sharding_worker.py multihost OUT.json
-        two processes x 2 CPU devices, mesh data=2,fsdp=2, per-host batch rows
-        (make_array_from_process_local_data); ITERS exact iterations; process 0 writes OUT.json.
+        two processes x 2 CPU devices, mesh data=2,fsdp=2; every process passes the global batch
+        and uploads only its own rows (sharding.put_batch); ITERS exact iterations; process 0
+        writes OUT.json.
 
     python tests/_sharding_worker.py single OUT.json
         the same ITERS iterations on one device (the multi-host reference).
@@ -40,6 +41,7 @@ import optax  # noqa: E402
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
+from dreamprm_jax.data.types import MetaBatch, TrainBatch  # noqa: E402
 from dreamprm_jax.models import prm, qwen2_vl  # noqa: E402
 from dreamprm_jax.train import distributed, sharding  # noqa: E402
 from dreamprm_jax.train import step as step_lib  # noqa: E402
@@ -86,18 +88,18 @@ def make_data(config, seed: int = 0, iters: int = 1):
     for _ in range(iters):
         inner = []
         for _ in range(T):
-            b = _model_batch(config, rng, B)
-            b["labels"] = rng.uniform(size=(B,)).astype(np.float32)
-            b["domain_ids"] = rng.integers(0, K, size=(B,)).astype(np.int32)
-            b["sample_mask"] = np.ones((B,), np.float32)
-            b["sample_mask"][-1] = 0.0
-            inner.append(b)
-        inner = {k: np.stack([b[k] for b in inner]) for k in inner[0]}  # [T, ...]
-        meta = _model_batch(config, rng, M * S)
-        meta["step_mask"] = np.ones((M, S), np.float32)
-        meta["step_mask"][1, 1] = 0.0
-        meta["labels"] = (rng.uniform(size=(M,)) > 0.5).astype(np.float32)
-        meta["chain_mask"] = np.ones((M,), np.float32)
+            inputs = _model_batch(config, rng, B)
+            labels = rng.uniform(size=(B,)).astype(np.float32)
+            domain_ids = rng.integers(0, K, size=(B,)).astype(np.int32)
+            sample_mask = np.ones((B,), np.float32)
+            sample_mask[-1] = 0.0
+            inner.append(TrainBatch(inputs, labels=labels, domain_ids=domain_ids, sample_mask=sample_mask))
+        inner = jax.tree.map(lambda *xs: np.stack(xs), *inner)  # [T, ...]
+        inputs = _model_batch(config, rng, M * S)
+        step_mask = np.ones((M, S), np.float32)
+        step_mask[1, 1] = 0.0
+        labels = (rng.uniform(size=(M,)) > 0.5).astype(np.float32)
+        meta = MetaBatch(inputs, step_mask=step_mask, labels=labels, chain_mask=np.ones((M,), np.float32))
         out.append((inner, meta))
     return out
 
@@ -226,23 +228,13 @@ def _replicated_host(x, mesh):
     return np.asarray(x.addressable_data(0))
 
 
-def _local_rows(batch, mesh, stacked):
-    """This host's rows of each batch leaf along its sharded axis (patch leaves stay global)."""
-    shardings = sharding.batch_shardings(batch, mesh, stacked)
-    out = {}
-    for key, x in batch.items():
-        spec = shardings[key].spec
-        axis = next((i for i, s in enumerate(spec) if s is not None), None)
-        if axis is None:
-            out[key] = x
-        else:
-            rows = distributed.host_rows(shardings[key], x.shape, axis)
-            out[key] = np.take(x, rows, axis=axis)
-    return out
+def _local_rows(x: jax.Array, axis: int) -> int:
+    """Distinct rows along ``axis`` of ``x`` that this process's devices hold."""
+    return len({i for shard in x.addressable_shards for i in range(*shard.index[axis].indices(x.shape[axis]))})
 
 
 def multihost(out_path: str) -> None:
-    """Two processes, mesh data=2,fsdp=2, each process uploads only its own batch rows."""
+    """Two processes, mesh data=2,fsdp=2; each process passes the global batch and uploads its own rows."""
     distributed.initialize()
     config = _config()
     optimizer, meta_opt = optimizers()
@@ -253,15 +245,11 @@ def multihost(out_path: str) -> None:
     step_fn = step_lib.make_bilevel_step(config, optimizer, meta_opt, method="exact")
     step = sharding.shard_bilevel_step(step_fn, state0, data[0][0], data[0][1], mesh)
     state = sharding.put(state0, sharding.state_shardings(state0, mesh))
-    history, rows = [], {}
+    history, rows = [], None
     for inner, meta in data:
-        ib, mb = _local_rows(inner, mesh, True), _local_rows(meta, mesh, False)
-        rows = {"input_ids": ib["input_ids"].shape, "step_mask": mb["step_mask"].shape,
-                "pixel_values": ib["pixel_values"].shape}
-        ib = sharding.put_batch(ib, mesh, stacked=True, process_local=True,
-                                global_shapes=sharding.global_batch_shapes(inner))
-        mb = sharding.put_batch(mb, mesh, stacked=False, process_local=True,
-                                global_shapes=sharding.global_batch_shapes(meta))
+        ib = sharding.put_batch(inner, mesh, stacked=True)
+        mb = sharding.put_batch(meta, mesh, stacked=False)
+        rows = _local_rows(ib.inputs.input_ids, 1)  # [T, B, L]: rows on axis 1
         state, metrics = step(state, ib, mb)
         history.append(_np({k: _replicated_host(v, mesh) for k, v in metrics.items() if k != "finite"}))
     params = {k: _replicated_host(v, mesh).tolist() for k, v in _flat(state["params"]).items()}

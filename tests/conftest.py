@@ -11,10 +11,6 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
 
-# The inner T-step scan stays a loop in tests: unrolling it doubles compile times and changes only
-# rounding (tests/test_bilevel_unroll.py compares both forms explicitly).
-os.environ.setdefault("DREAMPRM_FULL_UNROLL_MAX_STEPS", "0")
-
 import jax  # noqa: E402
 
 jax.config.update("jax_compilation_cache_dir", os.path.join(os.path.expanduser("~"), ".cache", "dreamprm_jax_xla"))

@@ -1,9 +1,11 @@
 """The inner T-step scan unrolled into straight-line code vs kept as a loop: the same maths.
 
-The engine unrolls scans of T <= ``bilevel.inner.FULL_UNROLL_MAX_STEPS`` steps (0 by default:
-the loop; ``benchmarks.step_throughput --unroll-inner`` sets 8), and the rest of the suite runs with
-the loop (``tests/conftest.py``), so this file checks the unrolled form against it: trajectories and the ``exact`` / ``darts``
-hypergradients of the MLP problem, in float64 (rtol 1e-10: only the summation order may differ).
+The layout is an argument: ``bilevel.unroll(..., scan_unroll=)``, the hypergradient methods'
+option ``scan_unroll`` and ``make_bilevel_step(unroll_inner=)``; the default is the loop, which
+the rest of the suite runs. This file checks that the argument gives the unrolled or the looped
+program (the ``unroll`` parameter of the jaxpr's scans) and the same numbers: trajectories and the
+``exact`` / ``darts`` hypergradients of the MLP problem, in float64 (rtol 1e-10: only the
+summation order may differ).
 """
 
 import jax
@@ -23,32 +25,37 @@ def setup():
         return prob, prob.sample_batches(jax.random.PRNGKey(2))
 
 
-def _run(prob, batches, method, unroll_max, monkeypatch):
-    monkeypatch.setattr(inner_lib, "FULL_UNROLL_MAX_STEPS", unroll_max)  # read when traced
+def _run(prob, batches, method, scan_unroll):
+    """The hypergradient with the given layout, and the ``unroll`` of every scan in its program."""
     inner, outer = batches
 
-    @jax.jit
     def f(params, opt_state, alpha):
         return bilevel.hypergradient(method, prob.inner_loss, prob.outer_loss, prob.optimizer, params, opt_state,
-                                     alpha, inner, outer, **({"R": 1e-3} if method == "darts" else {}))
+                                     alpha, inner, outer, scan_unroll=scan_unroll,
+                                     **({"R": 1e-3} if method == "darts" else {}))
 
-    g, aux = f(prob.params, prob.opt_state, prob.alpha)
-    return np.asarray(g), jax.tree.map(np.asarray, aux["params"])
+    args = (prob.params, prob.opt_state, prob.alpha)
+    unrolls = _scan_unrolls(jax.make_jaxpr(f)(*args).jaxpr)
+    g, aux = jax.jit(f)(*args)
+    return np.asarray(g), jax.tree.map(np.asarray, aux["params"]), unrolls
 
 
 @pytest.mark.parametrize("method", ["exact", "darts"])
-def test_unrolled_scan_equals_the_loop(setup, method, monkeypatch):
+def test_unrolled_scan_equals_the_loop(setup, method):
     prob, batches = setup
+    T = inner_lib.num_steps(batches[0])
     with jax.enable_x64(True):
-        g_loop, p_loop = _run(prob, batches, method, 0, monkeypatch)
-        g_unrolled, p_unrolled = _run(prob, batches, method, 8, monkeypatch)
+        g_loop, p_loop, unrolls_loop = _run(prob, batches, method, 1)
+        g_unrolled, p_unrolled, unrolls_unrolled = _run(prob, batches, method, True)
+    # exact peels step 1 off the scan, darts takes step T outside it: T - 1 steps scanned either way.
+    assert unrolls_loop and max(unrolls_loop) == 1
+    assert max(unrolls_unrolled) == T - 1
     assert np.abs(g_loop).max() > 0
     np.testing.assert_allclose(g_unrolled, g_loop, rtol=1e-10, atol=1e-14)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-14), p_unrolled, p_loop)
 
 
 def test_unroll_argument_and_default():
-    assert inner_lib.FULL_UNROLL_MAX_STEPS == 0  # the suite's setting (tests/conftest.py)
     loss = lambda p, a, b: jnp.sum((p - b) ** 2) * a  # noqa: E731
     opt = inner_lib.inner_adamw(0.1)
     p0 = jnp.ones((3,))
@@ -56,6 +63,9 @@ def test_unroll_argument_and_default():
     outs = [inner_lib.unroll(loss, opt, p0, opt.init(p0), 1.0, batches, scan_unroll=u)[0] for u in (1, 2, True)]
     for o in outs[1:]:
         np.testing.assert_allclose(o, outs[0], rtol=1e-6)
+    args = (loss, opt, p0, opt.init(p0), 1.0, batches)
+    assert _scan_unrolls(jax.make_jaxpr(lambda: inner_lib.unroll(*args))().jaxpr) == [1]  # default: the loop
+    assert _scan_unrolls(jax.make_jaxpr(lambda: inner_lib.unroll(*args, scan_unroll=True))().jaxpr) == [4]
 
 
 def test_peeled_first_step_gives_the_same_trajectory_and_metrics():
@@ -68,17 +78,6 @@ def test_peeled_first_step_gives_the_same_trajectory_and_metrics():
         peeled = inner_lib.unroll(loss, opt, p0, opt.init(p0), 1.0, batches, peel_first=True, remat=True)
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), peeled, ref)
         assert peeled[2]["loss"].shape == (T,)
-
-
-def test_unroll_scans_up_to_sets_and_restores_the_limit():
-    before = inner_lib.FULL_UNROLL_MAX_STEPS
-    with inner_lib.unroll_scans_up_to(8):
-        assert inner_lib.FULL_UNROLL_MAX_STEPS == 8
-    assert inner_lib.FULL_UNROLL_MAX_STEPS == before
-    with pytest.raises(RuntimeError):
-        with inner_lib.unroll_scans_up_to(3):
-            raise RuntimeError("traced code failed")
-    assert inner_lib.FULL_UNROLL_MAX_STEPS == before
 
 
 def _scan_unrolls(jaxpr) -> list[int]:
@@ -97,7 +96,8 @@ def _scan_unrolls(jaxpr) -> list[int]:
 
 def test_trainer_step_unrolls_the_inner_scan_when_asked():
     """``make_bilevel_step(unroll_inner=...)`` (the trainer's ``--unroll-inner-scan``; on in the
-    ``qwen2_vl_2b`` preset) decides the inner scan's layout whatever the module default says."""
+    ``qwen2_vl_2b`` preset) decides the inner scan's layout: unrolled for ``exact`` when asked,
+    the loop otherwise."""
     from benchmarks import _common
     from dreamprm_jax import configs
     from dreamprm_jax.models import prm, qwen2_vl
@@ -115,9 +115,11 @@ def test_trainer_step_unrolls_the_inner_scan_when_asked():
         jaxpr = jax.make_jaxpr(step)(state, problem["inner_jax"], problem["meta_jax_packed"]).jaxpr
         unrolls[method, flag] = _scan_unrolls(jaxpr)
     assert max(unrolls["exact", True]) >= spec.unroll - 1  # the scan after the peeled first step, fully unrolled
-    assert max(unrolls["exact", False]) == 1 and inner_lib.FULL_UNROLL_MAX_STEPS == 0
+    assert max(unrolls["exact", False]) == 1
     assert max(unrolls["darts", True]) == 1  # forward-only unrolls keep the loop (their smaller program)
     assert step_lib.inner_scan_unrolled("exact", True) and not step_lib.inner_scan_unrolled("exact", True, False)
     assert [step_lib.inner_scan_unrolled(m, True) for m in ("darts", "exact_lowmem", "truncated")] == [False] * 3
-    assert step_lib.inner_scan_unrolled("darts", None) is None
+    with pytest.raises(ValueError, match="scan_unroll"):
+        step_lib.make_bilevel_step(config, opt, meta_opt, method="exact", unroll_inner=True,
+                                   method_options={"scan_unroll": 2})
     assert configs.PRESETS["qwen2_vl_2b"]().unroll_inner_scan and not configs.TrainConfig().unroll_inner_scan

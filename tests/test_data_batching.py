@@ -25,6 +25,7 @@ from dreamprm_jax.data.batching import (
     stack_train,
 )
 from dreamprm_jax.data.dataset import build_meta_dataset, build_train_dataset
+from dreamprm_jax.data.types import MetaBatch, ModelInputs, TrainBatch
 from dreamprm_jax.models import qwen2_vl
 
 D = 12  # fake patch dim
@@ -65,7 +66,7 @@ class FakeProcessor:
 def fake_prepare(input_ids, attention_mask, pixel_values=None, image_grid_thw=None, *, num_patches=None):
     B, L = input_ids.shape
     pos = np.clip(np.cumsum(attention_mask, axis=1) - 1, 0, None).astype(np.int32)
-    out = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": np.broadcast_to(pos, (3, B, L)).copy()}
+    out = ModelInputs(input_ids, attention_mask, np.broadcast_to(pos, (3, B, L)).copy())
     if pixel_values is not None:
         N = num_patches
         pv = np.zeros((N, pixel_values.shape[1]), np.float32)
@@ -73,7 +74,7 @@ def fake_prepare(input_ids, attention_mask, pixel_values=None, image_grid_thw=No
         seg = np.full((N,), -1, np.int32)
         sizes = [int(np.prod(g)) for g in image_grid_thw]
         seg[: sum(sizes)] = np.repeat(np.arange(len(sizes)), sizes)
-        out.update(pixel_values=pv, vision_position_ids=np.zeros((N, 2), np.int32), vision_segment_ids=seg)
+        out = out.replace(pixel_values=pv, vision_position_ids=np.zeros((N, 2), np.int32), vision_segment_ids=seg)
     return out
 
 
@@ -103,15 +104,17 @@ SPEC = BatchSpec(batch_size=4, seq_buckets=(8, 16, 32), patch_buckets=(16, 32, 6
 def test_collate_train_shapes_masks_and_waste():
     rows = [sample(5, 8), sample(11), sample(3, 4)]
     batch, stats = collate_train(rows, [0.5, 1.0, 0.0], [0, 1, 1], SPEC, fake_prepare)
-    assert batch["input_ids"].shape == (4, 16) and batch["input_ids"].dtype == np.int32
-    assert batch["position_ids"].shape == (3, 4, 16)
-    assert batch["pixel_values"].shape == (16, D)
-    np.testing.assert_array_equal(batch["vision_segment_ids"][:12], [0] * 8 + [1] * 4)
-    np.testing.assert_array_equal(batch["vision_segment_ids"][12:], -1)
-    np.testing.assert_array_equal(batch["attention_mask"].sum(1), [5, 11, 3, 1])  # dummy row: one pad token
-    np.testing.assert_array_equal(batch["sample_mask"], [1, 1, 1, 0])
-    np.testing.assert_array_equal(batch["labels"], np.asarray([0.5, 1.0, 0.0, 0.0], np.float32))
-    np.testing.assert_array_equal(batch["domain_ids"], [0, 1, 1, 0])
+    assert isinstance(batch, TrainBatch) and isinstance(batch.inputs, ModelInputs)
+    assert batch.inputs.branch_ids is None and batch.inputs.rope_cos is None  # unpacked rows, no tables yet
+    assert batch.inputs.input_ids.shape == (4, 16) and batch.inputs.input_ids.dtype == np.int32
+    assert batch.inputs.position_ids.shape == (3, 4, 16)
+    assert batch.inputs.pixel_values.shape == (16, D)
+    np.testing.assert_array_equal(batch.inputs.vision_segment_ids[:12], [0] * 8 + [1] * 4)
+    np.testing.assert_array_equal(batch.inputs.vision_segment_ids[12:], -1)
+    np.testing.assert_array_equal(batch.inputs.attention_mask.sum(1), [5, 11, 3, 1])  # dummy row: one pad token
+    np.testing.assert_array_equal(batch.sample_mask, [1, 1, 1, 0])
+    np.testing.assert_array_equal(batch.labels, np.asarray([0.5, 1.0, 0.0, 0.0], np.float32))
+    np.testing.assert_array_equal(batch.domain_ids, [0, 1, 1, 0])
     assert (stats["seq_bucket"], stats["patch_bucket"]) == (16, 16)
     assert stats["token_waste"] == pytest.approx(1 - 19 / 64, abs=1e-12)
     assert stats["patch_waste"] == pytest.approx(1 - 12 / 16, abs=1e-12)
@@ -120,10 +123,10 @@ def test_collate_train_shapes_masks_and_waste():
 def test_left_padding():
     spec = BatchSpec(batch_size=2, seq_buckets=(8,), pad_id=PAD, padding_side="left")
     batch, _ = collate_train([sample(3)], [1.0], [0], spec, fake_prepare)
-    np.testing.assert_array_equal(batch["input_ids"][0], [0, 0, 0, 0, 0, 1, 2, 3])
-    np.testing.assert_array_equal(batch["attention_mask"][0], [0, 0, 0, 0, 0, 1, 1, 1])
-    np.testing.assert_array_equal(batch["attention_mask"][1], [0] * 7 + [1])
-    assert "pixel_values" not in batch  # text-only spec
+    np.testing.assert_array_equal(batch.inputs.input_ids[0], [0, 0, 0, 0, 0, 1, 2, 3])
+    np.testing.assert_array_equal(batch.inputs.attention_mask[0], [0, 0, 0, 0, 0, 1, 1, 1])
+    np.testing.assert_array_equal(batch.inputs.attention_mask[1], [0] * 7 + [1])
+    assert not batch.inputs.has_images  # text-only spec
 
 
 def test_collate_errors():
@@ -139,14 +142,15 @@ def test_collate_meta_chain_major_masks():
     spec = BatchSpec(batch_size=3, seq_buckets=(16,), patch_buckets=(64,), pad_id=PAD, patch_dim=D, max_steps=3)
     chains = [[sample(4, 4), sample(6, 4), sample(8, 4)], [sample(5)]]
     batch, stats = collate_meta(chains, [1.0, 0.0], spec, fake_prepare)
+    assert isinstance(batch, MetaBatch)
     M, S = 3, 3
-    assert batch["input_ids"].shape == (M * S, 16)
-    np.testing.assert_array_equal(batch["step_mask"], [[1, 1, 1], [1, 0, 0], [0, 0, 0]])
-    np.testing.assert_array_equal(batch["chain_mask"], [1, 1, 0])
-    np.testing.assert_array_equal(batch["labels"], np.asarray([1, 0, 0], np.float32))
+    assert batch.inputs.input_ids.shape == (M * S, 16)
+    np.testing.assert_array_equal(batch.step_mask, [[1, 1, 1], [1, 0, 0], [0, 0, 0]])
+    np.testing.assert_array_equal(batch.chain_mask, [1, 1, 0])
+    np.testing.assert_array_equal(batch.labels, np.asarray([1, 0, 0], np.float32))
     # chain-major: row m * S + s is step s + 1 of chain m
-    np.testing.assert_array_equal(batch["attention_mask"].sum(1), [4, 6, 8, 5, 1, 1, 1, 1, 1])
-    assert stats["num_steps"] == 3 and batch["pixel_values"].shape == (64, D)
+    np.testing.assert_array_equal(batch.inputs.attention_mask.sum(1), [4, 6, 8, 5, 1, 1, 1, 1, 1])
+    assert stats["num_steps"] == 3 and batch.inputs.pixel_values.shape == (64, D)
     with pytest.raises(ValueError, match="max_steps"):
         collate_meta([[sample(2)] * 4], [1.0], spec, fake_prepare)
 
@@ -160,10 +164,10 @@ def _prefix_chain(bodies, patches=4, head=(IMAGE_TOKEN, IMAGE_TOKEN, 10, 11), su
 
 def _visible_prefix(batch, m, s):
     """Tokens and positions that the score position of step s of packed row m attends to."""
-    q = batch["score_index"][m, s]
-    branch, mask = batch["branch_ids"][m], batch["attention_mask"][m]
+    q = batch.inputs.score_index[m, s]
+    branch, mask = batch.inputs.branch_ids[m], batch.inputs.attention_mask[m]
     keys = [j for j in range(q + 1) if mask[j] and (branch[j] == 0 or branch[j] == branch[q])]
-    return batch["input_ids"][m, keys], batch["position_ids"][0, m, keys]
+    return batch.inputs.input_ids[m, keys], batch.inputs.position_ids[0, m, keys]
 
 
 @pytest.mark.parametrize("padding_side", ["right", "left"])
@@ -178,10 +182,10 @@ def test_packed_meta_rows_show_each_prefix_exactly(padding_side):
     batch, _ = collate_meta(chains, [1.0, 0.0], spec, fake_prepare)
     unpacked, _ = collate_meta(chains, [1.0, 0.0], BatchSpec(**{**spec.__dict__, "pack_chains": False,
                                                                 "patch_buckets": (64,)}), fake_prepare)
-    assert batch["input_ids"].shape == (3, 32) and batch["score_index"].shape == (3, 3)
-    assert batch["branch_ids"].shape == (3, 32) and batch["pixel_values"].shape == (16, D)
+    assert batch.inputs.input_ids.shape == (3, 32) and batch.inputs.score_index.shape == (3, 3)
+    assert batch.inputs.branch_ids.shape == (3, 32) and batch.inputs.pixel_values.shape == (16, D)
     for key in ("step_mask", "labels", "chain_mask"):
-        np.testing.assert_array_equal(batch[key], unpacked[key])
+        np.testing.assert_array_equal(getattr(batch, key), getattr(unpacked, key))
     for m, chain in enumerate(chains):
         for s, row in enumerate(chain):
             ids, pos = _visible_prefix(batch, m, s)
@@ -189,7 +193,7 @@ def test_packed_meta_rows_show_each_prefix_exactly(padding_side):
             np.testing.assert_array_equal(pos, np.arange(len(row.input_ids)))
     stacked, _ = stack_meta([(chains, [1.0, 0.0])] * 2, BatchSpec(**{**spec.__dict__, "seq_buckets": (16, 32)}),
                             fake_prepare)  # packed rows (18 tokens) need the 32 bucket, single prefixes fit 16
-    assert stacked["input_ids"].shape == (2, 3, 32) and stacked["score_index"].shape == (2, 3, 3)
+    assert stacked.inputs.input_ids.shape == (2, 3, 32) and stacked.inputs.score_index.shape == (2, 3, 3)
     packed, branch, score_pos = pack_chain(chains[0])
     assert len(packed.input_ids) == len(chains[0][-1].input_ids) + 2 * 3  # trunk + two 3-token tails
     np.testing.assert_array_equal(branch[score_pos[:2]], [1, 2])
@@ -200,15 +204,15 @@ def test_packed_meta_rows_show_each_prefix_exactly(padding_side):
 def test_stacking_uses_one_bucket():
     groups = [([sample(3)], [1.0], [0]), ([sample(20, 40), sample(2)], [0.0, 1.0], [1, 0])]
     stacked, stats = stack_train(groups, SPEC, fake_prepare)
-    assert stacked["input_ids"].shape == (2, 4, 32)
-    assert stacked["position_ids"].shape == (2, 3, 4, 32)
-    assert stacked["pixel_values"].shape == (2, 64, D)  # the text-only batch gets the image slots too
-    np.testing.assert_array_equal(stacked["sample_mask"], [[1, 0, 0, 0], [1, 1, 0, 0]])
+    assert stacked.inputs.input_ids.shape == (2, 4, 32)
+    assert stacked.inputs.position_ids.shape == (2, 3, 4, 32)
+    assert stacked.inputs.pixel_values.shape == (2, 64, D)  # the text-only batch gets the image slots too
+    np.testing.assert_array_equal(stacked.sample_mask, [[1, 0, 0, 0], [1, 1, 0, 0]])
     assert stats["seq_bucket"] == 32 and stats["patch_bucket"] == 64
     spec = BatchSpec(batch_size=2, seq_buckets=(8, 16), patch_buckets=(64,), patch_dim=D)  # S from step_buckets
     mstacked, mstats = stack_meta([([[sample(3)] * 3], [1.0]), ([[sample(9)]], [0.0])], spec, fake_prepare)
-    assert mstats["num_steps"] == 4 and mstacked["step_mask"].shape == (2, 2, 4)
-    assert mstacked["input_ids"].shape == (2, 8, 16)
+    assert mstats["num_steps"] == 4 and mstacked.step_mask.shape == (2, 2, 4)
+    assert mstacked.inputs.input_ids.shape == (2, 8, 16)
 
 
 # ----------------------------------------------------------------------------- sampler
@@ -297,15 +301,15 @@ def test_train_table_and_cache_hit(data_dir, tmp_path_factory):
 
     builder = BatchBuilder(third, BatchSpec(4, (32, 64), (32, 64), pad_id=PAD), fake_prepare)
     batch, stats = builder.train_batch([3, 0, 2])
-    assert batch["input_ids"].shape == (4, 32) and batch["pixel_values"].shape == (32, D)
-    np.testing.assert_array_equal(batch["sample_mask"], [1, 1, 1, 0])
-    np.testing.assert_array_equal(batch["domain_ids"], [1, 0, 1, 0])
+    assert batch.inputs.input_ids.shape == (4, 32) and batch.inputs.pixel_values.shape == (32, D)
+    np.testing.assert_array_equal(batch.sample_mask, [1, 1, 1, 0])
+    np.testing.assert_array_equal(batch.domain_ids, [1, 0, 1, 0])
     assert stats["patch_waste"] == pytest.approx(1 - 24 / 32, abs=1e-12)
     enc = FakeProcessor().encode("Q1\n\nStep 1: x", Image.open(data_dir / "a.png").convert("RGB"))
-    np.testing.assert_array_equal(batch["input_ids"][1, : len(enc.input_ids)], enc.input_ids)
-    np.testing.assert_allclose(batch["pixel_values"][:16], enc.pixel_values, rtol=0, atol=1e-7)
+    np.testing.assert_array_equal(batch.inputs.input_ids[1, : len(enc.input_ids)], enc.input_ids)
+    np.testing.assert_allclose(batch.inputs.pixel_values[:16], enc.pixel_values, rtol=0, atol=1e-7)
     stacked, _ = builder.stacked_train([[0, 1], [2, 3]])
-    assert stacked["input_ids"].shape == (2, 4, 32)
+    assert stacked.inputs.input_ids.shape == (2, 4, 32)
 
 
 def test_seen_image_is_not_preprocessed_again(data_dir, tmp_path_factory):
@@ -339,12 +343,12 @@ def test_meta_table_and_batches(data_dir, tmp_path_factory):
     assert build_meta_dataset(data_dir / "meta.jsonl", proc, cache).from_cache and proc.calls == 4
     builder = BatchBuilder(data, BatchSpec(2, (64,), (64,), pad_id=PAD, max_steps=4), fake_prepare)
     batch, _ = builder.meta_batch([1, 0])
-    np.testing.assert_array_equal(batch["step_mask"], [[1, 0, 0, 0], [1, 1, 1, 0]])
-    np.testing.assert_array_equal(batch["labels"], np.asarray([0, 1], np.float32))
-    lengths = batch["attention_mask"].sum(1)
+    np.testing.assert_array_equal(batch.step_mask, [[1, 0, 0, 0], [1, 1, 1, 0]])
+    np.testing.assert_array_equal(batch.labels, np.asarray([0, 1], np.float32))
+    lengths = batch.inputs.attention_mask.sum(1)
     assert lengths[4] < lengths[5] < lengths[6]  # prefixes of chain 0 grow
     stacked, _ = builder.stacked_meta([[0], [1, 0]])
-    assert stacked["step_mask"].shape == (2, 2, 4)
+    assert stacked.step_mask.shape == (2, 2, 4)
 
 
 
@@ -355,7 +359,7 @@ def test_text_only_table_and_encoder_error(tmp_path):
     assert len(data.images) == 0 and len(data.samples) == 2
     builder = BatchBuilder(data, BatchSpec(2, (16,), pad_id=PAD), fake_prepare)
     batch, _ = builder.train_batch([1, 0])
-    np.testing.assert_array_equal(batch["labels"], np.asarray([1.0, 0.5], np.float32))
+    np.testing.assert_array_equal(batch.labels, np.asarray([1.0, 0.5], np.float32))
 
     class Broken(FakeProcessor):
         def encode(self, text, image=None):
@@ -393,6 +397,8 @@ def test_integration_real_processor_and_model(data_dir, tmp_path_factory):
     """
     import jax
 
+    from dreamprm_jax.models import qwen2_vl
+
     from dreamprm_jax.data.batching import model_prepare_fn
 
     config, processor, sp = _tiny_model_and_processor(
@@ -402,18 +408,18 @@ def test_integration_real_processor_and_model(data_dir, tmp_path_factory):
     spec = BatchSpec(4, power_of_two_buckets(512, 64), power_of_two_buckets(1024, 16), pad_id=sp.pad)
     builder = BatchBuilder(data, spec, model_prepare_fn(config))
     batch, stats = builder.train_batch([2, 0, 3])  # two images + a text-only row + a dummy row
-    assert batch["pixel_values"].shape == (stats["patch_bucket"], config.vision.patch_dim)
-    np.testing.assert_array_equal(batch["sample_mask"], [1, 1, 1, 0])
+    assert batch.inputs.pixel_values.shape == (stats["patch_bucket"], config.vision.patch_dim)
+    np.testing.assert_array_equal(batch.sample_mask, [1, 1, 1, 0])
 
     params = qwen2_vl.init_params(config, jax.random.PRNGKey(0))
     forward = jax.jit(qwen2_vl.forward, static_argnums=0)
-    full = np.asarray(forward(config, params, batch))
+    full = np.asarray(forward(config, params, batch.inputs))
     assert np.isfinite(full).all()  # dummy row included
     # the same sample alone in row 0 (other rows dummy), same buckets -> same compiled function
     rows, _ = builder._rows([0])
     alone_batch, _ = collate_train(rows, [0.0], [0], builder.spec, model_prepare_fn(config),
                                    seq_bucket=stats["seq_bucket"], patch_bucket=stats["patch_bucket"])
-    alone = np.asarray(forward(config, params, alone_batch))
+    alone = np.asarray(forward(config, params, alone_batch.inputs))
     n = len(rows[0].input_ids)
     np.testing.assert_allclose(full[1, :n], alone[0, :n], rtol=0, atol=2e-5)
 
@@ -435,12 +441,11 @@ def test_packed_meta_scores_equal_one_row_per_step(data_dir, tmp_path_factory):
     plain = BatchBuilder(data, spec, model_prepare_fn(config))
     packed = BatchBuilder(data, dataclasses.replace(spec, pack_chains=True), model_prepare_fn(config))
     params = prm.init(config, jax.random.PRNGKey(0))
-    model_keys = lambda b: {k: v for k, v in b.items() if k not in ("step_mask", "labels", "chain_mask")}  # noqa: E731
     a, _ = plain.meta_batch([0, 1])
     b, stats = packed.meta_batch([0, 1])
-    assert b["input_ids"].shape[0] == 3 and a["input_ids"].shape[0] == 3 * 4
-    assert b["pixel_values"].shape[0] < a["pixel_values"].shape[0]  # the image once per chain
-    za = np.asarray(prm.score(config, params, model_keys(a))[1])  # [M * S]
-    zb = np.asarray(prm.score(config, params, model_keys(b))[1])  # [M * S]
-    real = a["step_mask"].reshape(-1) > 0
+    assert b.inputs.input_ids.shape[0] == 3 and a.inputs.input_ids.shape[0] == 3 * 4
+    assert b.inputs.pixel_values.shape[0] < a.inputs.pixel_values.shape[0]  # the image once per chain
+    za = np.asarray(prm.score(config, params, a.inputs)[1])  # [M * S]
+    zb = np.asarray(prm.score(config, params, b.inputs)[1])  # [M * S]
+    real = a.step_mask.reshape(-1) > 0
     np.testing.assert_allclose(zb[real], za[real], rtol=0, atol=1e-5)

@@ -67,7 +67,7 @@ def test_gathered_head_equals_full_forward(setup):
     """lm_head on the gathered rows == the full [B, L, V] logits at the last real token (atol 1e-5)."""
     config, params, batch = setup["config"], setup["params"], setup["batch"]
     full = jax.jit(qwen2_vl.forward, static_argnums=0)(config, params["backbone"], batch)  # [B, L, V]
-    last = prm.last_token_index(batch["attention_mask"])
+    last = prm.last_token_index(batch.attention_mask)
     z_full = prm.head_logit(full[jnp.arange(3), last], params["head"])
     _, z = score_jit(config, params, batch)
     np.testing.assert_allclose(np.asarray(z), np.asarray(z_full), rtol=0, atol=1e-5)

@@ -96,12 +96,12 @@ def test_batches_are_multimodal_and_float64(prob, data_kw):
     p, (inner, outer) = prob
     config = prm_problem_lib.prepare_data(**data_kw).model_config  # memoised: the problem's own
     assert p.name == "prm" and p.inner_steps == 2 and config.text.hidden_size == 64  # qwen2_vl.tiny()
-    assert inner["input_ids"].shape[:2] == (2, 2) and inner["labels"].dtype == jnp.float64
-    assert inner["pixel_values"].dtype == jnp.float64 and outer["step_mask"].shape == (1, 5)
+    assert inner.inputs.input_ids.shape[:2] == (2, 2) and inner.labels.dtype == jnp.float64
+    assert inner.inputs.pixel_values.dtype == jnp.float64 and outer.step_mask.shape == (1, 5)
     # every row holds an image: <|image_pad|> tokens in every sequence, real patch rows in every batch
-    assert np.all((np.asarray(inner["input_ids"]) == config.image_token_id).sum(-1) > 0)  # [T, B]
-    assert np.all((np.asarray(outer["input_ids"]) == config.image_token_id).sum(-1) > 0)  # [M*S]
-    assert np.all((np.asarray(inner["vision_segment_ids"]) >= 0).sum(-1) > 0)  # [T]
+    assert np.all((np.asarray(inner.inputs.input_ids) == config.image_token_id).sum(-1) > 0)  # [T, B]
+    assert np.all((np.asarray(outer.inputs.input_ids) == config.image_token_id).sum(-1) > 0)  # [M*S]
+    assert np.all((np.asarray(inner.inputs.vision_segment_ids) >= 0).sum(-1) > 0)  # [T]
 
 
 def test_losses_trace_without_float32(prob):

@@ -192,9 +192,10 @@ def test_prepare_batch_errors_and_padding():
     ids = np.array([[1, c.vision_start_token_id] + [c.image_token_id] * 2 + [c.vision_end_token_id]])
     pv = np.zeros((8, c.vision.patch_dim), np.float32)
     batch = qwen2_vl.prepare_batch(c, ids, None, pv, [[1, 2, 4]], num_patches=16)
-    assert batch["pixel_values"].shape == (16, c.vision.patch_dim)
-    np.testing.assert_array_equal(batch["vision_segment_ids"], [0] * 8 + [-1] * 8)
-    assert batch["position_ids"].shape == (3, 1, 5) and batch["position_ids"].dtype == np.int32
+    assert isinstance(batch, qwen2_vl.ModelInputs) and batch.has_images and batch.branch_ids is None
+    assert batch.pixel_values.shape == (16, c.vision.patch_dim)
+    np.testing.assert_array_equal(batch.vision_segment_ids, [0] * 8 + [-1] * 8)
+    assert batch.position_ids.shape == (3, 1, 5) and batch.position_ids.dtype == np.int32
     with pytest.raises(ValueError, match="image tokens"):
         qwen2_vl.prepare_batch(c, ids, None, pv[:4], [[1, 2, 2]])
     with pytest.raises(ValueError, match="num_patches"):
@@ -289,14 +290,15 @@ def test_rope_tables_given_equal_rope_tables_computed(pair):
     pixels = rng.standard_normal((n, c.vision.patch_dim)).astype(np.float32)
     batch = qwen2_vl.prepare_batch(c, ids, mask, pixels, np.array(grids), num_patches=BUCKET[2])
     with_tables = jax.jit(qwen2_vl.with_rope_tables, static_argnums=0)(c, batch)
-    assert set(with_tables) - set(batch) == set(qwen2_vl.ROPE_KEYS)
-    assert with_tables["rope_cos"].shape == BUCKET[:2] + (c.text.head_dim,)
-    assert with_tables["vision_rope_sin"].shape == (BUCKET[2], c.vision.head_dim)
+    assert all(getattr(batch, f) is None for f in qwen2_vl.ROPE_FIELDS)  # a new structure, the old one unchanged
+    assert all(getattr(with_tables, f) is not None for f in qwen2_vl.ROPE_FIELDS)
+    assert with_tables.rope_cos.shape == BUCKET[:2] + (c.text.head_dim,)
+    assert with_tables.vision_rope_sin.shape == (BUCKET[2], c.vision.head_dim)
     np.testing.assert_array_equal(pair.forward(c, pair.params, with_tables), pair.forward(c, pair.params, batch))
 
-    stacked = {k: np.stack([v, v[..., ::-1]]) for k, v in batch.items()}  # [2, ...], the second reversed
+    stacked = jax.tree.map(lambda v: np.stack([v, v[..., ::-1]]), batch)  # [2, ...], the second reversed
     tables = qwen2_vl.with_rope_tables(c, stacked)
     for t in range(2):
-        one = qwen2_vl.with_rope_tables(c, {k: v[t] for k, v in stacked.items()})
-        for k in qwen2_vl.ROPE_KEYS:
-            np.testing.assert_allclose(tables[k][t], one[k], rtol=1e-6, atol=1e-6)
+        one = qwen2_vl.with_rope_tables(c, jax.tree.map(lambda v: v[t], stacked))
+        for f in qwen2_vl.ROPE_FIELDS:
+            np.testing.assert_allclose(getattr(tables, f)[t], getattr(one, f), rtol=1e-6, atol=1e-6)

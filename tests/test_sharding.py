@@ -105,21 +105,54 @@ def test_state_shardings_replicate_upper_level():
     assert sh["raw_weights"].spec == P() and sh["meta_opt_state"]["m"].spec == P() and sh["step"].spec == P()
 
 
+def _abstract(cls, **shapes):
+    import dataclasses
+
+    import jax
+
+    return cls(**{f.name: (jax.ShapeDtypeStruct(shapes[f.name], np.float32) if f.name in shapes else None)
+                  for f in dataclasses.fields(cls) if f.name in shapes or f.default is None})
+
+
 def test_batch_specs():
+    """Each field's partition spec comes from the row axis the typed batch declares for it."""
+    from dreamprm_jax.data.types import MetaBatch, ModelInputs, TrainBatch
+
     mesh = AbstractMesh((2, 4), ("data", "fsdp"))
     both = ("data", "fsdp")
-    spec = lambda k, s, st: sharding.batch_spec(k, s, mesh, stacked=st)  # noqa: E731
-    assert spec("input_ids", (8, 32), False) == P(both, None)
-    assert spec("input_ids", (5, 8, 32), True) == P(None, both, None)
-    assert spec("position_ids", (3, 8, 32), False) == P(None, both, None)
-    assert spec("position_ids", (5, 3, 8, 32), True) == P(None, None, both, None)
-    assert spec("labels", (5, 8), True) == P(None, both)
-    assert spec("step_mask", (4, 2), False) == P("data", None)  # 4 chains: divisible by data only
-    assert spec("labels", (3,), False) == P()  # neither: replicated
-    assert spec("pixel_values", (64, 96), False) == P()  # patch rows replicated by default
-    assert spec("pixel_values", (5, 64, 96), True) == P()
-    assert sharding.batch_spec("pixel_values", (64, 96), mesh, stacked=False, shard_patches=True) == P(both, None)
-    assert sharding.batch_spec("pixel_values", (63, 96), mesh, stacked=False, shard_patches=True) == P()
+
+    def specs(batch, stacked, **kw):
+        sh = sharding.batch_shardings(batch, mesh, stacked, **kw)
+        return {**{f: getattr(sh, f).spec for f in ("labels", "domain_ids", "sample_mask", "step_mask", "chain_mask")
+                   if hasattr(sh, f)},
+                **{f: getattr(sh.inputs, f).spec for f in ("input_ids", "position_ids", "pixel_values")
+                   if getattr(sh.inputs, f) is not None}}
+
+    model = dict(input_ids=(8, 32), attention_mask=(8, 32), position_ids=(3, 8, 32), pixel_values=(64, 96))
+    inputs = _abstract(ModelInputs, **model)
+    train = specs(TrainBatch(inputs, *(jax_sd((8,)) for _ in range(3))), False)
+    assert train["input_ids"] == P(both, None) and train["position_ids"] == P(None, both, None)
+    assert train["labels"] == P(both) and train["pixel_values"] == P()  # patch rows replicated by default
+    stacked_inputs = _abstract(ModelInputs, **{k: (5,) + v for k, v in model.items()})
+    stacked = specs(TrainBatch(stacked_inputs, *(jax_sd((5, 8)) for _ in range(3))), True)
+    assert stacked["input_ids"] == P(None, both, None) and stacked["position_ids"] == P(None, None, both, None)
+    assert stacked["labels"] == P(None, both) and stacked["pixel_values"] == P()
+    meta = specs(MetaBatch(inputs, jax_sd((4, 2)), jax_sd((4,)), jax_sd((4,))), False)
+    assert meta["step_mask"] == P("data", None)  # 4 chains: divisible by data only
+    meta3 = specs(MetaBatch(inputs, jax_sd((3, 2)), jax_sd((3,)), jax_sd((3,))), False)
+    assert meta3["labels"] == P() and meta3["chain_mask"] == P()  # neither: replicated
+    assert specs(TrainBatch(inputs, *(jax_sd((8,)) for _ in range(3))), False,
+                 shard_patches=True)["pixel_values"] == P(both, None)
+    odd = _abstract(ModelInputs, **dict(model, pixel_values=(63, 96)))
+    assert specs(TrainBatch(odd, *(jax_sd((8,)) for _ in range(3))), False, shard_patches=True)["pixel_values"] == P()
+    with pytest.raises(TypeError, match="typed batch"):
+        sharding.batch_shardings({"input_ids": np.zeros((8, 32))}, mesh, False)
+
+
+def jax_sd(shape):
+    import jax
+
+    return jax.ShapeDtypeStruct(shape, np.float32)
 
 
 def test_distributed_resolve_env_and_flags():
@@ -143,10 +176,42 @@ def test_host_rows_single_process():
     from jax.sharding import NamedSharding
 
     mesh = sharding.make_mesh()
+    rows = 2 * mesh.size  # any device count: the rows split evenly over the mesh
     sh = NamedSharding(mesh, P(("data", "fsdp")))
-    assert distributed.host_rows(sh, (6, 3)).tolist() == list(range(6))
-    assert distributed.host_slice(sh, (6, 3)) == slice(0, 6)
-    assert distributed.host_rows(sh, (6, 3), process_index=jax.process_count()).size == 0
+    assert distributed.host_rows(sh, (rows, 3)).tolist() == list(range(rows))
+    assert distributed.host_slice(sh, (rows, 3)) == slice(0, rows)
+    assert distributed.host_rows(sh, (rows, 3), process_index=jax.process_count()).size == 0
+
+
+def _typed_batches(seq_len: int, T: int = 2, B: int = 4, M: int = 2, S: int = 2):
+    from dreamprm_jax.data.types import MetaBatch, ModelInputs, TrainBatch
+
+    def inputs(lead, rows):
+        ids = np.ones(lead + (rows, seq_len), np.int32)
+        return ModelInputs(ids, ids, np.zeros(lead + (3, rows, seq_len), np.int32))
+
+    inner = TrainBatch(inputs((T,), B), labels=np.full((T, B), 0.5, np.float32), domain_ids=np.zeros((T, B), np.int32),
+                       sample_mask=np.ones((T, B), np.float32))
+    meta = MetaBatch(inputs((), M * S), step_mask=np.ones((M, S), np.float32), labels=np.ones((M,), np.float32),
+                     chain_mask=np.ones((M,), np.float32))
+    return inner, meta
+
+
+def test_sharded_step_counts_one_program_per_batch_shape():
+    import jax.numpy as jnp
+
+    def step(state, inner, meta):
+        total = jnp.sum(inner.labels) + jnp.sum(meta.labels) + jnp.sum(inner.inputs.attention_mask)
+        return dict(state, step=state["step"] + 1), {"total": total}
+
+    mesh = sharding.make_mesh()
+    state = sharding.sharded_init(lambda w: {"params": {"w": w}, "opt_state": (), "raw_weights": jnp.zeros((3,)),
+                                             "step": jnp.zeros((), jnp.int32)}, mesh, jnp.ones((8,)))
+    sharded = sharding.ShardedStep(step, mesh)
+    for seq_len, programs in ((8, 1), (8, 1), (16, 2), (8, 2)):
+        state, metrics = sharded(state, *_typed_batches(seq_len))
+        assert sharded.compile_count() == programs, (seq_len, sharded.compile_count())
+    assert int(state["step"]) == 4 and float(metrics["total"]) == 2 * 4 * 0.5 + 2 + 2 * 4 * 8  # exact: small ints
 
 
 def test_sharded_init_and_to_host():
@@ -231,7 +296,7 @@ def test_two_process_run_matches_single_process(mesh_results, tmp_path):
     with open(out) as f:
         multi = json.load(f)
     assert multi["process_count"] == 2 and multi["devices"] == 4 and multi["local_devices"] == 2
-    assert multi["local_rows"]["input_ids"][1] == 4  # each host uploaded 4 of the 8 rows
+    assert multi["local_rows"] == 4  # each host uploaded 4 of the 8 rows of a batch
     straight = mesh_results["runs"]["exact"]["data=1,fsdp=1"]
     for i in range(2):
         for key in ("inner_loss", "meta_loss", "hypergrad_norm", "weights"):

@@ -51,13 +51,16 @@ from dreamprm_jax.bilevel.inner import inner_step_with_grads, num_steps, unroll
 __all__ = ["darts", "darts_exact", "sama"]
 
 
-def _run(inner_loss, outer_loss, optimizer, params, opt_state, alpha, inner_batches, outer_batch):
-    """Unroll ``T - 1`` steps, take the last one explicitly (keeping ``phi_{T-1}, s_{T-1}, g_T``)."""
+def _run(inner_loss, outer_loss, optimizer, params, opt_state, alpha, inner_batches, outer_batch, scan_unroll):
+    """Unroll ``T - 1`` steps, take the last one explicitly (keeping ``phi_{T-1}, s_{T-1}, g_T``).
+
+    ``scan_unroll`` is ``lax.scan``'s ``unroll`` for the ``T - 1`` steps (:func:`inner.unroll`).
+    """
     T = num_steps(inner_batches)
     head = _common.slice_batches(inner_batches, 0, T - 1)
     b_last = _common.last_batch(inner_batches)
     if T > 1:
-        p_prev, s_prev, m_head = unroll(inner_loss, optimizer, params, opt_state, alpha, head)
+        p_prev, s_prev, m_head = unroll(inner_loss, optimizer, params, opt_state, alpha, head, scan_unroll=scan_unroll)
     else:
         p_prev, s_prev, m_head = params, opt_state, None
     p_T, s_T, m_last, g_last = inner_step_with_grads(inner_loss, optimizer, p_prev, s_prev, alpha, b_last)
@@ -93,13 +96,14 @@ def _central_difference(inner_loss, phi, alpha, batch, direction, radius):
 
 
 def darts(inner_loss, outer_loss, optimizer, params, opt_state, alpha, inner_batches, outer_batch, *,
-          R=0.01, lr_eff=1.0, point="final"):
+          R=0.01, lr_eff=1.0, point="final", scan_unroll=1):
     """DARTS hypergradient (Betty's convention, see the module docstring):
     ``g = -lr_eff (d_a L_in(phi + eps v) - d_a L_in(phi - eps v)) / (2 eps)``, ``eps = R / ||v||``.
 
-    Aux adds ``epsilon`` and ``v_norm``.
+    ``scan_unroll``: ``lax.scan``'s ``unroll`` for the inner steps (``1``: the loop, ``True``: straight-line
+    code; the same maths). Aux adds ``epsilon`` and ``v_norm``.
     """
-    run = _run(inner_loss, outer_loss, optimizer, params, opt_state, alpha, inner_batches, outer_batch)
+    run = _run(inner_loss, outer_loss, optimizer, params, opt_state, alpha, inner_batches, outer_batch, scan_unroll)
     phi = _point(run, point)
     fd, e, vn = _central_difference(inner_loss, phi, alpha, run["b_last"], run["v"], R)
     g = jax.tree.map(lambda x: -lr_eff * x, fd)
@@ -107,10 +111,11 @@ def darts(inner_loss, outer_loss, optimizer, params, opt_state, alpha, inner_bat
 
 
 def darts_exact(inner_loss, outer_loss, optimizer, params, opt_state, alpha, inner_batches, outer_batch, *,
-                lr_eff=1.0, point="final"):
+                lr_eff=1.0, point="final", scan_unroll=1):
     """``g = -lr_eff (d^2 L_in / d alpha d phi) v`` by an exact mixed Hessian-vector product:
-    ``jvp`` over ``phi`` (direction ``v``) of ``grad_alpha L_in``. The ``R -> 0`` limit of ``darts``."""
-    run = _run(inner_loss, outer_loss, optimizer, params, opt_state, alpha, inner_batches, outer_batch)
+    ``jvp`` over ``phi`` (direction ``v``) of ``grad_alpha L_in``. The ``R -> 0`` limit of ``darts``
+    (``scan_unroll``: as in ``darts``)."""
+    run = _run(inner_loss, outer_loss, optimizer, params, opt_state, alpha, inner_batches, outer_batch, scan_unroll)
     phi = _point(run, point)
     b = run["b_last"]
     _, mixed = jax.jvp(lambda p: _grad_alpha(inner_loss, p, alpha, b), (phi,), (run["v"],))
@@ -120,15 +125,15 @@ def darts_exact(inner_loss, outer_loss, optimizer, params, opt_state, alpha, inn
 
 
 def sama(inner_loss, outer_loss, optimizer, params, opt_state, alpha, inner_batches, outer_batch, *,
-         R=0.01, point="final", finite_difference=True):
+         R=0.01, point="final", finite_difference=True, scan_unroll=1):
     """SAMA: DARTS with ``v`` preconditioned by the exact derivative of the last optimizer update.
 
     ``v' = (d Delta / d g)^T v`` at ``(g_T, s_{T-1}, phi_{T-1})``;
     ``g = (d_a L_in(phi + eps v') - d_a L_in(phi - eps v')) / (2 eps)``, ``eps = R / ||v'||``
     (``finite_difference=False``: the exact mixed product ``(d^2 L_in / d a d phi) v'``).
-    Aux adds ``epsilon``, ``v_norm`` and ``preconditioned_norm``.
+    ``scan_unroll``: as in ``darts``. Aux adds ``epsilon``, ``v_norm`` and ``preconditioned_norm``.
     """
-    run = _run(inner_loss, outer_loss, optimizer, params, opt_state, alpha, inner_batches, outer_batch)
+    run = _run(inner_loss, outer_loss, optimizer, params, opt_state, alpha, inner_batches, outer_batch, scan_unroll)
     phi = _point(run, point)
     b = run["b_last"]
 

@@ -28,6 +28,11 @@ loop never recomputes the unroll), ``inner_losses [T]``, ``inner_grad_norms [T]`
 ``outer_loss`` (at ``params``), plus per-method diagnostics (``epsilon``, ``v_norm``,
 ``residual``, ``solver_ok``, ...).
 
+Every built-in method takes the option ``scan_unroll``, ``lax.scan``'s ``unroll`` for the inner
+steps (``bilevel.unroll``): ``1`` (default) keeps the loop, ``True`` compiles straight-line
+code; the same maths, a different program (smaller for ``exact``'s reverse pass on a large
+model, larger for the forward-only unrolls).
+
 Example::
 
     g, aux = hypergradient("exact", inner_loss, outer_loss, opt, params, opt_state, r,
@@ -86,7 +91,7 @@ def hypergradient(method, inner_loss, outer_loss, optimizer, params, opt_state, 
       alpha: upper-level variable (pytree; DreamPRM: raw domain weights ``[K]``).
       inner_batches: pytree with leaves stacked ``[T, ...]``.
       outer_batch: one meta batch.
-      **options: method options (``remat``, ``chunk_size``, ``k``, ``R``, ``lr_eff``,
+      **options: method options (``scan_unroll``, ``remat``, ``chunk_size``, ``k``, ``R``, ``lr_eff``,
         ``point``, ``step_size``, ``damping``, ``max_relative_residual``, ...); unknown
         options raise ``TypeError``.
 

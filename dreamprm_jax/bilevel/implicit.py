@@ -24,7 +24,7 @@ smallest ``p^T H p / p^T p`` met; negative means ``H`` is indefinite there).
 Failure is loud: a non-finite ``g`` / residual, or ``residual > max_relative_residual``
 (default 1: the solve did not reduce the residual), raises ``FloatingPointError`` when
 the call is not traced; under ``jit`` the returned ``g`` is all-NaN instead (never zeros)
-and ``aux["solver_ok"]`` is False.
+and ``aux["solver_ok"]`` is False. ``scan_unroll`` is ``lax.scan``'s ``unroll`` for the ``T`` steps.
 """
 
 from __future__ import annotations
@@ -40,8 +40,9 @@ import optax
 __all__ = ["neumann", "cg", "implicit_hypergradient"]
 
 
-def _setup(inner_loss, outer_loss, optimizer, params, opt_state, alpha, inner_batches, outer_batch, damping):
-    p_T, s_T, metrics = unroll(inner_loss, optimizer, params, opt_state, alpha, inner_batches)
+def _setup(inner_loss, outer_loss, optimizer, params, opt_state, alpha, inner_batches, outer_batch, damping,
+           scan_unroll):
+    p_T, s_T, metrics = unroll(inner_loss, optimizer, params, opt_state, alpha, inner_batches, scan_unroll=scan_unroll)
     lo, v = jax.value_and_grad(outer_loss)(p_T, outer_batch)
     b = _common.last_batch(inner_batches)
     grad_phi = lambda p: jax.grad(inner_loss)(p, alpha, b)
@@ -80,11 +81,11 @@ def _finish(name, inner_loss, alpha, p_T, s_T, metrics, lo, v, b, hvp, q, max_re
 
 
 def neumann(inner_loss, outer_loss, optimizer, params, opt_state, alpha, inner_batches, outer_batch, *,
-            k=3, step_size=1.0, damping=0.0, max_relative_residual=1.0):
+            k=3, step_size=1.0, damping=0.0, max_relative_residual=1.0, scan_unroll=1):
     """Implicit hypergradient (6) with a ``k``-term Neumann series:
     ``q = step_size * sum_{j=0..k} (I - step_size H)^j v`` (``k`` HVPs; Betty's ``approx_inverse_hvp``)."""
     p_T, s_T, metrics, lo, v, b, hvp = _setup(
-        inner_loss, outer_loss, optimizer, params, opt_state, alpha, inner_batches, outer_batch, damping)
+        inner_loss, outer_loss, optimizer, params, opt_state, alpha, inner_batches, outer_batch, damping, scan_unroll)
 
     def body(_, carry):
         cur, acc = carry
@@ -98,14 +99,14 @@ def neumann(inner_loss, outer_loss, optimizer, params, opt_state, alpha, inner_b
 
 
 def cg(inner_loss, outer_loss, optimizer, params, opt_state, alpha, inner_batches, outer_batch, *,
-       k=3, damping=0.0, max_relative_residual=1.0):
+       k=3, damping=0.0, max_relative_residual=1.0, scan_unroll=1):
     """Implicit hypergradient (6) with ``k`` conjugate-gradient iterations on ``H q = v`` (``q_0 = 0``).
 
     Iterations whose residual is already zero are no-ops (safe divisions), so ``k`` larger
     than needed is harmless.
     """
     p_T, s_T, metrics, lo, v, b, hvp = _setup(
-        inner_loss, outer_loss, optimizer, params, opt_state, alpha, inner_batches, outer_batch, damping)
+        inner_loss, outer_loss, optimizer, params, opt_state, alpha, inner_batches, outer_batch, damping, scan_unroll)
 
     def safe_div(a, c):
         nz = c != 0

@@ -18,9 +18,7 @@ at ``x = 0`` and the chain rule produces ``0 * inf = NaN`` in the hypergradient.
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import os
 from typing import Any, Callable
 
 import jax
@@ -41,41 +39,12 @@ __all__ = [
     "batch_at",
     "mixed_value_and_grad",
     "SECOND_ORDER_MODES",
-    "FULL_UNROLL_MAX_STEPS",
-    "unroll_scans_up_to",
 ]
 
 #: How reverse mode differentiates *through* an inner step's gradient (see :func:`mixed_value_and_grad`).
 SECOND_ORDER_MODES = ("reverse", "mixed")
 
-# ``lax.scan`` over at most this many inner steps is unrolled into straight-line code (same
-# maths). Default 0: keep the loop. Unrolling paid off in reverse mode, where the loop stores
-# every step's residuals into [T, ...] stacks and reads them back (exact: -19 % per iteration on
-# a CPU, compile about 2x); with the forward-over-reverse default (``second_order="mixed"``) a
-# step keeps only its inputs, and on the CPU demo the loop is both faster to compile (about 40 s
-# less) and to run (0.83 against 0.90 s per iteration). The environment variable
-# DREAMPRM_FULL_UNROLL_MAX_STEPS overrides it (8: unroll the paper's T = 5).
-FULL_UNROLL_MAX_STEPS = int(os.environ.get("DREAMPRM_FULL_UNROLL_MAX_STEPS", "0"))
-
 InnerLoss = Callable[[Any, Any, Any], jax.Array]
-
-
-@contextlib.contextmanager
-def unroll_scans_up_to(max_steps: int):
-    """Within the block, :func:`unroll` unrolls scans of ``T <= max_steps`` steps
-    (``FULL_UNROLL_MAX_STEPS``; it is read when a step is traced, so wrap the tracing).
-
-    The trade-off is per program: on the CPU demo the loop is faster; for the 2B program the
-    loop's ``[T, ...]`` stacks of per-step residuals cost memory (``exact``: 315 GiB looped
-    against 211 GiB unrolled on one device, ``benchmarks.memory``).
-    """
-    global FULL_UNROLL_MAX_STEPS
-    previous = FULL_UNROLL_MAX_STEPS
-    FULL_UNROLL_MAX_STEPS = int(max_steps)
-    try:
-        yield
-    finally:
-        FULL_UNROLL_MAX_STEPS = previous
 
 
 def step_lr(learning_rate: float, step_size: int = 5000, gamma: float = 0.5) -> optax.Schedule:
@@ -291,7 +260,7 @@ def unroll(
     inner_batches: Any,
     *,
     remat: Any = False,
-    scan_unroll: int | bool | None = None,
+    scan_unroll: int | bool = 1,
     second_order: str = "reverse",
     peel_first: bool = False,
 ):
@@ -301,9 +270,13 @@ def unroll(
     ``(phi_t, s_t)`` at every step, plus the step's activations unless ``remat`` is set,
     in which case ``jax.checkpoint`` recomputes them from the carry in the backward pass.
 
-    ``scan_unroll`` is ``lax.scan``'s ``unroll``; ``None`` unrolls fully when
-    ``T <= FULL_UNROLL_MAX_STEPS`` (same maths, one straight-line program) and loops otherwise.
-    ``second_order`` is passed to :func:`inner_step`.
+    ``scan_unroll`` is ``lax.scan``'s ``unroll``: ``1`` keeps the loop, ``True`` unrolls it into
+    straight-line code (same maths), ``n`` runs ``n`` steps per loop iteration. The trade-off is
+    per program: differentiated in reverse mode (the ``exact`` hypergradient), the loop stacks
+    every step's residuals into ``[T, ...]`` buffers that the straight-line program does not
+    need (2B ``exact``, one device: 315 GiB looped against 211 GiB unrolled,
+    ``benchmarks.memory``); a forward-only unroll is the smaller program as a loop, and on the
+    CPU demo the loop also compiles and runs faster. ``second_order`` is passed to :func:`inner_step`.
 
     ``peel_first`` takes step 1 outside the scan (same maths). For callers that differentiate
     with respect to ``alpha`` only (the hypergradient; ``phi_0, s_0`` are constants): reverse
@@ -317,8 +290,6 @@ def unroll(
       ``(params_T, opt_state_T, metrics)``; each metric is stacked ``[T]``.
     """
     T = num_steps(inner_batches)  # validates the stacking
-    if scan_unroll is None:
-        scan_unroll = T if T <= FULL_UNROLL_MAX_STEPS else 1
 
     def body(carry, batch):
         p, s = carry

@@ -50,7 +50,7 @@ __all__ = ["exact", "exact_forward", "exact_lowmem", "truncated"]
 
 def exact(
     inner_loss, outer_loss, optimizer, params, opt_state, alpha, inner_batches, outer_batch, *, remat=False,
-    second_order="mixed", peel_first=True,
+    second_order="mixed", peel_first=True, scan_unroll=1,
 ):
     """Exact hypergradient (5) by reverse mode through the scan: ``jax.grad`` of
     ``alpha -> L_out(unroll(alpha))``.
@@ -68,12 +68,14 @@ def exact(
         ``phi_0`` part is never needed): one inner gradient less per hypergradient, the same
         numbers (tests: ``tests/test_bilevel_hypergradient.py``). ``False``: the whole
         ``T``-step loop, a smaller program to compile.
+      scan_unroll: ``lax.scan``'s ``unroll`` for the inner steps (:func:`inner.unroll`): ``1``
+        keeps the loop, ``True`` the straight-line program; the same maths.
     """
 
     def objective(a):
         p, s, metrics = unroll(
             inner_loss, optimizer, params, opt_state, a, inner_batches, remat=remat, second_order=second_order,
-            peel_first=peel_first,
+            peel_first=peel_first, scan_unroll=scan_unroll,
         )
         lo = outer_loss(p, outer_batch)
         return lo, (p, s, metrics)
@@ -83,13 +85,15 @@ def exact(
 
 
 def exact_forward(
-    inner_loss, outer_loss, optimizer, params, opt_state, alpha, inner_batches, outer_batch, *, chunk_size=None
+    inner_loss, outer_loss, optimizer, params, opt_state, alpha, inner_batches, outer_batch, *, chunk_size=None,
+    scan_unroll=1,
 ):
     """Exact hypergradient (5) in forward mode: ``g_k = jvp(alpha -> L_out(unroll(alpha)), e_k)``.
 
     The ``n = size(alpha)`` basis tangents are split in ``ceil(n / chunk_size)`` chunks
     (``None``: one chunk of ``n``), each chunk vmapped, chunks run in a ``lax.scan`` so only
     one chunk is live at a time. No tape is kept, so memory does not depend on ``T``.
+    ``scan_unroll`` is :func:`exact`'s option.
     """
     flat, unravel = ravel_pytree(alpha)
     n = flat.shape[0]
@@ -99,7 +103,8 @@ def exact_forward(
     tangents = eye.reshape(num_chunks, c, n)  # [chunks, c, n]
 
     def f(a_flat):
-        p, s, metrics = unroll(inner_loss, optimizer, params, opt_state, unravel(a_flat), inner_batches)
+        p, s, metrics = unroll(inner_loss, optimizer, params, opt_state, unravel(a_flat), inner_batches,
+                               scan_unroll=scan_unroll)
         return outer_loss(p, outer_batch), (p, s, metrics)
 
     def one_chunk(carry, tan):  # tan [c, n]
@@ -118,7 +123,8 @@ def exact_forward(
 
 
 def exact_lowmem(
-    inner_loss, outer_loss, optimizer, params, opt_state, alpha, inner_batches, outer_batch, *, second_order="mixed"
+    inner_loss, outer_loss, optimizer, params, opt_state, alpha, inner_batches, outer_batch, *, second_order="mixed",
+    scan_unroll=1,
 ):
     """Exact hypergradient (5) by reverse mode with recomputation (memory independent of ``T``).
 
@@ -131,9 +137,10 @@ def exact_lowmem(
     Integer leaves of the optimizer state (step counts) are carried, not differentiated.
     ``second_order`` is :func:`exact`'s option: how each step's VJP differentiates its gradient
     (``"mixed"`` keeps one forward-over-reverse pass live instead of the gradient's tape).
+    ``scan_unroll`` is :func:`exact`'s option, for the forward trajectory.
     """
     T = num_steps(inner_batches)
-    p_T, s_T, metrics = unroll(inner_loss, optimizer, params, opt_state, alpha, inner_batches)
+    p_T, s_T, metrics = unroll(inner_loss, optimizer, params, opt_state, alpha, inner_batches, scan_unroll=scan_unroll)
     lo, p_bar = jax.value_and_grad(outer_loss)(p_T, outer_batch)
     s_diff_T, _, _ = _common.split_inexact(s_T)
     s_bar = [None if x is None else jnp.zeros_like(x) for x in s_diff_T]
@@ -176,13 +183,14 @@ def exact_lowmem(
 
 def truncated(
     inner_loss, outer_loss, optimizer, params, opt_state, alpha, inner_batches, outer_batch, *, k=1, remat=False,
-    second_order="mixed",
+    second_order="mixed", scan_unroll=1,
 ):
     """Truncated back-propagation: reverse mode through only the last ``k`` of ``T`` steps,
 
         g_k = d/d alpha L_out(F_T o ... o F_{T-k+1}(sg(z_{T-k}), alpha)),   sg = stop_gradient,
 
     so the terms ``t <= T - k`` of (5) are dropped. ``k >= T`` equals ``exact``.
+    ``remat``, ``second_order`` and ``scan_unroll`` are :func:`exact`'s options.
     """
     T = num_steps(inner_batches)
     k = int(k)
@@ -190,13 +198,13 @@ def truncated(
         raise ValueError(f"hypergradient 'truncated': option k must be >= 1, got {k}")
     if k >= T:
         return exact(inner_loss, outer_loss, optimizer, params, opt_state, alpha, inner_batches, outer_batch, remat=remat,
-                     second_order=second_order)
+                     second_order=second_order, scan_unroll=scan_unroll)
     head = _common.slice_batches(inner_batches, 0, T - k)
     tail = _common.slice_batches(inner_batches, T - k, T)
-    p0, s0, m_head = unroll(inner_loss, optimizer, params, opt_state, alpha, head)
+    p0, s0, m_head = unroll(inner_loss, optimizer, params, opt_state, alpha, head, scan_unroll=scan_unroll)
     p0, s0 = lax.stop_gradient((p0, s0))
     g, aux = exact(inner_loss, outer_loss, optimizer, p0, s0, alpha, tail, outer_batch, remat=remat,
-                   second_order=second_order)
+                   second_order=second_order, scan_unroll=scan_unroll)
     for key, name in (("inner_losses", "loss"), ("inner_grad_norms", "grad_norm")):
         aux[key] = jnp.concatenate([m_head[name], aux[key]])
     aux["k"] = k

@@ -7,7 +7,7 @@
     builder = data.BatchBuilder(table, data.BatchSpec(8, (256, 512), (1024, 2048)), prepare_fn)
     sampler = data.Sampler(len(table.samples), 8, seed=0, mode="stratified",
                            groups=table.samples["domain_id"])
-    batch, stats = builder.stacked_train([sampler.next() for _ in range(5)])   # [T, ...]
+    batch, stats = builder.stacked_train([sampler.next() for _ in range(5)])   # TrainBatch, [T, ...]
 
 The processor (``data.processor``) and synthetic generator (``data.synthetic``) are
 imported from their own modules.
@@ -39,6 +39,7 @@ from dreamprm_jax.data.records import (
     load_train_records,
 )
 from dreamprm_jax.data.steps import StepError, find_max_step, split_step_reference, split_steps
+from dreamprm_jax.data.types import MetaBatch, ModelInputs, TrainBatch
 
 __all__ = [
     "BatchBuilder", "BatchSpec", "Sample", "Sampler", "choose_bucket", "collate", "collate_meta", "collate_train",
@@ -47,4 +48,5 @@ __all__ = [
     "Loaded", "MetaRecord", "RecordError", "TrainRecord", "convert_trl_record", "format_skipped",
     "load_meta_records", "load_train_records",
     "StepError", "find_max_step", "split_step_reference", "split_steps",
+    "MetaBatch", "ModelInputs", "TrainBatch",
 ]

@@ -9,13 +9,14 @@ waste is reported per batch::
 
     token_waste = 1 - (real tokens) / (B * L)      patch_waste = 1 - (real patches) / N
 
-Batches (CONTRACTS.md "Training / meta batches"):
+Batches (:mod:`dreamprm_jax.data.types`):
 
-* train: model batch + ``labels`` [B] f32, ``domain_ids`` [B] i32, ``sample_mask`` [B] f32;
-* meta:  model batch over M*S step-prefix rows, chain-major (row ``m * S + s`` is step
-  ``s + 1`` of chain ``m``) + ``step_mask`` [M, S] f32, ``labels`` [M] f32,
-  ``chain_mask`` [M] f32;
-* T batches stacked: every leaf gets a leading ``[T, ...]`` axis; all T share one bucket.
+* train: :class:`TrainBatch`, the model inputs + ``labels`` [B] f32, ``domain_ids`` [B] i32,
+  ``sample_mask`` [B] f32;
+* meta: :class:`MetaBatch`, the model inputs over M*S step-prefix rows, chain-major (row
+  ``m * S + s`` is step ``s + 1`` of chain ``m``) + ``step_mask`` [M, S] f32, ``labels`` [M]
+  f32, ``chain_mask`` [M] f32;
+* T batches stacked: every array gets a leading ``[T, ...]`` axis; all T share one bucket.
 
 Packed meta batches (``BatchSpec.pack_chains``).  A chain's S step prefixes share their
 beginning (system prompt, image, question, the earlier steps), so scoring them as S rows
@@ -34,9 +35,10 @@ are *dummy rows*: one pad token with attention 1 and no image.  A row with no at
 token would make a softmax over an all-masked row, i.e. NaN, and NaN * 0 = NaN in a
 masked loss; one attended pad token keeps every number finite.  The mask zeroes it.
 
-The model batch is built by the model's host helper ``prepare_batch(config, input_ids,
-attention_mask, pixel_values, image_grid_thw, num_patches=N)`` (:func:`model_prepare_fn`),
-or any function with the same signature minus ``config``.
+The model inputs (:class:`~dreamprm_jax.models.qwen2_vl.inputs.ModelInputs`) are built by the
+model's host helper ``prepare_batch(config, input_ids, attention_mask, pixel_values,
+image_grid_thw, num_patches=N)`` (:func:`model_prepare_fn`), or any function with the same
+signature minus ``config`` that returns ``ModelInputs``.
 """
 
 from __future__ import annotations
@@ -45,7 +47,10 @@ import dataclasses
 import functools
 from typing import Any, Callable, NamedTuple, Sequence
 
+import jax
 import numpy as np
+
+from dreamprm_jax.data.types import MetaBatch, ModelInputs, TrainBatch
 
 __all__ = [
     "Sample",
@@ -56,6 +61,7 @@ __all__ = [
     "collate_train",
     "collate_meta",
     "pack_chain",
+    "stack",
     "stack_train",
     "stack_meta",
     "model_prepare_fn",
@@ -150,10 +156,10 @@ def _buckets_for(groups: Sequence[Sequence[Sample]], spec: BatchSpec) -> tuple[i
 
 
 def collate(rows: Sequence[Sample | None], spec: BatchSpec, prepare_fn: Callable, *, seq_bucket: int | None = None,
-            patch_bucket: int | None = None) -> tuple[dict, dict]:
-    """Pad ``rows`` (``None`` = dummy row) into one model batch of ``len(rows)`` rows.
+            patch_bucket: int | None = None) -> tuple[ModelInputs, dict]:
+    """Pad ``rows`` (``None`` = dummy row) into the model inputs of ``len(rows)`` rows.
 
-    Returns ``(batch, stats)``: ``batch`` from ``prepare_fn`` (input_ids [R, L] int32,
+    Returns ``(inputs, stats)``: ``inputs`` from ``prepare_fn`` (input_ids [R, L] int32,
     attention_mask [R, L] int32, position_ids [3, R, L], and the vision arrays when
     ``spec.patch_buckets`` is set), ``stats`` = seq_bucket, patch_bucket, token_waste,
     patch_waste (fractions in [0, 1]).
@@ -192,36 +198,40 @@ def collate(rows: Sequence[Sample | None], spec: BatchSpec, prepare_fn: Callable
             raise ValueError("a batch with image slots holds no image; expected BatchSpec.patch_dim to size it")
         pixel_values = np.concatenate(pixels, 0) if pixels else np.zeros((0, dim), np.float32)  # [sum P_i, D]
         image_grid_thw = np.concatenate(grids, 0) if grids else np.zeros((0, 3), np.int64)  # [images, 3]
-    batch = dict(prepare_fn(input_ids, attention, pixel_values, image_grid_thw, num_patches=patch_bucket))
+    inputs = prepare_fn(input_ids, attention, pixel_values, image_grid_thw, num_patches=patch_bucket)
+    if not isinstance(inputs, ModelInputs):
+        raise TypeError(f"collate: prepare_fn returned {type(inputs).__name__}; expected ModelInputs "
+                        "(as qwen2_vl.prepare_batch returns)")
     stats = {
         "seq_bucket": int(seq_bucket),
         "patch_bucket": None if patch_bucket is None else int(patch_bucket),
         "token_waste": 1.0 - real_tokens / float(num_rows * seq_bucket),
         "patch_waste": 0.0 if not patch_bucket else 1.0 - real_patches / float(patch_bucket),
     }
-    return batch, stats
+    return inputs, stats
 
 
 def collate_train(samples: Sequence[Sample], labels: Sequence[float], domain_ids: Sequence[int], spec: BatchSpec,
-                  prepare_fn: Callable, *, seq_bucket: int | None = None, patch_bucket: int | None = None):
+                  prepare_fn: Callable, *, seq_bucket: int | None = None,
+                  patch_bucket: int | None = None) -> tuple[TrainBatch, dict]:
     """Training batch of ``spec.batch_size`` rows (dummy rows fill a short batch).
 
-    Adds ``labels`` [B] f32, ``domain_ids`` [B] i32 and ``sample_mask`` [B] f32 (1 real, 0 dummy).
+    The model inputs with ``labels`` [B] f32, ``domain_ids`` [B] i32 and ``sample_mask`` [B]
+    f32 (1 real, 0 dummy).
     """
     n, size = len(samples), spec.batch_size
     if n > size or len(labels) != n or len(domain_ids) != n:
         raise ValueError(f"collate_train: expected at most {size} samples with one label and domain each; "
                          f"got {n} samples, {len(labels)} labels, {len(domain_ids)} domain ids")
     rows = list(samples) + [None] * (size - n)
-    batch, stats = collate(rows, spec, prepare_fn, seq_bucket=seq_bucket, patch_bucket=patch_bucket)
+    inputs, stats = collate(rows, spec, prepare_fn, seq_bucket=seq_bucket, patch_bucket=patch_bucket)
     lab = np.zeros((size,), np.float32)
     lab[:n] = np.asarray(labels, np.float32)
     dom = np.zeros((size,), np.int32)
     dom[:n] = np.asarray(domain_ids, np.int32)
     mask = np.zeros((size,), np.float32)
     mask[:n] = 1.0
-    batch.update(labels=lab, domain_ids=dom, sample_mask=mask)
-    return batch, stats
+    return TrainBatch(inputs, labels=lab, domain_ids=dom, sample_mask=mask), stats
 
 
 def _meta_rows(chains: Sequence[Sequence[Sample]], spec: BatchSpec, num_steps: int):
@@ -341,52 +351,53 @@ def _collate_packed_meta(chains: Sequence[Sequence[Sample]], spec: BatchSpec, pr
         rows.append(packed)
         branches.append(branch)
         positions.append(np.concatenate([pos, np.full((S - len(pos),), pos[-1], np.int32)]))
-    batch, stats = collate(rows, spec, prepare_fn, seq_bucket=seq_bucket, patch_bucket=patch_bucket)
-    L = batch["input_ids"].shape[1]
+    inputs, stats = collate(rows, spec, prepare_fn, seq_bucket=seq_bucket, patch_bucket=patch_bucket)
+    L = inputs.input_ids.shape[1]
     branch_ids = np.zeros((M, L), np.int32)  # [M, L]
     score_index = np.zeros((M, S), np.int32)  # [M, S]
-    position_ids = np.array(batch["position_ids"])  # [3, M, L]
+    position_ids = np.array(inputs.position_ids)  # [3, M, L]
     for m, (branch, pos) in enumerate(zip(branches, positions)):
         offset = 0 if spec.padding_side == "right" else L - len(branch)
         branch_ids[m, offset: offset + len(branch)] = branch
         score_index[m] = pos + offset
-        real = batch["attention_mask"][m] > 0  # [L] (padding keeps its position)
+        real = inputs.attention_mask[m] > 0  # [L] (padding keeps its position)
         position_ids[:, m, real] = _own_prefix_positions(position_ids[:, m, real], branch_ids[m, real])
-    batch.update(position_ids=position_ids, branch_ids=branch_ids, score_index=score_index)
-    return batch, stats
+    return dataclasses.replace(inputs, position_ids=position_ids, branch_ids=branch_ids, score_index=score_index), stats
 
 
 def collate_meta(chains: Sequence[Sequence[Sample]], labels: Sequence[float], spec: BatchSpec, prepare_fn: Callable,
-                 *, num_steps: int | None = None, seq_bucket: int | None = None, patch_bucket: int | None = None):
+                 *, num_steps: int | None = None, seq_bucket: int | None = None,
+                 patch_bucket: int | None = None) -> tuple[MetaBatch, dict]:
     """Meta batch: M = ``spec.batch_size`` chains x S steps, rows flattened chain-major.
 
-    ``chains[m][s]`` is the prefix sample of step s + 1 of chain m.  Adds ``step_mask``
-    [M, S] f32 (1 for a real step), ``labels`` [M] f32 and ``chain_mask`` [M] f32.
+    ``chains[m][s]`` is the prefix sample of step s + 1 of chain m.  The model inputs with
+    ``step_mask`` [M, S] f32 (1 for a real step), ``labels`` [M] f32 and ``chain_mask`` [M] f32.
     """
     if len(labels) != len(chains):
         raise ValueError(f"collate_meta: expected one label per chain; got {len(chains)} chains, {len(labels)} labels")
     S = num_steps if num_steps is not None else _num_steps([chains], spec)
     rows, step_mask = _meta_rows(chains, spec, S)  # also checks the chain count and lengths
     if spec.pack_chains:
-        batch, stats = _collate_packed_meta(chains, spec, prepare_fn, S, seq_bucket=seq_bucket, patch_bucket=patch_bucket)
+        inputs, stats = _collate_packed_meta(chains, spec, prepare_fn, S, seq_bucket=seq_bucket, patch_bucket=patch_bucket)
     else:
-        batch, stats = collate(rows, spec, prepare_fn, seq_bucket=seq_bucket, patch_bucket=patch_bucket)
+        inputs, stats = collate(rows, spec, prepare_fn, seq_bucket=seq_bucket, patch_bucket=patch_bucket)
     M = spec.batch_size
     lab = np.zeros((M,), np.float32)
     lab[: len(chains)] = np.asarray(labels, np.float32)
     chain_mask = np.zeros((M,), np.float32)
     chain_mask[: len(chains)] = 1.0
-    batch.update(step_mask=step_mask, labels=lab, chain_mask=chain_mask)
     stats["num_steps"] = S
-    return batch, stats
+    return MetaBatch(inputs, step_mask=step_mask, labels=lab, chain_mask=chain_mask), stats
 
 
-def _stack(batches: Sequence[dict]) -> dict:
-    keys = batches[0].keys()
-    for b in batches[1:]:
-        if b.keys() != keys:
-            raise ValueError(f"stack: batches have different keys {sorted(keys)} vs {sorted(b.keys())}")
-    return {k: np.stack([np.asarray(b[k]) for b in batches], axis=0) for k in keys}  # [T, ...]
+def stack(batches: Sequence[Any]) -> Any:
+    """``T`` batches of one structure -> that structure with ``[T, ...]`` arrays."""
+    structure = jax.tree.structure(batches[0])
+    for t, b in enumerate(batches[1:], 1):
+        if jax.tree.structure(b) != structure:
+            raise ValueError(f"stack: batch {t} has the structure {jax.tree.structure(b)}, expected that of batch 0, "
+                             f"{structure} (every batch of a stack must carry the same fields)")
+    return jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs], axis=0), *batches)  # [T, ...]
 
 
 def _merge_stats(stats: Sequence[dict]) -> dict:
@@ -398,13 +409,13 @@ def _merge_stats(stats: Sequence[dict]) -> dict:
 
 def stack_train(groups: Sequence[tuple[Sequence[Sample], Sequence[float], Sequence[int]]], spec: BatchSpec,
                 prepare_fn: Callable):
-    """T training batches ``[(samples, labels, domain_ids)] * T`` -> one dict of [T, ...] arrays.
+    """T training batches ``[(samples, labels, domain_ids)] * T`` -> one :class:`TrainBatch` of [T, ...] arrays.
 
     All T share the (L, N) buckets of the largest; stats' wastes are the mean over T.
     """
     seq_b, patch_b = _buckets_for([g[0] for g in groups], spec)
     out = [collate_train(s, l, d, spec, prepare_fn, seq_bucket=seq_b, patch_bucket=patch_b) for s, l, d in groups]
-    return _stack([b for b, _ in out]), _merge_stats([s for _, s in out])
+    return stack([b for b, _ in out]), _merge_stats([s for _, s in out])
 
 
 def stack_meta(groups: Sequence[tuple[Sequence[Sequence[Sample]], Sequence[float]]], spec: BatchSpec,
@@ -417,7 +428,7 @@ def stack_meta(groups: Sequence[tuple[Sequence[Sequence[Sample]], Sequence[float
         rows = [[s for c in g[0] for s in c] for g in groups]
     seq_b, patch_b = _buckets_for(rows, spec)
     out = [collate_meta(c, l, spec, prepare_fn, num_steps=S, seq_bucket=seq_b, patch_bucket=patch_b) for c, l in groups]
-    return _stack([b for b, _ in out]), _merge_stats([s for _, s in out])
+    return stack([b for b, _ in out]), _merge_stats([s for _, s in out])
 
 
 # ----------------------------------------------------------------------------- sampler

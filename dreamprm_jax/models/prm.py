@@ -5,7 +5,7 @@ real token ``t_b = max{t : attention_mask[b, t] = 1}`` of each row b (mask-based
 and right padding both work; DreamPRM's ``logits[:, -1, :]`` is the special case of no right
 padding)::
 
-    h_b = hidden_states(backbone, batch)[b, t_b]            # [H]  final-norm hidden state
+    h_b = hidden_states(backbone, inputs)[b, t_b]           # [H]  final-norm hidden state
     l_b = lm_head(h_b)                                      # [V]  float32 vocabulary logits
     z_b = l_b . w + c                                       # the reward logit, float32
     p_b = sigmoid(z_b)                                      # the reward probability
@@ -108,15 +108,15 @@ def head_logit(features, head) -> jax.Array:
     return (z + head["bias"].astype(jnp.float32))[:, 0]  # [B]
 
 
-def score(config, params, batch):
-    """Reward probabilities and logits for a model batch (``qwen2_vl.prepare_batch``).
+def score(config, params, inputs: qwen2_vl.ModelInputs):
+    """Reward probabilities and logits for the model inputs of a batch (``qwen2_vl.prepare_batch``).
 
     Args:
       config: the backbone's ``Qwen2VLConfig`` (static under jit).
       params: ``{"backbone": ..., "head": ...}`` (or ``"hidden_head"``).
-      batch: ``input_ids [B, L]``, ``attention_mask [B, L]``, ``position_ids [3, B, L]`` and
-        the optional image entries. A packed meta batch (``data.batching.BatchSpec(...,
-        pack_chains=True)``) adds ``branch_ids [B, L]`` and ``score_index [B, S]``: then row ``b``
+      inputs: ``input_ids [B, L]``, ``attention_mask [B, L]``, ``position_ids [3, B, L]`` and
+        the optional image fields. Packed meta rows (``data.batching.BatchSpec(...,
+        pack_chains=True)``) add ``branch_ids [B, L]`` and ``score_index [B, S]``: then row ``b``
         is scored at its ``S`` positions and the outputs are ``[B * S]``, row-major.
 
     Returns:
@@ -125,13 +125,13 @@ def score(config, params, batch):
     """
     kind = _head_kind(params)
     backbone = params["backbone"]
-    hidden = qwen2_vl.hidden_states(config, backbone, batch)  # [B, L, H]
-    if "score_index" in batch:  # packed rows: S scored positions per row, flattened row-major
-        index = batch["score_index"]  # [B, S]
+    hidden = qwen2_vl.hidden_states(config, backbone, inputs)  # [B, L, H]
+    if inputs.score_index is not None:  # packed rows: S scored positions per row, flattened row-major
+        index = inputs.score_index  # [B, S]
         last = jnp.take_along_axis(hidden, index[:, :, None], axis=1)  # [B, S, H]
         last = last.reshape(-1, last.shape[-1])  # [B*S, H]
     else:
-        index = last_token_index(batch["attention_mask"])  # [B]
+        index = last_token_index(inputs.attention_mask)  # [B]
         last = jnp.take_along_axis(hidden, index[:, None, None], axis=1)[:, 0]  # [B, H]
     if kind == "vocab":
         features = qwen2_vl.lm_head(config, backbone, last)  # [B, V] float32

@@ -6,10 +6,9 @@ devices in ``jax.devices()`` (``d`` local), the mesh of :mod:`dreamprm_jax.train
 spans them all, and each process uploads only the rows of a batch its own devices hold.
 
 Deterministic global order: every process runs the *same* sampler (same seed, same state),
-so every process knows the global batch ``indices[0..B-1]``; process ``i`` loads the
-samples ``indices[host_rows(...)]``. The rows of a process are read off the batch sharding
-itself (``addressable_devices_indices_map``), so they always agree with where
-``jax.make_array_from_process_local_data`` puts them.
+so every process builds the same global batch and uploads only the shards its devices hold
+(``sharding.put_batch``). :func:`host_rows` names those rows, read off the batch sharding
+itself (``devices_indices_map``), so they always agree with where the shards go.
 
 Environment (flags win over environment variables):
 
@@ -156,7 +155,7 @@ def primary_first(name: str) -> Iterator[None]:
 def host_rows(sharding: Any, global_shape, axis: int = 0, process_index: int | None = None) -> np.ndarray:
     """Global row indices along ``axis`` that process ``process_index`` (default: this one) holds.
 
-    Read off ``sharding`` itself, so they agree with ``jax.make_array_from_process_local_data``.
+    Read off ``sharding`` itself, so they agree with where ``jax.make_array_from_callback`` puts them.
     For a replicated axis every process holds every row. Sorted ascending (global order).
     """
     pid = jax.process_index() if process_index is None else int(process_index)

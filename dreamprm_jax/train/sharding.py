@@ -22,11 +22,12 @@ Rules
   replicated.
 * **Batches**: the batch axis is sharded over ``("data", "fsdp")`` (every device holds
   ``B / (data * fsdp)`` rows); if ``B`` is not divisible by ``data * fsdp`` then over
-  ``data`` alone if divisible, else replicated. The batch axis is axis 0 of
-  ``input_ids / attention_mask [B, L]`` and of ``labels / domain_ids / sample_mask [B]``,
-  axis 1 of ``position_ids [3, B, L]``, and of the meta batch's ``step_mask [M, S]``,
-  ``labels / chain_mask [M]`` (chains). Inner batches stacked ``[T, B, ...]`` shift every
-  batch axis by one (``position_ids [T, 3, B, L]`` on axis 2).
+  ``data`` alone if divisible, else replicated. Each field of the typed batches
+  (``data.types.TrainBatch`` / ``MetaBatch`` and their ``ModelInputs``) names its row axis
+  (``row_axis``): axis 0 of ``input_ids / attention_mask [B, L]`` and of ``labels /
+  domain_ids / sample_mask [B]``, axis 1 of ``position_ids [3, B, L]``, and the chains of the
+  meta batch's ``step_mask [M, S]``, ``labels / chain_mask [M]``. Inner batches stacked
+  ``[T, B, ...]`` shift every batch axis by one (``position_ids [T, 3, B, L]`` on axis 2).
 * **Image patches** ``pixel_values [N, D]``, ``vision_position_ids [N, 2]``,
   ``vision_segment_ids [N]``: replicated by default. Their rows are *global* to the batch:
   ``prepare_batch`` concatenates the patches of all images of the batch in batch order,
@@ -38,8 +39,8 @@ Rules
   ``N`` is divisible. What is *not* correct is to build the patch rows per host from the
   host's own samples and concatenate them: the padding would sit between hosts' images,
   breaking the rank -> feature-row mapping, and the frame ids would collide. So in a
-  multi-host run the patch leaves are built from the global batch on every host (see
-  :func:`put` and :func:`dreamprm_jax.train.distributed.host_rows`).
+  multi-host run every host builds the global batch and uploads only the shards its devices
+  hold (:func:`put`).
 
 Example (what the training loop does)::
 
@@ -53,6 +54,7 @@ Example (what the training loop does)::
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, Callable, Mapping
 
@@ -60,6 +62,8 @@ import jax
 import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from dreamprm_jax.models.qwen2_vl.inputs import PATCH_ROWS, row_axis
 
 __all__ = [
     "AXES",
@@ -79,13 +83,11 @@ __all__ = [
     "to_host",
     "put",
     "put_batch",
-    "global_batch_shapes",
     "replicated",
 ]
 
 AXES = ("data", "fsdp")
 BATCH_AXES = ("data", "fsdp")
-VISION_KEYS = ("pixel_values", "vision_position_ids", "vision_segment_ids")
 #: Leaves of the training state that are replicated (the upper level and the counter).
 REPLICATED_STATE_KEYS = ("raw_weights", "meta_opt_state", "step")
 
@@ -208,23 +210,16 @@ def state_shardings(state: Mapping[str, Any], mesh: Mesh) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------- batch rules
 
-def _batch_axis(key: str, ndim: int, stacked: bool) -> int | None:
-    """Index of the batch (or chain) axis of batch leaf ``key``; ``None`` for patch rows."""
-    if key in VISION_KEYS:
-        return None
-    base = 1 if key == "position_ids" else 0
-    axis = base + (1 if stacked else 0)
-    return axis if axis < ndim else None
-
-
-def batch_spec(key: str, shape, mesh: Mesh, *, stacked: bool, shard_patches: bool = False) -> P:
-    """Partition spec of one batch leaf (see the module docstring)."""
+def batch_spec(rows: tuple[str, int], shape, mesh: Mesh, *, stacked: bool, shard_patches: bool = False) -> P:
+    """Partition spec of one batch array whose rows are ``rows = (kind, axis)`` (the field's
+    ``row_axis``; ``stacked``: the array carries a leading ``[T, ...]`` axis). See the module docstring."""
     shape = tuple(int(s) for s in shape)
     ndim = len(shape)
-    axis = _batch_axis(key, ndim, stacked)
-    if axis is None and key in VISION_KEYS and shard_patches:
-        axis = 1 if stacked else 0
-    if axis is None or axis >= ndim:
+    kind, axis = rows
+    if kind == PATCH_ROWS and not shard_patches:
+        return P()
+    axis += 1 if stacked else 0
+    if axis >= ndim:
         return P()
     size = shape[axis]
     n_all, n_data = mesh.shape["data"] * mesh.shape["fsdp"], mesh.shape["data"]
@@ -239,10 +234,27 @@ def batch_spec(key: str, shape, mesh: Mesh, *, stacked: bool, shard_patches: boo
     return P(*spec)
 
 
-def batch_shardings(batch: Mapping[str, Any], mesh: Mesh, stacked: bool, *, shard_patches: bool = False) -> dict:
-    """``NamedSharding`` per leaf of a model / train / meta batch dict (``stacked``: ``[T, ...]``)."""
-    return {k: NamedSharding(mesh, batch_spec(k, _shape(v), mesh, stacked=stacked, shard_patches=shard_patches))
-            for k, v in batch.items()}
+def batch_shardings(batch: Any, mesh: Mesh, stacked: bool, *, shard_patches: bool = False) -> Any:
+    """``NamedSharding`` per array of a typed batch (``TrainBatch``, ``MetaBatch``, ``ModelInputs``;
+    ``stacked``: ``[T, ...]``), in the batch's own structure, from each field's row axis."""
+    if not dataclasses.is_dataclass(batch):
+        raise TypeError(f"sharding.batch_shardings: expected a typed batch (TrainBatch, MetaBatch, ModelInputs), "
+                        f"got {type(batch).__name__}")
+    out = {}
+    for field in dataclasses.fields(batch):
+        value = getattr(batch, field.name)
+        if value is None:
+            out[field.name] = None
+        elif dataclasses.is_dataclass(value):
+            out[field.name] = batch_shardings(value, mesh, stacked, shard_patches=shard_patches)
+        else:
+            rows = row_axis(field)
+            if rows is None:
+                raise TypeError(f"sharding.batch_shardings: field {type(batch).__name__}.{field.name} declares no "
+                                "row axis; expected one (rows_field) to derive its sharding")
+            out[field.name] = NamedSharding(
+                mesh, batch_spec(rows, _shape(value), mesh, stacked=stacked, shard_patches=shard_patches))
+    return dataclasses.replace(batch, **out)
 
 
 # ----------------------------------------------------------------- carried-state pinning
@@ -309,38 +321,42 @@ class ShardedStep:
     """The bi-level iteration, jitted per batch-shape bucket with the sharding rules.
 
     ``step(state, inner_batches, meta_batch)`` places host (numpy) batches with
-    :func:`put_batch` and calls the program compiled for their shapes (one per bucket, built
-    on first use by :func:`shard_bilevel_step`; the state is donated). With
-    ``process_local=True`` the batches are this host's rows and ``global_shapes`` must be
-    passed per call. Drop-in for ``jit_bilevel_step(step_fn)`` in the training loop.
+    :func:`put_batch` (every process passes the global batch and uploads its own shards)
+    and calls the program compiled for their shapes (one per bucket, built on first use by
+    :func:`shard_bilevel_step`; the state is donated). Drop-in for
+    ``jit_bilevel_step(step_fn)`` in the training loop.
     """
 
     def __init__(self, step_fn: Callable, mesh: Mesh, *, shard_patches: bool = False, donate: bool = True):
         self.step_fn, self.mesh, self.shard_patches, self.donate = step_fn, mesh, shard_patches, donate
         self._programs: dict = {}
+        self._traces = 0
 
-    def _key(self, inner_shapes, meta_shapes):
-        return (tuple(sorted(inner_shapes.items())), tuple(sorted(meta_shapes.items())))
+    def _traced_step(self, state, inner_batches, meta_batch):
+        # Runs in Python only when jit traces, i.e. once per program it builds.
+        self._traces += 1
+        return self.step_fn(state, inner_batches, meta_batch)
 
-    def __call__(self, state, inner_batches, meta_batch, *, global_shapes: tuple | None = None):
-        process_local = global_shapes is not None
-        inner_shapes, meta_shapes = global_shapes or (global_batch_shapes(inner_batches), global_batch_shapes(meta_batch))
-        key = self._key(inner_shapes, meta_shapes)
+    def __call__(self, state, inner_batches, meta_batch):
+        key = (_signature(inner_batches), _signature(meta_batch))
         program = self._programs.get(key)
         if program is None:
-            abstract = lambda b, sh: {k: jax.ShapeDtypeStruct(sh[k], np.asarray(v).dtype) for k, v in b.items()}  # noqa: E731
-            program = shard_bilevel_step(self.step_fn, state, abstract(inner_batches, inner_shapes),
-                                         abstract(meta_batch, meta_shapes), self.mesh,
+            program = shard_bilevel_step(self._traced_step, state, inner_batches, meta_batch, self.mesh,
                                          shard_patches=self.shard_patches, donate=self.donate)
             self._programs[key] = program
-        ib = put_batch(inner_batches, self.mesh, stacked=True, process_local=process_local,
-                       global_shapes=inner_shapes if process_local else None, shard_patches=self.shard_patches)
-        mb = put_batch(meta_batch, self.mesh, stacked=False, process_local=process_local,
-                       global_shapes=meta_shapes if process_local else None, shard_patches=self.shard_patches)
+        ib = put_batch(inner_batches, self.mesh, stacked=True, shard_patches=self.shard_patches)
+        mb = put_batch(meta_batch, self.mesh, stacked=False, shard_patches=self.shard_patches)
         return program(state, ib, mb)
 
     def compile_count(self) -> int:
-        return sum(p._cache_size() for p in self._programs.values())
+        """Programs traced (and so compiled) so far: one per batch-shape bucket met."""
+        return self._traces
+
+
+def _signature(batch: Any) -> tuple:
+    """The structure, shapes and dtypes of a batch: what decides its program."""
+    leaves, treedef = jax.tree.flatten(batch)
+    return treedef, tuple((_shape(x), str(x.dtype if hasattr(x, "dtype") else np.asarray(x).dtype)) for x in leaves)
 
 
 def shard_tree(tree: Any, mesh: Mesh) -> Any:
@@ -376,61 +392,25 @@ def to_host(tree: Any, mesh: Mesh) -> Any:
 
 # ------------------------------------------------------------------------- placement
 
-def put(tree: Any, shardings: Any, *, process_local: bool = False, global_shapes: Any = None) -> Any:
+def put(tree: Any, shardings: Any) -> Any:
     """Host -> device placement of ``tree`` (numpy or jax leaves) with ``shardings``.
 
-    * one process: ``jax.device_put``.
-    * several processes, ``process_local=False``: every process passes the *global* value of
-      each leaf; each process uploads only the shards its devices hold
-      (``jax.make_array_from_callback``).
-    * several processes, ``process_local=True``: each process passes only the rows its devices
-      hold along the sharded axis, in global order (see
-      :func:`dreamprm_jax.train.distributed.host_rows`); replicated leaves are global
-      (``jax.make_array_from_process_local_data``). ``global_shapes``, a tree like ``tree`` of
-      ``jax.ShapeDtypeStruct`` (or arrays) of the global shapes, is required: a local shape
-      does not determine the global one.
+    One process: ``jax.device_put``. Several processes: every process passes the *global*
+    value of each leaf and uploads only the shards its devices hold
+    (``jax.make_array_from_callback``).
     """
-    if jax.process_count() == 1 and not process_local:
+    if jax.process_count() == 1:
         return jax.device_put(tree, shardings)
-    if process_local and global_shapes is None:
-        raise ValueError("sharding.put: process_local=True needs global_shapes (the global batch's shapes)")
 
-    def one(x, sh, shape=None):
+    def one(x, sh):
         if isinstance(x, jax.Array) and not x.is_fully_addressable:
             return x  # already a global array
         x = np.asarray(x)
-        if process_local:
-            return jax.make_array_from_process_local_data(sh, x, tuple(shape))
         return jax.make_array_from_callback(x.shape, sh, lambda idx: x[idx])
 
-    if process_local:
-        return jax.tree.map(lambda x, sh, g: one(x, sh, _shape(g)), tree, shardings, global_shapes)
     return jax.tree.map(one, tree, shardings)
 
 
-def global_batch_shapes(batch: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
-    """``{key: shape}`` of a batch (or of ``jax.ShapeDtypeStruct`` leaves)."""
-    return {k: tuple(_shape(v)) for k, v in batch.items()}
-
-
-def put_batch(batch: Mapping[str, Any], mesh: Mesh, *, stacked: bool, process_local: bool = False,
-              global_shapes: Mapping[str, tuple] | None = None, shard_patches: bool = False) -> dict:
-    """:func:`put` of a batch with :func:`batch_shardings`.
-
-    With ``process_local=True`` the shardings are computed from ``global_shapes`` (every host
-    must use the same global shapes, i.e. the same sequence / patch buckets), ``batch`` holds
-    this host's rows (:func:`dreamprm_jax.train.distributed.host_rows`) and the patch leaves
-    are global (see the module docstring).
-    """
-    if not process_local:
-        return put(dict(batch), batch_shardings(batch, mesh, stacked, shard_patches=shard_patches))
-    if shard_patches:
-        raise ValueError("sharding.put_batch: process-local batches need global (replicated) patch rows; "
-                         "use shard_patches=False (see the module docstring)")
-    if global_shapes is None:
-        raise ValueError("sharding.put_batch: process_local=True needs global_shapes (the global batch's shapes)")
-    shapes = {k: tuple(global_shapes[k]) for k in batch}
-    abstract = {k: jax.ShapeDtypeStruct(shapes[k], np.asarray(v).dtype) for k, v in batch.items()}
-    shardings = batch_shardings(abstract, mesh, stacked)
-    return {k: jax.make_array_from_process_local_data(shardings[k], np.asarray(v), shapes[k])
-            for k, v in batch.items()}
+def put_batch(batch: Any, mesh: Mesh, *, stacked: bool, shard_patches: bool = False) -> Any:
+    """:func:`put` of a typed batch (the global batch, on every process) with :func:`batch_shardings`."""
+    return put(batch, batch_shardings(batch, mesh, stacked, shard_patches=shard_patches))

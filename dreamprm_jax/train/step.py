@@ -11,7 +11,6 @@ state donated, so the T-step unroll and the meta update are one compiled program
 
 from __future__ import annotations
 
-import contextlib
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -20,29 +19,29 @@ import optax
 
 from dreamprm_jax import bilevel
 from dreamprm_jax.bilevel import _common
-from dreamprm_jax.bilevel import inner as inner_lib
+from dreamprm_jax.data.types import MetaBatch, TrainBatch
 from dreamprm_jax.models import prm, qwen2_vl
 
 State = dict[str, Any]
 
 
 def make_losses(model_config, aggregation: str) -> tuple[Callable, Callable]:
-    """The lower- and upper-level losses of DreamPRM over model batches.
+    """The lower- and upper-level losses of DreamPRM over typed batches.
 
-    inner_loss(params, r, batch) = sum_i m_i w[d_i] (p_i - y_i)^2 / sum_i m_i
-    outer_loss(params, batch)    = mean_chains (sigmoid(A) - label)^2,
+    inner_loss(params, r, batch: TrainBatch) = sum_i m_i w[d_i] (p_i - y_i)^2 / sum_i m_i
+    outer_loss(params, batch: MetaBatch)     = mean_chains (sigmoid(A) - label)^2,
         A = mean (or sum) over the chain's steps of the step logit z_s = log(p_s / (1 - p_s)).
     """
 
-    def inner_loss(params, raw_weights, batch):
-        probs, _ = prm.score(model_config, params, batch)  # [B]
-        return bilevel.weighted_mse(probs, batch["labels"], batch["domain_ids"], raw_weights, batch["sample_mask"])
+    def inner_loss(params, raw_weights, batch: TrainBatch):
+        probs, _ = prm.score(model_config, params, batch.inputs)  # [B]
+        return bilevel.weighted_mse(probs, batch.labels, batch.domain_ids, raw_weights, batch.sample_mask)
 
-    def outer_loss(params, batch):
-        _, step_logits = prm.score(model_config, params, batch)  # [M * S]
-        m, s = batch["step_mask"].shape
+    def outer_loss(params, batch: MetaBatch):
+        _, step_logits = prm.score(model_config, params, batch.inputs)  # [M * S]
+        m, s = batch.step_mask.shape
         return bilevel.aggregation_loss(
-            step_logits.reshape(m, s), batch["step_mask"], batch["labels"], batch["chain_mask"], reduce=aggregation)
+            step_logits.reshape(m, s), batch.step_mask, batch.labels, batch.chain_mask, reduce=aggregation)
 
     return inner_loss, outer_loss
 
@@ -123,41 +122,37 @@ def init_state(params, num_domains: int, optimizer, meta_opt) -> State:
 UNROLL_PAYS_METHODS = ("exact",)
 
 
-def inner_scan_unrolled(method: str, unroll_inner: bool | None, reweighting: bool = True) -> bool | None:
+def inner_scan_unrolled(method: str, unroll_inner: bool, reweighting: bool = True) -> bool:
     """What ``make_bilevel_step(unroll_inner=...)`` does with the inner scan for ``method``:
     ``True`` (unrolled) only for :data:`UNROLL_PAYS_METHODS` with reweighting on, ``False``
-    (a loop) otherwise, ``None`` when ``unroll_inner`` is None (the module default)."""
-    if unroll_inner is None:
-        return None
+    (a loop) otherwise."""
     return bool(unroll_inner) and reweighting and method in UNROLL_PAYS_METHODS
 
 
 def make_bilevel_step(model_config, optimizer, meta_opt, *, method: str = "exact", aggregation: str = "mean",
                       reweighting: bool = True, method_options: dict | None = None,
-                      unroll_inner: bool | None = None) -> Callable:
+                      unroll_inner: bool = False) -> Callable:
     """Returns ``step(state, inner_batches, meta_batch) -> (state, metrics)`` (not jitted).
 
     ``inner_batches`` carries a leading axis of length T. With ``reweighting=False`` the
     domain weights stay at 1 (the vanilla PRM) and only the meta loss is evaluated.
     ``unroll_inner``: ``True`` unrolls the T-step inner scan into straight-line code where that
     saves memory (:func:`inner_scan_unrolled`: ``exact``; the other methods keep the loop),
-    ``False`` keeps the loop, ``None`` follows ``bilevel.inner.FULL_UNROLL_MAX_STEPS`` (same
-    maths in every case).
+    ``False`` keeps the loop (same maths either way). It sets the method option ``scan_unroll``
+    (``bilevel.hypergradient``), which ``method_options`` must then leave unset.
     """
     inner_loss, outer_loss = make_losses(model_config, aggregation)
     options = dict(method_options or {})
-    unroll_inner = inner_scan_unrolled(method, unroll_inner, reweighting)
+    if inner_scan_unrolled(method, unroll_inner, reweighting):
+        if "scan_unroll" in options:
+            raise ValueError(f"make_bilevel_step: unroll_inner=True sets the {method!r} option scan_unroll; "
+                             f"method_options must not set it too (got scan_unroll={options['scan_unroll']!r})")
+        options["scan_unroll"] = True
 
-    def step(state: State, inner_batches, meta_batch):
-        layout = (contextlib.nullcontext() if unroll_inner is None else
-                  inner_lib.unroll_scans_up_to(inner_lib.num_steps(inner_batches) if unroll_inner else 0))
-        with layout:
-            return _step(state, inner_batches, meta_batch)
-
-    def _step(state: State, inner_batches, meta_batch):
+    def step(state: State, inner_batches: TrainBatch, meta_batch: MetaBatch):
         # The rotary tables once per iteration, outside the unroll (see qwen2_vl.with_rope_tables).
-        inner_batches = qwen2_vl.with_rope_tables(model_config, inner_batches)
-        meta_batch = qwen2_vl.with_rope_tables(model_config, meta_batch)
+        inner_batches = inner_batches.replace(inputs=qwen2_vl.with_rope_tables(model_config, inner_batches.inputs))
+        meta_batch = meta_batch.replace(inputs=qwen2_vl.with_rope_tables(model_config, meta_batch.inputs))
         raw = state["raw_weights"]
         if reweighting:
             g_raw, aux = bilevel.hypergradient(

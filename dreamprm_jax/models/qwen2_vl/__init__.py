@@ -6,9 +6,9 @@
 
 For training, prepare static-shape batches on the host and jit the pure forward:
 
-    batch = qwen2_vl.prepare_batch(config, input_ids, attention_mask, pixel_values, grid_thw,
-                                   num_patches=bucket)
-    out = jax.jit(qwen2_vl.forward)(config, params, batch)   # config is a static pytree
+    inputs = qwen2_vl.prepare_batch(config, input_ids, attention_mask, pixel_values, grid_thw,
+                                    num_patches=bucket)      # a ModelInputs pytree
+    out = jax.jit(qwen2_vl.forward)(config, params, inputs)  # config is a static pytree
 """
 
 from .checkpoint import load_checkpoint, save_checkpoint
@@ -23,13 +23,15 @@ from .config import (
     tiny,
 )
 from .convert import hf_from_params, normalize_hf_name, param_shapes, params_from_hf
-from .model import ROPE_KEYS, forward, hidden_states, init_params, lm_head, logits, prepare_batch, with_rope_tables
+from .inputs import ROPE_FIELDS, ModelInputs
+from .model import forward, hidden_states, init_params, lm_head, logits, prepare_batch, with_rope_tables
 from .rope import rope_index, vision_position_ids, vision_segment_ids
 
 __all__ = [
     "DTYPES",
     "REMAT_POLICIES",
-    "ROPE_KEYS",
+    "ROPE_FIELDS",
+    "ModelInputs",
     "Qwen2VLConfig",
     "TextConfig",
     "VisionConfig",

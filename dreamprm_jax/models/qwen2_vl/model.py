@@ -33,6 +33,7 @@ import numpy as np
 
 from .config import Qwen2VLConfig
 from .convert import param_shapes
+from .inputs import ModelInputs
 from .rope import _grids, rope_index, vision_position_ids, vision_segment_ids
 from .text import compute_dtype, decoder, mrope_cos_sin
 from .vision import encode_images, vision_cos_sin
@@ -48,8 +49,8 @@ def prepare_batch(
     image_grid_thw=None,
     *,
     num_patches: int | None = None,
-) -> dict[str, np.ndarray]:
-    """Build a model batch (numpy, static shapes) from transformers-style inputs.
+) -> ModelInputs:
+    """Build the model inputs (numpy, static shapes) from transformers-style inputs.
 
     Args:
       input_ids: ``[B, L]`` token ids (already padded to the sequence bucket, left or right).
@@ -62,9 +63,9 @@ def prepare_batch(
         gets (all-padding) image slots, so text-only and image batches share one compilation.
 
     Returns:
-      ``{"input_ids" [B, L] int32, "attention_mask" [B, L] int32, "position_ids" [3, B, L]
-      int32}`` plus, with image slots, ``"pixel_values" [N, D] float32, "vision_position_ids"
-      [N, 2] int32, "vision_segment_ids" [N] int32``.
+      :class:`ModelInputs` with ``input_ids [B, L]``, ``attention_mask [B, L]`` and
+      ``position_ids [3, B, L]`` (int32) and, with image slots, ``pixel_values [N, D]`` float32,
+      ``vision_position_ids [N, 2]`` and ``vision_segment_ids [N]`` int32.
 
     Raises ValueError when the image tokens, grids and patch rows disagree.
     """
@@ -81,13 +82,10 @@ def prepare_batch(
         raise ValueError(
             f"prepare_batch: input_ids hold {n_tokens} image tokens / {grids.shape[0]} grids but no pixel_values"
         )
-    batch = {
-        "input_ids": input_ids.astype(np.int32),
-        "attention_mask": mask,
-        "position_ids": rope_index(config, input_ids, mask, grids),
-    }
+    text = ModelInputs(input_ids=input_ids.astype(np.int32), attention_mask=mask,
+                       position_ids=rope_index(config, input_ids, mask, grids))
     if pixel_values is None and num_patches is None:
-        return batch
+        return text
     if pixel_values is None:
         pixel_values = np.zeros((0, v.patch_dim), np.float32)
     pixel_values = np.asarray(pixel_values, dtype=np.float32)
@@ -112,10 +110,11 @@ def prepare_batch(
             f"prepare_batch: num_patches={total} must be > 0, >= {n} (the real patches) and a multiple of {merge}"
         )
     pad = total - n
-    batch["pixel_values"] = np.concatenate([pixel_values, np.zeros((pad, v.patch_dim), np.float32)])
-    batch["vision_position_ids"] = np.concatenate([vision_position_ids(config, grids), np.zeros((pad, 2), np.int32)])
-    batch["vision_segment_ids"] = np.concatenate([vision_segment_ids(config, grids), np.full((pad,), -1, np.int32)])
-    return batch
+    return text.replace(
+        pixel_values=np.concatenate([pixel_values, np.zeros((pad, v.patch_dim), np.float32)]),  # [N, D]
+        vision_position_ids=np.concatenate([vision_position_ids(config, grids), np.zeros((pad, 2), np.int32)]),
+        vision_segment_ids=np.concatenate([vision_segment_ids(config, grids), np.full((pad,), -1, np.int32)]),
+    )
 
 
 # ---------------------------------------------------------------------- params
@@ -154,27 +153,23 @@ def scatter_image_features(config: Qwen2VLConfig, inputs_embeds, input_ids, feat
     return out.reshape(batch, length, hidden)
 
 
-def hidden_states(config: Qwen2VLConfig, params, batch) -> jax.Array:
+def hidden_states(config: Qwen2VLConfig, params, inputs: ModelInputs) -> jax.Array:
     """Final-norm hidden states ``[B, L, H]`` in the compute dtype."""
     dtype = compute_dtype(config)
     lm = params["language_model"]
-    input_ids = batch["input_ids"]
-    x = jnp.take(lm["embed_tokens"]["embedding"], input_ids, axis=0).astype(dtype)  # [B, L, H]
-    if "pixel_values" in batch:
+    x = jnp.take(lm["embed_tokens"]["embedding"], inputs.input_ids, axis=0).astype(dtype)  # [B, L, H]
+    if inputs.has_images:
         features = encode_images(
-            config, params["visual"], batch["pixel_values"], batch["vision_position_ids"], batch["vision_segment_ids"],
-            rope=_tables(batch, "vision_rope_cos", "vision_rope_sin"),
+            config, params["visual"], inputs.pixel_values, inputs.vision_position_ids, inputs.vision_segment_ids,
+            rope=_tables(inputs.vision_rope_cos, inputs.vision_rope_sin),
         )  # [N/m^2, H]
-        x = scatter_image_features(config, x, input_ids, features)
-    rope = _tables(batch, "rope_cos", "rope_sin")
-    return decoder(config, lm, x, batch["position_ids"], batch["attention_mask"], batch.get("branch_ids"), rope=rope)
+        x = scatter_image_features(config, x, inputs.input_ids, features)
+    rope = _tables(inputs.rope_cos, inputs.rope_sin)
+    return decoder(config, lm, x, inputs.position_ids, inputs.attention_mask, inputs.branch_ids, rope=rope)
 
 
-ROPE_KEYS = ("rope_cos", "rope_sin", "vision_rope_cos", "vision_rope_sin")
-
-
-def with_rope_tables(config: Qwen2VLConfig, batch) -> dict:
-    """``batch`` plus its rotary tables: ``rope_cos`` / ``rope_sin [..., B, L, head_dim]`` and,
+def with_rope_tables(config: Qwen2VLConfig, inputs: ModelInputs) -> ModelInputs:
+    """``inputs`` with its rotary tables: ``rope_cos`` / ``rope_sin [..., B, L, head_dim]`` and,
     with image slots, ``vision_rope_cos`` / ``vision_rope_sin [..., N, vision head_dim]``
     (float32; leading axes such as the T of stacked inner batches are kept).
 
@@ -188,15 +183,16 @@ def with_rope_tables(config: Qwen2VLConfig, batch) -> dict:
     ``darts`` -12 %. (``jax.lax.optimization_barrier`` does not stop the fusion: XLA:CPU
     expands it first.)
     """
-    out = dict(batch)
-    out["rope_cos"], out["rope_sin"] = mrope_cos_sin(config, batch["position_ids"])
-    if "vision_position_ids" in batch:
-        out["vision_rope_cos"], out["vision_rope_sin"] = vision_cos_sin(config, batch["vision_position_ids"])
+    rope_cos, rope_sin = mrope_cos_sin(config, inputs.position_ids)
+    out = inputs.replace(rope_cos=rope_cos, rope_sin=rope_sin)
+    if inputs.has_images:
+        vision_cos, vision_sin = vision_cos_sin(config, inputs.vision_position_ids)
+        out = out.replace(vision_rope_cos=vision_cos, vision_rope_sin=vision_sin)
     return out
 
 
-def _tables(batch, cos_key: str, sin_key: str):
-    return (batch[cos_key], batch[sin_key]) if cos_key in batch else None
+def _tables(cos, sin):
+    return None if cos is None else (cos, sin)
 
 
 def lm_head(config: Qwen2VLConfig, params, hidden) -> jax.Array:
@@ -209,17 +205,17 @@ def lm_head(config: Qwen2VLConfig, params, hidden) -> jax.Array:
     return jnp.einsum("...h,hv->...v", hidden, kernel, preferred_element_type=jnp.float32)
 
 
-def forward(config: Qwen2VLConfig, params, batch) -> jax.Array:
-    """Logits ``[B, L, V]`` float32 for a batch from ``prepare_batch``."""
-    return lm_head(config, params, hidden_states(config, params, batch))
+def forward(config: Qwen2VLConfig, params, inputs: ModelInputs) -> jax.Array:
+    """Logits ``[B, L, V]`` float32 for the inputs from ``prepare_batch``."""
+    return lm_head(config, params, hidden_states(config, params, inputs))
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _forward_jit(config, params, batch):
-    return forward(config, params, batch)
+def _forward_jit(config, params, inputs):
+    return forward(config, params, inputs)
 
 
 def logits(config: Qwen2VLConfig, params, input_ids, attention_mask, pixel_values=None, image_grid_thw=None):
     """Transformers-style convenience: ``[B, L, V]`` float32 logits (host prep + jitted forward)."""
-    batch = prepare_batch(config, input_ids, attention_mask, pixel_values, image_grid_thw)
-    return _forward_jit(config, params, batch)
+    inputs = prepare_batch(config, input_ids, attention_mask, pixel_values, image_grid_thw)
+    return _forward_jit(config, params, inputs)
