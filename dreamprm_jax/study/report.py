@@ -9,7 +9,6 @@ quality (Spearman and its permutation p-value), AUROCs and wall times.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -221,8 +220,10 @@ def plot_weights(results: Sequence[SeedResult], path: str) -> str | None:
     return path
 
 
-def write_study(config: StudyConfig, results: Sequence[SeedResult], wall_seconds: float) -> dict[str, str]:
-    """Writes study.json, report.md and the plots into ``config.out_dir``; returns their paths."""
+def write_study(config: StudyConfig, results: Sequence[SeedResult],
+                wall_seconds: float) -> tuple[dict[str, str], str]:
+    """Writes study.json, report.md and the plots into ``config.out_dir``; returns their paths
+    and the report's text."""
     from dreamprm_jax.utils.jsonable import write_json
 
     summary = summarize(config, results, wall_seconds)
@@ -235,4 +236,4 @@ def write_study(config: StudyConfig, results: Sequence[SeedResult], wall_seconds
     weights_png = plot_weights(results, os.path.join(config.out_dir, "weights.png"))
     if weights_png:
         paths["weights_png"] = weights_png
-    return paths
+    return paths, text

@@ -170,9 +170,9 @@ def _score_arm(config: StudyConfig, questions, export_dir: str, run_dir: str, de
 def _step_error_types(candidates_path: str, questions, shape) -> np.ndarray | None:
     """[Q, N, S] error type of each erroneous step (the candidate's ``error_type`` where its
     step label is 0), or None when the file records no error types."""
-    from dreamprm_jax.data.jsonfiles import read_records
+    from dreamprm_jax.data.jsonfiles import read_json_records
 
-    raw = {str(r.get("id")): r for _, r in read_records(candidates_path) if isinstance(r, dict)}
+    raw = {str(r.value.get("id")): r.value for r in read_json_records(candidates_path) if isinstance(r.value, dict)}
     out = np.full(shape, "", dtype=object)
     found = False
     for qi, q in enumerate(questions):
