@@ -84,7 +84,7 @@ _TEMPLATES: dict[str, dict[str, Any]] = {
         "steps": (
             ("Count the {t} squares.", "We count {t} squares.", "Look at the {t} squares."),
             ("The grid has {v} {t} squares.", "There are {v} {t} squares.", "I see {v} {t} squares."),
-            ("Each counts once, so {x}.", "Counting gives {x}.", "One by one: {x}."),
+            ("Each counts once, so {x}.", "Counting gives {x}.", "Tallied: {x}."),
             ("The {t} count is {x}.", "We found {x}.", "That makes {x}."),
             ("So there are {x}.", "Therefore the count is {x}.", "The answer is {x}."),
         ),
