@@ -34,10 +34,10 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory (created if missing)")
     p.add_argument("--seed", type=int, default=d.seed, help="the only source of randomness")
     p.add_argument("--train-per-domain", type=int, default=d.train_per_domain,
-                   help="chains per training domain; each chain gives 5 step records")
+                   help="chains per training domain at scale 1 (misled_B has 3x); each chain gives 5 step records")
     p.add_argument("--chains-per-question", type=int, default=d.chains_per_question,
                    help="training chains sampled per question/image")
-    p.add_argument("--meta", type=int, default=d.meta, help="meta chains (half correct, half with a planted error)")
+    p.add_argument("--meta", type=int, default=d.meta, help="meta chains (half correct, half with a planted error as in the test set)")
     p.add_argument("--test", type=int, default=d.test, help="best-of-N test questions")
     p.add_argument("--candidates", type=int, default=d.candidates, help="candidate chains per test question")
     p.add_argument("--image-size", type=int, default=d.image_size, help="side of the square RGB images in pixels")
@@ -62,7 +62,8 @@ def main(argv: list[str] | None = None, prog: str = PROG) -> int:
     if not args.quiet:
         print(f"wrote {args.out} in {time.perf_counter() - start:.1f} s: {json.dumps(manifest['counts'])}")
         for d in manifest["domains"]:
-            print(f"  {d['name']:<14} quality {d['quality']:<5g} records {d['records']:<6} {d['description']}")
+            print(f"  {d['name']:<10} quality {d['quality']:<4g} oracle weight {d['oracle_weight']:<4g} "
+                  f"records {d['records']:<6} {d['description']}")
         print("  best-of-N baselines: " + ", ".join(f"{k} {v:.3f}" for k, v in manifest["test_baselines"].items()))
     return 0
 

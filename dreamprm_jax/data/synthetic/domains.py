@@ -8,57 +8,52 @@ is simulated::
     score_k ~ Binomial(times, p_error)   if it contains the error   (k >= first_error)
     score_5 = times * [chain correct]    (a complete chain has nothing left to roll out)
 
-Errors.  An error chain uses a wrong value from its first error on (step 3, 4 or 5). It is
-*blatant* (the value "zero", which no question here has as its answer: one token gives
-it away, and a small PRM learns it in a few dozen iterations) or *subtle* (an in-range
-value, visible only by comparing with the value step 2 read from the image).
+The ``first_error`` the labels are drawn from is the chain's own, except where a domain
+plants a defect (below).  Every training record also carries its step's *true* label
+(``true_label``: 1 iff the prefix has no error in its text) and the chain's error type,
+so an analysis can tell planted label defects from Monte-Carlo noise.
 
-A domain's planted ``quality`` (higher = better for the clean meta set, whose errors are
-all blatant: a held-out set drawn from the kind of errors a small PRM can learn on a CPU
-budget) is the ordering the learned domain weights should recover; it is recorded in
-``manifest.json``. The default domains, best first:
+Errors.  An error chain uses a wrong value from its first error on (step 3, 4 or 5), of
+type A (the value zero: blatant), B (a number word out of every task's range: learnable,
+less obvious) or C (an in-range value contradicting the image: subtle); see
+:mod:`.tasks`.  The best-of-N test candidates' errors are 25 % A, 50 % B, 25 % C, and the
+meta set is drawn from that same distribution on other questions, so a PRM that learns
+A and B ranks most wrong candidates below the correct ones; C marks the limit.
 
-=================  =======  =============================================================
-name               quality  what is planted
-=================  =======  =============================================================
-trivial            1.00     clean labels, every error blatant: trivially easy, and exactly
-                            the meta set's kind of error
-clean_easy         0.85     clean labels; 25% of the errors subtle (in-range values the PRM
-                            cannot check yet, so those labels look like noise to it)
-clean_hard         0.70     clean labels; 50% of the errors subtle
-label_noise        0.40     clean_hard with half of the step labels exchanged at random
-                            among the domain's records of the same step
-blank_image        0.15     noise images; the chain's text is as usual but the labels
-                            come from an independent hidden chain, so they are
-                            uncorrelated with the text (the values were unverifiable)
-flipped            0.00     clean_hard with correctness flipped: correct chains carry the
-                            labels of a chain with an error, erroneous chains those of a
-                            correct one (anti-correlated with the text)
-=================  =======  =============================================================
+Domains.  The default domains, with their planted ``quality`` (higher = more useful for
+the test distribution; recorded in ``manifest.json``) and the ``oracle_weight`` a study
+can train with to measure what the right weights are worth:
 
-The ordering follows how much of a domain's text-label agreement the meta set rewards:
-the clean domains differ in how much of it is about the meta set's errors, label_noise
-keeps half of clean_hard's, blank_image none, flipped reverses it.
+==========  ========  =======  ==============================================================
+name        quality   oracle   what is planted
+==========  ========  =======  ==============================================================
+good_1      1.00      1.00     clean labels; errors A / B / C as in the test set
+good_2      0.80      1.00     good_1 with 30 % of the step labels exchanged at random among
+                               the domain's records of the same step (noisier MC labels)
+easy_A      0.60      1.00     clean labels, every error of type A: correct but narrow (it
+                               teaches A only)
+noise_img   0.10      0.05     noise images; the chain's text is as usual but its labels are
+                               those of an unrelated hidden chain (uncorrelated with the text)
+misled_B    0.00      0.05     the largest (3x the others); errors as in good_1, but the MC
+                               labels are systematically wrong for type B: B chains carry the
+                               labels of correct chains, and as many correct chains carry the
+                               labels of the B chains
+==========  ========  =======  ==============================================================
 
-Three good domains against three bad ones.  The learned weights are
-``K softplus(r_k) / sum softplus(r)``: a domain gains weight only while it helps the meta
-loss more than the *weight-averaged* domain, and that average moves towards the best
-domains as they gain weight. With four good domains (an earlier default added a clean
-domain with 75% subtle errors) the weakest of them ended within about 0.1 of 1 in most
-runs, on either side; with three, the weakest clean domain ends above 1 more often (in 11 of
-the 12 runs of seeds 0-4 recorded in the README's Status), but not always: the weights are a
-chaotic function of float32 rounding and of the seed.
+Trained without reweighting and with domains sampled in proportion to their sizes, a PRM
+sees B errors labelled "correct" three times as often as labelled "wrong", and learns B
+backwards or not at all; with misled_B and noise_img weighted near 0 it learns A and B.
+The gap between the two at best-of-N is what domain reweighting can recover.
 
-One label distribution.  The meta loss also rewards *calibration*: a domain whose labels
-pull the PRM's predictions (at some step, or on average) towards what the meta loss
-prefers gets a larger hypergradient, whatever its quality; with mean aggregation the meta
-loss prefers low predictions on early steps, for instance, since an error at step 5 must
-out-vote four clean steps. So every default domain has the same label distribution at
-every step: the same p_clean, p_error, error rate and error steps; the domains differ only
-in *which* texts carry which labels. The corruptions keep it: ``label_noise`` exchanges
-labels within a step, ``flipped`` swaps correct and erroneous chains' labels rather than
-mapping ``accuracy -> 1 - accuracy`` (which would move the mean label from 0.7 to 0.3 and
-plant a calibration signal instead of a quality one).
+One label distribution.  The meta loss rewards *calibration* as well as quality: a domain
+whose labels pull the PRM's predictions (at some step, or on average) towards what the
+meta loss prefers gets a larger hypergradient, whatever its quality.  So every default
+domain has the same label distribution at every step: the same p_clean, p_error, error
+rate and error steps; the domains differ only in *which* texts carry which labels.  The
+defects keep it: ``label_noise`` exchanges labels within a step, and misled_B swaps the
+label draws of its B chains with those of an equal number of its correct chains (the
+multiset of label sources is unchanged).  Relabelling the B chains alone as correct would
+raise the domain's mean label, and the meta loss would then *raise* its weight.
 """
 
 from __future__ import annotations
@@ -68,10 +63,13 @@ from typing import Any
 
 import numpy as np
 
-from dreamprm_jax.data.synthetic.tasks import ERROR_STEPS, NUM_STEPS, TASKS
+from dreamprm_jax.data.synthetic.tasks import ERROR_STEPS, ERROR_TYPES, NUM_STEPS, TASKS
 
-__all__ = ["DomainSpec", "default_domains", "expected_mean_label", "rollout_scores", "corrupt_scores",
-           "sample_first_error"]
+__all__ = ["DomainSpec", "TEST_ERROR_MIX", "default_domains", "expected_mean_label", "rollout_scores",
+           "corrupt_scores", "sample_first_error", "sample_error_type", "mislabel"]
+
+#: Fractions of the error types A, B, C among wrong test candidates and wrong meta chains.
+TEST_ERROR_MIX: tuple[float, float, float] = (0.25, 0.5, 0.25)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,65 +78,83 @@ class DomainSpec:
 
     Attributes:
       name: the ``dataset`` field of its records.
-      quality: planted quality, higher = more useful for the clean meta set.
+      quality: planted quality, higher = more useful for the test distribution.
       description: one line for the manifest.
+      oracle_weight: the weight a study's oracle arm gives the domain (relative; the
+        trainer normalises weights to mean 1).
       p_clean: rollout success probability from a prefix without an error.
       p_error: rollout success probability from a prefix that contains the error.
       error_rate: fraction of chains with a planted error.
       error_steps: steps the first error is drawn from (uniformly).
-      blatant_fraction: fraction of the error chains whose wrong value is the blatant "zero" (no
-        question here has the answer 0, so one token gives it away) instead of an in-range value
-        (visible only by comparing with step 2).
+      error_mix: fractions of the error types A, B, C among the error chains.
       image: ``"informative"`` (the scene) or ``"noise"`` (random pixels).
       hidden_labels: labels come from an independent hidden chain, not from the text.
       label_noise: fraction of step records whose score is re-drawn: the randomised records of
         each step index exchange their scores by a random permutation.
-      label_flip: correctness flipped: a correct chain is labelled as a chain with an error
-        (at a step from ``error_steps``), an erroneous chain as a correct one.
+      mislabel_type: an error type whose chains carry the labels of correct chains, while as
+        many correct chains carry theirs (:func:`mislabel`); None for none.
+      scale: chain count relative to the config's ``train_per_domain``.
       tasks: the question types drawn from.
-      chains: chain count override (None: the config's ``train_per_domain``).
     """
 
     name: str
     quality: float
     description: str
+    oracle_weight: float = 1.0
     p_clean: float = 0.85
     p_error: float = 0.05
     error_rate: float = 0.5
     error_steps: tuple[int, ...] = ERROR_STEPS
-    blatant_fraction: float = 0.5
+    error_mix: tuple[float, float, float] = TEST_ERROR_MIX
     image: str = "informative"
     hidden_labels: bool = False
     label_noise: float = 0.0
-    label_flip: bool = False
+    mislabel_type: str | None = None
+    scale: float = 1.0
     tasks: tuple[str, ...] = TASKS
-    chains: int | None = None
 
     def __post_init__(self):
         if not 0.0 <= self.p_error <= self.p_clean <= 1.0:
             raise ValueError(f"domain {self.name!r}: expected 0 <= p_error <= p_clean <= 1, got "
                              f"p_error={self.p_error}, p_clean={self.p_clean}")
-        if not all(0.0 <= x <= 1.0 for x in (self.error_rate, self.label_noise, self.blatant_fraction)):
-            raise ValueError(f"domain {self.name!r}: error_rate, label_noise and blatant_fraction must be in [0, 1]")
+        if not all(0.0 <= x <= 1.0 for x in (self.error_rate, self.label_noise)):
+            raise ValueError(f"domain {self.name!r}: error_rate and label_noise must be in [0, 1]")
+        if len(self.error_mix) != len(ERROR_TYPES) or min(self.error_mix) < 0 \
+                or abs(sum(self.error_mix) - 1.0) > 1e-9:
+            raise ValueError(f"domain {self.name!r}: error_mix must be {len(ERROR_TYPES)} fractions (types "
+                             f"{ERROR_TYPES}) summing to 1, got {self.error_mix}")
         if not self.error_steps or any(k not in ERROR_STEPS for k in self.error_steps):
             raise ValueError(f"domain {self.name!r}: error_steps must be a non-empty subset of {ERROR_STEPS}, "
                              f"got {self.error_steps}")
         if self.image not in ("informative", "noise"):
             raise ValueError(f"domain {self.name!r}: image must be 'informative' or 'noise', got {self.image!r}")
+        if self.mislabel_type is not None and self.mislabel_type not in ERROR_TYPES:
+            raise ValueError(f"domain {self.name!r}: mislabel_type must be None or one of {ERROR_TYPES}, "
+                             f"got {self.mislabel_type!r}")
+        if self.hidden_labels and self.mislabel_type is not None:
+            raise ValueError(f"domain {self.name!r}: hidden_labels and mislabel_type exclude each other")
+        if not self.scale > 0 or self.oracle_weight < 0:
+            raise ValueError(f"domain {self.name!r}: expected scale > 0 and oracle_weight >= 0, got "
+                             f"scale={self.scale}, oracle_weight={self.oracle_weight}")
         if not self.tasks or any(t not in TASKS for t in self.tasks):
             raise ValueError(f"domain {self.name!r}: tasks must be a non-empty subset of {TASKS}, got {self.tasks}")
+
+    def num_chains(self, train_per_domain: int) -> int:
+        """Chains of this domain for a config's ``train_per_domain`` (at least 1)."""
+        return max(1, int(round(self.scale * train_per_domain)))
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["error_steps"] = list(self.error_steps)
+        d["error_mix"] = list(self.error_mix)
         d["tasks"] = list(self.tasks)
         return d
 
     def corruption(self) -> dict[str, Any]:
-        """The corruption parameters in one dict (for the manifest)."""
-        return {"blatant_fraction": self.blatant_fraction, "error_steps": list(self.error_steps),
-                "image": self.image, "hidden_labels": self.hidden_labels,
-                "label_noise": self.label_noise, "label_flip": self.label_flip}
+        """The planted defects in one dict (for the manifest)."""
+        return {"error_mix": dict(zip(ERROR_TYPES, self.error_mix)), "error_steps": list(self.error_steps),
+                "image": self.image, "hidden_labels": self.hidden_labels, "label_noise": self.label_noise,
+                "mislabel_type": self.mislabel_type}
 
 
 def expected_mean_label(p_clean: float, p_error: float, error_rate: float, error_steps=ERROR_STEPS) -> float:
@@ -153,24 +169,55 @@ def expected_mean_label(p_clean: float, p_error: float, error_rate: float, error
 
 
 def default_domains() -> tuple[DomainSpec, ...]:
-    """The six default domains (see the module docstring for why each has its quality).
+    """The five default domains (see the module docstring for why each has its quality).
 
     All share p_clean 0.85, p_error 0.05, error rate 0.5 and error steps 3..5, hence one label
     distribution (mean label :func:`expected_mean_label` = 0.70).
     """
     return (
-        DomainSpec("trivial", 1.0, "Every error is the blatant value zero, the meta set's kind of error.",
-                   blatant_fraction=1.0),
-        DomainSpec("clean_easy", 0.85, "Clean labels; 25% of the errors are subtle (in-range values).",
-                   blatant_fraction=0.75),
-        DomainSpec("clean_hard", 0.7, "Clean labels; 50% of the errors subtle.", blatant_fraction=0.5),
-        DomainSpec("label_noise", 0.4, "clean_hard with 50% of the step labels exchanged at random within a step.",
-                   label_noise=0.5, blatant_fraction=0.5),
-        DomainSpec("blank_image", 0.15, "Noise images; labels come from an independent hidden chain, so they are "
-                   "uncorrelated with the text.", image="noise", hidden_labels=True, blatant_fraction=0.5),
-        DomainSpec("flipped", 0.0, "clean_hard with correctness flipped: correct chains carry the labels of "
-                   "erroneous ones and vice versa.", label_flip=True, blatant_fraction=0.5),
+        DomainSpec("good_1", 1.0, "Clean labels; errors A / B / C as in the test set."),
+        DomainSpec("good_2", 0.8, "good_1 with 30% of the step labels exchanged at random within a step.",
+                   label_noise=0.3),
+        DomainSpec("easy_A", 0.6, "Clean labels; every error is type A (zero): correct but narrow.",
+                   error_mix=(1.0, 0.0, 0.0)),
+        DomainSpec("misled_B", 0.0, "3x larger; type-B error chains carry the labels of correct chains and as "
+                   "many correct chains those of the B chains (label marginals kept).", oracle_weight=0.05,
+                   mislabel_type="B", scale=3.0),
+        DomainSpec("noise_img", 0.1, "Noise images; labels come from an unrelated hidden chain, so they are "
+                   "uncorrelated with the text.", oracle_weight=0.05, image="noise", hidden_labels=True),
     )
+
+
+def sample_error_type(error_mix, rng: np.random.Generator) -> str:
+    """One of ``ERROR_TYPES`` drawn with probabilities ``error_mix``."""
+    u = rng.random()
+    cumulative = np.cumsum(error_mix)  # [3]
+    return ERROR_TYPES[min(int(np.searchsorted(cumulative, u, side="right")), len(ERROR_TYPES) - 1)]
+
+
+def mislabel(first_errors, error_types, mislabel_type: str, rng: np.random.Generator) -> tuple[list, np.ndarray]:
+    """Swap the label sources of the ``mislabel_type`` chains with those of as many correct chains.
+
+    Args:
+      first_errors: per chain, the first error step or None (correct).
+      error_types: per chain, its error type or None.
+    Returns:
+      (label_errors, swapped bool [C]): per chain the first error its labels are drawn from.
+      Each chain of the type (all of them when there are enough correct chains) takes None,
+      and a randomly chosen correct chain takes its first error, so the multiset of label
+      sources, hence the domain's label distribution at every step, is unchanged.
+    """
+    label_errors = list(first_errors)
+    typed = [i for i, t in enumerate(error_types) if t == mislabel_type]
+    correct = [i for i, f in enumerate(first_errors) if f is None]
+    n = min(len(typed), len(correct))
+    typed = [typed[int(i)] for i in np.sort(rng.permutation(len(typed))[:n])]
+    chosen = [correct[int(i)] for i in rng.permutation(len(correct))[:n]]
+    swapped = np.zeros(len(first_errors), dtype=bool)  # [C]
+    for t, c in zip(typed, chosen):
+        label_errors[t], label_errors[c] = None, first_errors[t]
+        swapped[t] = swapped[c] = True
+    return label_errors, swapped
 
 
 def sample_first_error(spec: DomainSpec, rng: np.random.Generator) -> int | None:

@@ -1,4 +1,4 @@
-"""Write the synthetic benchmark: training domains, clean meta set, best-of-N test set.
+"""Write the synthetic benchmark: training domains, meta set, best-of-N test set.
 
 Output layout under ``out_dir``::
 
@@ -6,21 +6,38 @@ Output layout under ``out_dir``::
     meta.json       JSON array of meta records (question + full chain, true_false), balanced
     test_bon.json   JSON array of best-of-N questions in the candidate-file format
     images/*.png    one image per question (train_<domain>_<q>.png, meta_<i>.png, test_<i>.png)
-    manifest.json   domains with planted qualities, counts, seed, config, generator version,
-                    sha256 of every file
+    manifest.json   domains with planted qualities and oracle weights, counts, error types,
+                    seed, config, generator version, sha256 of every file
+
+What it measures.  The training domains (:mod:`.domains`) mix useful, narrow, noisy and
+misleading supervision; the meta set and the test set are drawn from one distribution
+(the test candidates' errors: 25 % type A, 50 % B, 25 % C; see :mod:`.tasks`) on
+separate questions, as the paper's held-out meta set stands for its test benchmarks.
+The test set is large (2,000 questions x 8 candidates by default: a paired bootstrap
+over questions then resolves differences of a few points) and all its candidates of a
+question share the question's one image, so it is fast to write and to score.
 
 Text conventions (shared by all three files; see :mod:`.tasks`):
 
 * chain = ``"Step 1: ...\\nStep 2: ...\\n...Step 5: ...\\nFinal answer: X"``;
 * training record: ``input`` = question, ``add`` = ``"Step 1: ...\\n...Step k: ...\\n"``,
-  ``id`` = chain id (shared by its five records), ``sid`` = k (1-based);
+  ``id`` = chain id (shared by its five records), ``sid`` = k (1-based), ``true_label``
+  = 1 iff the prefix has no error in its text, ``error_type`` = the chain's (A / B / C or
+  null); ``accuracy`` is the planted (possibly defective) Monte-Carlo label;
 * meta record: ``input`` = question + ``"\\n\\n"`` + chain, so its step prefix k (the text
-  before ``Step k+1``) is byte-equal to a training text ``input + "\\n\\n" + add``.
+  before ``Step k+1``) is byte-equal to a training text ``input + "\\n\\n" + add``;
+  ``error_type`` as above;
+* test candidate: ``text`` (the chain), ``correct``, ``step_labels`` (the true labels),
+  ``error_type``.
+
+De-duplication.  A full chain text belongs to exactly one of train, meta and test
+(:func:`.tasks.text_split`, a fixed hash of the text): each set redraws paraphrases until
+its text falls in its own share, so no chain text is in two sets, whatever their sizes.
 
 Randomness: every part draws from its own generator, seeded by ``(seed, part, ...)`` with
 stable (crc32) keys, so the output is a pure function of the config; dropping a domain
-does not change the others; toggling a domain's label corruption does not change its
-chains or its clean labels.
+does not change the others; toggling a domain's label defects does not change its
+chains.
 """
 
 from __future__ import annotations
@@ -38,53 +55,54 @@ from PIL import Image
 
 from dreamprm_jax.data.synthetic import images as _images
 from dreamprm_jax.data.synthetic.domains import (
-    DomainSpec, corrupt_scores, default_domains, rollout_scores, sample_first_error)
+    TEST_ERROR_MIX, DomainSpec, corrupt_scores, default_domains, mislabel, rollout_scores, sample_error_type,
+    sample_first_error)
 from dreamprm_jax.data.synthetic.tasks import (
-    ERROR_STEPS, NUM_STEPS, STEP_SEPARATOR, TASKS, Chain, Problem, chain_text, make_chain, prefix_text,
-    render_problem, sample_problem, sample_wrong_value)
+    ERROR_STEPS, ERROR_TYPES, NUM_STEPS, STEP_SEPARATOR, TASKS, Chain, Problem, chain_text, make_chain_in_split,
+    prefix_text, render_problem, sample_problem, sample_wrong_value)
 
 __all__ = [
-    "GENERATOR_VERSION", "SyntheticConfig", "default_config", "select_domains", "generate", "load_manifest",
-    "planted_qualities", "domain_records", "meta_records", "test_questions", "best_of_n_baselines",
+    "GENERATOR_VERSION", "SyntheticConfig", "default_config", "tiny_config", "select_domains", "generate", "load_manifest",
+    "planted_qualities", "oracle_weights", "domain_records", "meta_records", "test_questions", "best_of_n_baselines",
 ]
 
-GENERATOR_VERSION = "2"
+GENERATOR_VERSION = "3"
 _TRAIN, _META, _TEST, _MANIFEST = "train.json", "meta.json", "test_bon.json", "manifest.json"
 
 
 @dataclasses.dataclass(frozen=True)
 class SyntheticConfig:
-    """What to generate. The defaults are sized for the CPU demo (about 3 s to write).
+    """What to generate. The defaults are the CPU demo's benchmark (a few seconds to write).
 
     Attributes:
       seed: the only source of randomness.
-      train_per_domain: chains per training domain (each gives 5 step records); a domain's
-        own ``chains`` overrides it.
+      train_per_domain: chains per training domain at scale 1 (each gives 5 step records); a
+        domain's ``scale`` multiplies it.
       chains_per_question: chains sampled per question/image in the training domains
         (errors drawn independently per chain).
-      meta: meta chains (half correct, half with a planted error at step 3, 4 or 5).
+      meta: meta chains (half correct, half with an error at step 3, 4 or 5), on questions of
+        their own.
       test: best-of-N questions.
       candidates: candidate chains per test question.
       image_size: side of the square RGB images in pixels.
       times: Monte-Carlo rollouts per training prefix.
       domains: the training domains.
       tasks: question types of the meta and test sets.
-      blatant_fraction: fraction of the meta chains' errors (and of the test candidates'
-        non-systematic errors) that are the blatant value "zero"; the rest are in-range. The
-        default 1.0 makes the meta set one a small PRM can learn within the CPU demo's budget.
+      test_error_mix: fractions of the error types A, B, C among the wrong meta chains and
+        the wrong test candidates.
     """
 
     seed: int = 0
     train_per_domain: int = 240
     chains_per_question: int = 2
-    meta: int = 160
-    test: int = 100
+    meta: int = 400
+    test: int = 2000
     candidates: int = 8
     image_size: int = 56
     times: int = 8
     domains: tuple[DomainSpec, ...] = dataclasses.field(default_factory=default_domains)
     tasks: tuple[str, ...] = TASKS
-    blatant_fraction: float = 1.0
+    test_error_mix: tuple[float, float, float] = TEST_ERROR_MIX
 
     def __post_init__(self):
         names = [d.name for d in self.domains]
@@ -98,17 +116,27 @@ class SyntheticConfig:
                 raise ValueError(f"SyntheticConfig.{field} must be >= 0, got {getattr(self, field)}")
         if self.image_size < 16:
             raise ValueError(f"SyntheticConfig.image_size must be >= 16 pixels, got {self.image_size}")
+        if len(self.test_error_mix) != len(ERROR_TYPES) or min(self.test_error_mix) < 0 \
+                or abs(sum(self.test_error_mix) - 1.0) > 1e-9:
+            raise ValueError(f"SyntheticConfig.test_error_mix must be {len(ERROR_TYPES)} fractions (types "
+                             f"{ERROR_TYPES}) summing to 1, got {self.test_error_mix}")
 
     def to_dict(self) -> dict[str, Any]:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         d["domains"] = [s.to_dict() for s in self.domains]
         d["tasks"] = list(self.tasks)
+        d["test_error_mix"] = list(self.test_error_mix)
         return d
 
 
 def default_config() -> SyntheticConfig:
-    """The CPU-demo benchmark: 6 domains x 240 chains (7200 step records), 160 meta chains, 100 test questions."""
+    """The CPU-demo benchmark: 5 domains (8,400 step records), 400 meta chains, 2,000 x 8 test candidates."""
     return SyntheticConfig()
+
+
+def tiny_config(seed: int = 0) -> SyntheticConfig:
+    """The default design at a size for tests: 4 chains per domain (12 for misled_B), 8 meta, 6 test questions."""
+    return SyntheticConfig(seed=seed, train_per_domain=4, meta=8, test=6, image_size=32)
 
 
 def select_domains(config: SyntheticConfig, names: Sequence[str]) -> SyntheticConfig:
@@ -140,18 +168,27 @@ ImageJob = tuple[str, Callable[[], Image.Image]]
 def _domain_chains(spec: DomainSpec, config: SyntheticConfig) -> list[tuple[int, Problem, Chain]]:
     """(question index, problem, chain) for every chain of the domain (text stream only)."""
     rng = _rng(config.seed, "train", spec.name, "text")
-    n_chains = spec.chains if spec.chains is not None else config.train_per_domain
     out = []
     problem = None
-    for i in range(n_chains):
+    for i in range(spec.num_chains(config.train_per_domain)):
         q, j = divmod(i, config.chains_per_question)
         if j == 0:
             problem = sample_problem(rng, spec.tasks)
         first_error = sample_first_error(spec, rng)
-        blatant = rng.random() < spec.blatant_fraction
-        wrong = sample_wrong_value(problem, rng, blatant) if first_error is not None else None
-        out.append((q, problem, make_chain(problem, rng, first_error, wrong)))
+        error_type = sample_error_type(spec.error_mix, rng)
+        wrong = sample_wrong_value(problem, rng, error_type) if first_error is not None else None
+        out.append((q, problem, make_chain_in_split(problem, rng, "train", first_error, wrong)))
     return out
+
+
+def _label_errors(spec: DomainSpec, chains: Sequence[Chain], rng: np.random.Generator) -> list[int | None]:
+    """Per chain, the first error its Monte-Carlo labels are drawn from (the domain's label defect)."""
+    if spec.hidden_labels:
+        # the values in the chain are unverifiable: its success is an independent hidden chain's
+        return [sample_first_error(spec, rng) for _ in chains]
+    if spec.mislabel_type is not None:
+        return mislabel([c.first_error for c in chains], [c.error_type for c in chains], spec.mislabel_type, rng)[0]
+    return [c.first_error for c in chains]
 
 
 def domain_records(spec: DomainSpec, config: SyntheticConfig) -> tuple[list[dict], np.ndarray, list[ImageJob]]:
@@ -165,18 +202,11 @@ def domain_records(spec: DomainSpec, config: SyntheticConfig) -> tuple[list[dict
     chains = _domain_chains(spec, config)
     label_rng = _rng(config.seed, "train", spec.name, "labels")
     times = config.times
+    label_errors = _label_errors(spec, [c for _, _, c in chains], label_rng)
     clean_scores, golds = [], []
-    for q, problem, chain in chains:
-        label_error = chain.first_error
-        if spec.hidden_labels:
-            # the values in the chain are unverifiable: its success is an independent hidden chain's
-            label_error = sample_first_error(spec, label_rng)
-        elif spec.label_flip:
-            # correctness flipped: the labels of a chain of the opposite kind
-            label_error = None if chain.first_error is not None else int(
-                spec.error_steps[int(label_rng.integers(len(spec.error_steps)))])
+    for (q, problem, chain), label_error in zip(chains, label_errors):
         gold = str(problem.answer)
-        if label_error != chain.first_error:
+        if label_error != chain.first_error and (label_error is None) != (chain.first_error is None):
             # the labels say "correct" iff the gold answer is the chain's own
             if label_error is None:
                 gold = chain.answer
@@ -202,6 +232,7 @@ def domain_records(spec: DomainSpec, config: SyntheticConfig) -> tuple[list[dict
             else:
                 jobs.append((rel, lambda p=problem: render_problem(p, size)))
         chain_id = f"{spec.name}-{q:05d}-{c % chains_per_q}"
+        true_labels = chain.step_labels()
         for k in range(1, NUM_STEPS + 1):
             score = int(scores[c * NUM_STEPS + k - 1])
             records.append({
@@ -215,6 +246,8 @@ def domain_records(spec: DomainSpec, config: SyntheticConfig) -> tuple[list[dict
                 "score": score,
                 "times": times,
                 "ground_truth": golds[c],
+                "true_label": true_labels[k - 1],
+                "error_type": chain.error_type,
             })
     return records, randomised, jobs
 
@@ -223,26 +256,36 @@ def domain_records(spec: DomainSpec, config: SyntheticConfig) -> tuple[list[dict
 # Meta set and best-of-N test set
 # ----------------------------------------------------------------------------------------
 
+def _wrong_chain(problem: Problem, rng: np.random.Generator, split: str, error_mix) -> Chain:
+    """A chain with an error of a type drawn from ``error_mix`` at a step drawn from 3..5."""
+    error_type = sample_error_type(error_mix, rng)
+    wrong = sample_wrong_value(problem, rng, error_type)
+    step = int(ERROR_STEPS[int(rng.integers(len(ERROR_STEPS)))])
+    return make_chain_in_split(problem, rng, split, step, wrong)
+
+
 def meta_records(config: SyntheticConfig) -> tuple[list[dict], list[ImageJob]]:
-    """Balanced clean meta chains: ceil(n/2) correct, the rest with an error at step 3-5 (blatant or in-range)."""
+    """Meta chains from the test distribution: ceil(n/2) correct, the rest with errors of ``test_error_mix``.
+
+    Questions of their own (one per chain), texts in the meta share (:func:`.tasks.text_split`).
+    """
     rng = _rng(config.seed, "meta")
     n = config.meta
-    n_true = n - n // 2
-    errors: list[int | None] = [None] * n_true + [int(ERROR_STEPS[int(rng.integers(len(ERROR_STEPS)))])
-                                                  for _ in range(n // 2)]
-    order = rng.permutation(n)
+    wrong_flags = np.zeros(n, dtype=bool)  # [n]
+    wrong_flags[n - n // 2:] = True
+    wrong_flags = wrong_flags[rng.permutation(n)]
     records, jobs = [], []
     size = config.image_size
     for i in range(n):
-        first_error = errors[int(order[i])]
         problem = sample_problem(rng, config.tasks)
-        blatant = rng.random() < config.blatant_fraction
-        wrong = sample_wrong_value(problem, rng, blatant) if first_error is not None else None
-        chain = make_chain(problem, rng, first_error, wrong)
+        if wrong_flags[i]:
+            chain = _wrong_chain(problem, rng, "meta", config.test_error_mix)
+        else:
+            chain = make_chain_in_split(problem, rng, "meta")
         rel = f"images/meta_{i:05d}.png"
         jobs.append((rel, lambda p=problem: render_problem(p, size)))
         records.append({"id": f"meta-{i:05d}", "input": problem.question + "\n\n" + chain_text(chain),
-                        "image_path": rel, "true_false": chain.correct})
+                        "image_path": rel, "true_false": chain.correct, "error_type": chain.error_type})
     return records, jobs
 
 
@@ -250,11 +293,12 @@ def test_questions(config: SyntheticConfig) -> tuple[list[dict], list[ImageJob]]
     """Best-of-N questions with ``candidates`` chains each.
 
     Per question: the policy's strength q ~ U(0.15, 0.65) and the number of correct
-    candidates ~ Binomial(N, q); each wrong candidate (error at step 3-5) takes a
-    *popular* wrong value with probability 0.5 (a systematic misreading shared across
-    candidates) or another in-range wrong value, so a wrong answer often out-votes the
-    correct one.  Expected with the defaults: oracle ~0.94, majority vote ~0.53, random ~0.40
-    (the manifest records the exact values as ``test_baselines``).
+    candidates ~ Binomial(N, q); each wrong candidate has an error of a type drawn from
+    ``test_error_mix`` at step 3-5.  A wrong B or C candidate takes the question's
+    *popular* wrong value of its type with probability 0.5 (a systematic misreading shared
+    across candidates; all A candidates share the value zero), so a wrong answer often
+    out-votes the correct one.  Expected with the defaults: oracle ~0.94, majority vote
+    ~0.55, random ~0.40 (the manifest records the exact values as ``test_baselines``).
     """
     rng = _rng(config.seed, "test")
     n_cand = config.candidates
@@ -264,17 +308,18 @@ def test_questions(config: SyntheticConfig) -> tuple[list[dict], list[ImageJob]]
         problem = sample_problem(rng, config.tasks)
         strength = rng.uniform(0.15, 0.65)
         n_correct = int(rng.binomial(n_cand, strength))
-        popular = sample_wrong_value(problem, rng)
+        popular = {t: sample_wrong_value(problem, rng, t) for t in ERROR_TYPES}
         candidates = []
         for c in range(n_cand):
             if c < n_correct:
-                chain = make_chain(problem, rng)
+                chain = make_chain_in_split(problem, rng, "test")
             else:
-                blatant = rng.random() < config.blatant_fraction
-                wrong = popular if rng.random() < 0.5 else sample_wrong_value(problem, rng, blatant)
+                error_type = sample_error_type(config.test_error_mix, rng)
+                wrong = popular[error_type] if rng.random() < 0.5 else sample_wrong_value(problem, rng, error_type)
                 step = int(ERROR_STEPS[int(rng.integers(len(ERROR_STEPS)))])
-                chain = make_chain(problem, rng, step, wrong)
-            candidates.append({"text": chain_text(chain), "correct": chain.correct, "step_labels": chain.step_labels()})
+                chain = make_chain_in_split(problem, rng, "test", step, wrong)
+            candidates.append({"text": chain_text(chain), "correct": chain.correct,
+                               "step_labels": chain.step_labels(), "error_type": chain.error_type})
         candidates = [candidates[int(j)] for j in rng.permutation(n_cand)]
         rel = f"images/test_{i:05d}.png"
         jobs.append((rel, lambda p=problem: render_problem(p, size)))
@@ -341,6 +386,17 @@ def planted_qualities(manifest: dict[str, Any]) -> dict[str, float]:
     return {d["name"]: float(d["quality"]) for d in manifest["domains"]}
 
 
+def oracle_weights(manifest: dict[str, Any]) -> dict[str, float]:
+    """{domain name: the weight an oracle arm trains with} from a manifest (relative weights)."""
+    return {d["name"]: float(d["oracle_weight"]) for d in manifest["domains"]}
+
+
+def _error_type_counts(error_types: Iterable[str | None]) -> dict[str, int]:
+    """{type: count} over the wrong chains (None = correct is left out), every type listed."""
+    counts = Counter(t for t in error_types if t is not None)
+    return {t: counts.get(t, 0) for t in ERROR_TYPES}
+
+
 def _verify(out_dir: str, manifest: dict[str, Any]) -> bool:
     """True when every JSON file has its recorded hash and images/ holds the recorded PNG count."""
     for name, info in manifest.get("files", {}).items():
@@ -393,12 +449,18 @@ def generate(out_dir: str | os.PathLike, config: SyntheticConfig | None = None, 
         train.extend(records)
         jobs.extend(domain_jobs)
         chains = len(records) // NUM_STEPS
+        last_steps = records[NUM_STEPS - 1::NUM_STEPS]
+        accuracy = np.array([r["accuracy"] for r in records]).reshape(chains, NUM_STEPS)  # [C, S]
         domain_info.append({
-            "name": spec.name, "quality": spec.quality, "description": spec.description,
-            "corruption": spec.corruption(), "p_clean": spec.p_clean, "p_error": spec.p_error,
-            "error_rate": spec.error_rate, "tasks": list(spec.tasks), "chains": chains, "records": len(records),
-            "images": len(domain_jobs), "randomised_records": int(randomised.sum()),
-            "mean_accuracy": round(float(np.mean([r["accuracy"] for r in records])), 6) if records else 0.0,
+            "name": spec.name, "quality": spec.quality, "oracle_weight": spec.oracle_weight,
+            "description": spec.description, "corruption": spec.corruption(), "p_clean": spec.p_clean,
+            "p_error": spec.p_error, "error_rate": spec.error_rate, "tasks": list(spec.tasks), "chains": chains,
+            "records": len(records), "images": len(domain_jobs), "randomised_records": int(randomised.sum()),
+            "error_types": _error_type_counts(r["error_type"] for r in last_steps),
+            # chains whose final label disagrees with their text (planted defects, not MC noise)
+            "mislabelled_chains": sum((r["score"] == r["times"]) != bool(r["true_label"]) for r in last_steps),
+            "mean_accuracy": round(float(accuracy.mean()), 6),
+            "mean_accuracy_by_step": [round(float(a), 6) for a in accuracy.mean(axis=0)],
         })
     meta, meta_jobs = meta_records(config)
     test, test_jobs = test_questions(config)
@@ -435,15 +497,19 @@ def generate(out_dir: str | os.PathLike, config: SyntheticConfig | None = None, 
         "config": config_dict,
         "domains": domain_info,
         "quality_order": [d["name"] for d in sorted(domain_info, key=lambda d: -d["quality"])],
+        "oracle_weights": {d["name"]: d["oracle_weight"] for d in domain_info},
         "counts": {"train_records": len(train), "train_chains": len(train) // NUM_STEPS, "meta_chains": len(meta),
                    "meta_true": sum(r["true_false"] for r in meta), "test_questions": len(test),
                    "test_candidates": len(test) * config.candidates, "images": len(jobs)},
         "test_baselines": best_of_n_baselines(test),
+        "error_types": {"meta": _error_type_counts(r["error_type"] for r in meta),
+                        "test": _error_type_counts(c["error_type"] for q in test for c in q["candidates"])},
         "format": {
             "steps": NUM_STEPS, "step_regex": r"Step[\s:]*(\d+)", "step_separator": STEP_SEPARATOR,
             "train_text": "input + '\\n\\n' + add", "add": "'Step 1: ...\\n' ... 'Step k: ...\\n' (sid = k, 1-based)",
             "meta_input": "question + '\\n\\n' + 'Step 1: ...\\n...Step 5: ...\\nFinal answer: X'",
-            "error": "copy-consistency: from step first_error (3..5) on, the chain states a value that contradicts step 2",
+            "error": "from step first_error (3..5) on, the chain states a wrong value: A zero, B a number word "
+                     "out of range (ten..fifteen), C an in-range value that contradicts step 2 and the image",
             "labels": "accuracy = score / times (simulated Monte-Carlo rollouts; see domains.py)",
         },
         "files": files,
