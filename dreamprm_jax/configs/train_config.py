@@ -53,12 +53,12 @@ class TrainConfig:
                                             "Static buckets of image patches per batch.")
 
     sampler: str = _field(
-        "balanced", "Training sample order: shuffle (uniform over all records, the reference) | stratified (domains "
+        "stratified", "Training sample order: shuffle (uniform over all records, the reference) | stratified (domains "
         "in proportion to their sizes in every batch) | balanced (equal shares per domain in every batch: a "
         "batch of k * domains holds k of each, so every domain's hypergradient sees the same number of samples).")
 
     # --- lower level (the PRM) -----------------------------------------------------------
-    train_batch_size: int = _field(12, "Training samples per inner step (the demo: two per domain).")
+    train_batch_size: int = _field(12, "Training samples per inner step.")
     unroll: int = _field(5, "Inner AdamW steps per meta step (T).")
     inner_lr: float = _field(2e-3, "Inner AdamW learning rate.")
     inner_lr_step_size: int = _field(5000, "StepLR: multiply the inner learning rate by --inner-lr-gamma every this many inner steps.")

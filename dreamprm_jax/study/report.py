@@ -53,7 +53,8 @@ def summarize(config: StudyConfig, results: Sequence[SeedResult], wall_seconds: 
     if ORACLE_ARM in paired:
         for arm, row in paired.items():
             if arm != ORACLE_ARM:
-                row["share_of_oracle_gap"] = gap_closed(row["diff"], paired[ORACLE_ARM]["diff"])
+                share = gap_closed(row["diff"], paired[ORACLE_ARM]["diff"])
+                row["share_of_oracle_gap"] = None if np.isnan(share) else share  # None: the oracle gained nothing
 
     per_seed = []
     for r in results:
@@ -118,7 +119,7 @@ def format_report(summary: dict[str, Any]) -> str:
               "|---|" + "---|" * len(summary["config"]["ns"]) + "---|"]
     for arm, by_n in summary["paired_by_n"].items():
         share = summary["paired"][arm].get("share_of_oracle_gap")
-        share_text = "" if share is None or np.isnan(share) else f"{share:.2f}"
+        share_text = "" if share is None else f"{share:.2f}"
         lines.append(f"| {arm} | " + " | ".join(_fmt_ci(by_n[str(k)]) for k in summary["config"]["ns"])
                      + f" | {share_text} |")
     lines += ["", f"Best-of-{n} accuracy per seed (untrained baselines on the right):", ""]
@@ -228,7 +229,7 @@ def write_study(config: StudyConfig, results: Sequence[SeedResult],
 
     summary = summarize(config, results, wall_seconds)
     paths = {"json": os.path.join(config.out_dir, "study.json"), "report": os.path.join(config.out_dir, "report.md")}
-    write_json(paths["json"], summary)
+    write_json(paths["json"], summary, nonfinite="null")  # NaN (e.g. no oracle gap) -> null
     text = format_report(summary)
     with open(paths["report"], "w", encoding="utf-8") as f:
         f.write(text)

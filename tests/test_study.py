@@ -1,0 +1,102 @@
+"""The reweighting study end to end on a tiny configuration, and its analysis on known cases."""
+
+import dataclasses
+import json
+import os
+
+import numpy as np
+import pytest
+
+from dreamprm_jax import configs
+from dreamprm_jax.cli import study as study_cli
+from dreamprm_jax.data import synthetic
+from dreamprm_jax.evaluation.selection import Oracle, Random, SelectionInputs
+from dreamprm_jax.study import analysis, arms, report, runner
+
+
+def _inputs(correct: np.ndarray) -> SelectionInputs:
+    q, n = correct.shape
+    return SelectionInputs(question_ids=tuple(f"q{i}" for i in range(q)), benchmarks=("b",) * q,
+                           correct=correct, candidate_mask=np.ones((q, n), bool),
+                           answer_ids=np.tile(np.arange(n, dtype=np.int32), (q, 1)))
+
+
+def test_best_of_n_hits_known_cases():
+    correct = np.array([[True, False, False, False], [False, False, False, False], [True, True, True, True]])
+    inputs = _inputs(correct)
+    oracle = analysis.best_of_n_hits(inputs, Oracle(), (1, 2, 4), trials=2000, seed=0)
+    np.testing.assert_array_equal(oracle[4], [1.0, 0.0, 1.0])       # one subset at the full count
+    np.testing.assert_allclose(oracle[2], [0.5, 0.0, 1.0], atol=0.04)  # P(candidate 0 among 2 of 4) = 1/2
+    rand = analysis.best_of_n_hits(inputs, Random(), (4,), trials=5, seed=0)
+    assert set(np.unique(rand[4])) <= {0.0, 1.0}
+    # the scores' order decides: correct candidate scored highest -> always right at n = 4
+    scores = np.where(correct, 1.0, 0.0)
+    outcome = analysis.arm_outcome(inputs, scores, ns=(4,), trials=1, seed=0)
+    np.testing.assert_array_equal(outcome.hits[4], [1.0, 0.0, 1.0])
+    assert outcome.within_question_auroc == pytest.approx(1.0, abs=1e-12)  # only q0 has both kinds
+
+
+def test_step_auroc_by_error_type():
+    logits = np.array([[[2.0, 1.0, -1.0], [2.0, 0.5, 3.0]]])   # [Q=1, N=2, S=3]
+    labels = np.array([[[1, 1, 0], [1, 1, 0]]])
+    types = np.array([[["", "", "A"], ["", "", "B"]]], dtype=object)
+    out = analysis.step_auroc_by_error_type(logits, labels, types)
+    assert out["A"] == pytest.approx(1.0, abs=1e-12)              # -1 is below every correct step
+    assert out["B"] == pytest.approx(0.0, abs=1e-12)              # 3 is above every correct step
+    assert analysis.gap_closed(0.1, 0.2) == pytest.approx(0.5, abs=1e-12)
+    assert np.isnan(analysis.gap_closed(0.1, 0.0))
+
+
+def test_arms_put_the_baseline_first():
+    assert [a.name for a in arms.get_arms(["dreamprm", "vanilla"])] == ["vanilla", "dreamprm"]
+    assert [a.name for a in arms.get_arms(["darts"])] == ["vanilla", "darts"]
+    with pytest.raises(ValueError, match="unknown study arm"):
+        arms.get_arms(["nope"])
+
+
+def test_read_oracle_weights_errors(tmp_path):
+    path = tmp_path / "w.json"
+    path.write_text('{"a": 1, "b": -2}')
+    with pytest.raises(ValueError, match="'b'.*expected a number >= 0"):
+        runner.read_oracle_weights(str(path))
+    path.write_text("[1, 2]")
+    with pytest.raises(ValueError, match="expected a non-empty JSON object"):
+        runner.read_oracle_weights(str(path))
+
+
+def _tiny_study(out_dir: str) -> runner.StudyConfig:
+    train = dataclasses.replace(
+        configs.default(), cache_dir=os.path.join(out_dir, "cache"), model_hidden_size=32, model_layers=1,
+        train_batch_size=4, meta_batch_size=2, unroll=2, iterations=2, checkpoint_every=100, log_every=1,
+        meta_warmup=0, meta_lr_warmup=0, seq_buckets=(192,), patch_buckets=(256,))
+    return runner.StudyConfig(out_dir=out_dir, seeds=(0,), arms=("vanilla", "dreamprm", "oracle_weights"),
+                              train=train, synthetic=synthetic.tiny_config(), ns=(2, 8), trials=3, resamples=200,
+                              progress=False)
+
+
+def test_study_end_to_end_and_resume(tmp_path):
+    config = _tiny_study(str(tmp_path))
+    results = runner.run_study(config)
+    paths, text = report.write_study(config, results, wall_seconds=1.0)
+    summary = json.load(open(paths["json"]))
+    assert set(summary["paired"]) == {"dreamprm", "oracle_weights"}
+    for row in summary["paired"].values():
+        lo, hi = row["ci95"]
+        assert -1.0 <= lo <= row["diff"] <= hi <= 1.0
+    seed0 = summary["per_seed"][0]
+    assert seed0["num_questions"] == synthetic.tiny_config().test
+    assert set(seed0["baselines"]) == {"self_consistency", "random", "oracle_answer"}
+    oracle_w = seed0["arms"]["oracle_weights"]["weights"]
+    assert oracle_w["misled_B"] < oracle_w["good_1"]                # trained under the manifest's oracle weights
+    assert "spearman_vs_quality" in seed0["arms"]["dreamprm"]
+    assert "Reweighting study" in text and os.path.isfile(paths["best_of_n_png"])
+    assert os.path.isfile(paths["weights_png"])
+    # a second run reuses every finished piece: nothing is trained or scored again
+    again = runner.run_study(config)
+    assert all(run.train_seconds == 0.0 and run.score_seconds == 0.0 for run in again[0].arms.values())
+    np.testing.assert_array_equal(again[0].arms["dreamprm"].outcome.hits[8], results[0].arms["dreamprm"].outcome.hits[8])
+
+
+def test_cli_rejects_partial_user_data(capsys):
+    assert study_cli.main(["--train-json", "t.json"]) == 2
+    assert "--train-json, --meta-json and --candidates together" in capsys.readouterr().err
