@@ -144,6 +144,8 @@ class TrainConfig:
         from dreamprm_jax.train.run_dir import resume_mode
 
         object.__setattr__(self, "resume", resume_mode(self.resume))  # frozen: normalise True/False once
+        if self.step_split not in ("strict", "reference"):
+            raise ValueError(f"step_split: expected 'strict' or 'reference', got {self.step_split!r}")
 
     def hypergradient_kwargs(self) -> dict[str, Any]:
         try:

@@ -169,8 +169,11 @@ class BadRecords(RecordError):
         by_reason = ", ".join(f"{reason}: {n}" for reason, n in counts.most_common())
         lines = [f"{file}: {bad} of {num_read} records are bad ({by_reason}); the first {len(errors)}:"]
         lines += [f"  {err}" for err in errors]
-        lines.append(f"Fix them, or train on the {num_read - bad} good ones with on_bad_record='skip' "
-                     "(--on-bad-record skip): skipped records are counted and reported.")
+        if bad < num_read:
+            lines.append(f"Fix them, or train on the {num_read - bad} good ones with on_bad_record='skip' "
+                         "(--on-bad-record skip): skipped records are counted and reported.")
+        else:
+            lines.append("No record is good: fix the file (--on-bad-record skip would leave nothing to train on).")
         self.args = ("\n".join(lines),)
 
     def __str__(self) -> str:

@@ -315,8 +315,9 @@ def train(cfg: TrainConfig, data: TrainData, model: PRMModel | str, *,
         ``cfg.resume == "always"`` with no checkpoint raise a one-line
         :class:`~dreamprm_jax.train.run_dir.RunDirError`;
       - bad records: ``cfg.on_bad_record == "error"`` raises after validating the files, with
-        the counts by reason and the first few; ``"skip"`` prints the counts (always) and
-        both modes' kept / skipped numbers go to ``<out_dir>/data_report.json``;
+        the counts by reason and the first few; ``"skip"`` prints the counts (always); once
+        the data is loaded, what was read, kept and skipped per file and reason is written
+        to ``<out_dir>/data_report.json``;
       - SIGTERM / SIGINT at any moment of the loop, the final checkpoint and the export
         included: the current step is checkpointed (a checkpoint being written is finished)
         and the function returns with ``interrupted=True``; a resumed run continues from
