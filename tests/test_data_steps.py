@@ -63,3 +63,40 @@ def test_final_answer_before_last_step_raises():
 def test_bad_mode():
     with pytest.raises(ValueError, match="mode"):
         split_steps(CHAIN, mode="fuzzy")
+
+
+# ----------------------------------------------------------------------------- DreamPRM's released meta format
+
+
+def released_chain(steps: int, header: str | None, question_only: bool = False) -> str:
+    """A chain shaped like DreamPRM's released meta records: a question with options, '### Step k:'
+    headed steps, optionally a final-answer header with reasoning under it, then 'Final answer: X'."""
+    text = "Question: Which option is right?\nOptions: (A) True (B) False\nLet's think step by step."
+    if question_only:
+        return text
+    for k in range(1, steps + 1):
+        text += f"\n\n### Step {k}: Part {k}\n   - reasoning of part {k}."
+    if header is not None:
+        text += f"\n\n{header}\nBased on the reasoning above, the answer is option (A)."
+    return text + "\n\nFinal answer: A"
+
+
+@pytest.mark.parametrize("header", [None, "### Final Answer", "### Final Answer:", "### FINAL ANSWER",
+                                    "**final answer**"])
+def test_released_format_matches_the_reference_rule(header):
+    """The reference rule: prefix k < S is the text before the first 'Step k+1' (as written);
+    the last prefix is the text before the first 'Final answer' as written, so a
+    differently-cased final-answer header and the reasoning under it stay in the last step."""
+    text = released_chain(5, header)
+    strict = split_steps(text)
+    assert strict == split_steps(text, mode="reference")
+    assert strict[-1] == text[: text.index("Final answer:")]
+    if header is not None:
+        assert strict[-1].rstrip().endswith("the answer is option (A).")  # the header's reasoning is kept
+
+
+def test_released_question_only_records_have_no_steps():
+    text = released_chain(0, None, question_only=True)  # 'step by step' carries no number
+    assert split_steps(text, mode="reference") == []
+    with pytest.raises(StepError, match="no 'Step <n>' marker"):
+        split_steps(text)

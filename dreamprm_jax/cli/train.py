@@ -9,6 +9,7 @@ DIR --train-json F --meta-json F`` the same command trains the real 2B model on 
     python -m experiments.train --hypergradient darts --out-dir runs/darts
     python -m experiments.train --no-reweighting --out-dir runs/vanilla
     python -m experiments.train --resume --out-dir runs/default --iterations 600
+    python -m experiments.train --resume auto --out-dir runs/preemptible   # continue if there is a checkpoint
 
 Installed, ``dreamprm-train`` is the same command.
 """
@@ -32,20 +33,27 @@ PROG = "dreamprm-train"
 @dataclasses.dataclass
 class TrainRun:
     """A finished command-line training run: the trainer's result and, for the generated
-    benchmark, the planted qualities and their Spearman correlation with the learned weights."""
+    benchmark, the planted qualities and (with reweighting) their Spearman correlation with
+    the learned weights."""
 
     result: TrainResult
     planted_quality: dict[str, float] | None
     spearman: float | None
+    reweighting: bool = True
 
 
-def run(cfg) -> TrainRun:
+def run(cfg, *, create_out_dir_parents: bool = True) -> TrainRun:
     """Resolve the data and the model from ``cfg`` (:mod:`dreamprm_jax.train.demo`), train, and
-    plot the run (``domain_weights.png``, ``losses.png``) on process 0."""
+    plot the run (``domain_weights.png``, ``losses.png``) on process 0.
+
+    The run directory is checked before anything is generated, loaded or compiled
+    (:func:`~dreamprm_jax.train.loop.check_run_dir`; ``create_out_dir_parents=False``: its
+    parent must exist)."""
     from dreamprm_jax.evaluation.statistics import spearman
     from dreamprm_jax.train import demo, distributed, loop
     from dreamprm_jax.train.plots import plot_domain_weights, plot_losses
 
+    loop.check_run_dir(cfg, create_parents=create_out_dir_parents)
     loop.start_processes(cfg)  # before anything touches a device
     cfg = dataclasses.replace(cfg, progress=cfg.progress and distributed.is_primary())
     # Process 0 first: the generated data and the tokenizer are then reused by the others.
@@ -59,19 +67,36 @@ def run(cfg) -> TrainRun:
         plot_domain_weights(result.metrics_path, os.path.join(result.out_dir, "domain_weights.png"),
                             planted_quality=planted)
         plot_losses(result.metrics_path, os.path.join(result.out_dir, "losses.png"))
-    rho = None if planted is None else spearman(result.weights, [planted[d] for d in result.domains])
-    return TrainRun(result, planted, rho)
+    # Uniform weights (no reweighting) have no rank to correlate.
+    rho = None if planted is None or not cfg.reweighting else spearman(result.weights,
+                                                                         [planted[d] for d in result.domains])
+    return TrainRun(result, planted, rho, cfg.reweighting)
+
+
+def format_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    """Columns as wide as their widest cell; the first left-aligned, the others right-aligned."""
+    widths = [max(len(r[j]) for r in [header, *rows]) for j in range(len(header))]
+
+    def line(cells):
+        return "  ".join(c.ljust(w) if j == 0 else c.rjust(w) for j, (c, w) in enumerate(zip(cells, widths))).rstrip()
+
+    return [line(header), *map(line, rows)]
 
 
 def format_run(run: TrainRun) -> str:
-    """The closing table: domain, planted quality, learned weight (and Spearman)."""
+    """The closing table: domain, planted quality (generated benchmark only), the weight, and
+    the Spearman correlation when there is a planted quality and the weights were learned."""
     result = run.result
-    lines = [f"{'domain':<24} {'planted quality':>16} {'learned weight':>15}"]
-    for i in np.argsort(-result.weights):
+    planted = run.planted_quality
+    header = ["domain"] + (["planted quality"] if planted is not None else []) + [
+        "learned weight" if run.reweighting else "weight (fixed)"]
+    rows = []
+    for i in np.argsort(-result.weights, kind="stable"):
         d = result.domains[i]
-        q = "" if run.planted_quality is None else f"{run.planted_quality.get(d, float('nan')):.3f}"
-        lines.append(f"{d:<24} {q:>16} {result.weights[i]:>15.4f}")
-    if run.spearman is not None:
+        quality = [f"{planted[d]:.3f}" if d in planted else "-"] if planted is not None else []
+        rows.append([d, *quality, f"{result.weights[i]:.4f}"])
+    lines = format_table(header, rows)
+    if run.spearman is not None and np.isfinite(run.spearman):
         lines.append(f"Spearman(learned weight, planted quality) = {run.spearman:.3f}")
     lines.append(f"{result.step} iterations in {result.seconds:.1f} s ({result.compile_count} compiled programs)"
                  + (" [interrupted]" if result.interrupted else ""))
@@ -96,16 +121,18 @@ def main(argv=None, prog: str = PROG) -> int:
     from dreamprm_jax import configs
 
     parser, defaults = build_parser(argv, prog)
-    cfg = configs.from_arguments(parser.parse_args(argv), defaults)
+    args = parser.parse_args(argv)
+    cfg = configs.from_arguments(args, defaults)
 
     from dreamprm_jax.train import loop
 
     try:
-        finished = run(cfg)
+        # An --out-dir typed on the command line must have an existing parent (a typo is not created).
+        finished = run(cfg, create_out_dir_parents=args.out_dir is None)
     except loop.TrainingDiverged as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:  # bad records, bad run directory, unreadable files: no traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(format_run(finished))

@@ -44,7 +44,14 @@ class TrainConfig:
     image_root: str | None = _field(None, "Directory that image paths are resolved against (default: the JSON's directory).")
     data_dir: str = _field("runs/synthetic", "Where the generated benchmark is written when no --train-json is given.")
     synthetic_seed: int = _field(0, "Seed of the generated benchmark.")
-    on_bad_record: str = _field("error", "What to do with an invalid record: error | skip (skips are counted and logged).")
+    on_bad_record: str = _field(
+        "error", "What to do with invalid records: error (stop after validating every file, with the counts by "
+        "reason and the first examples) | skip (train on the good ones; the counts are printed and written to "
+        "<out-dir>/data_report.json).")
+    step_split: str = _field(
+        "strict", "How meta chains split into step prefixes: strict (the reference's prefixes on DreamPRM's "
+        "released files, with step numbers checked) | reference (the reference implementation's rule, quirks "
+        "included; see dreamprm_jax.data.steps).")
     cache_dir: str = _field("runs/cache", "Preprocessing cache (tokens and image patches, keyed by content).")
     seq_buckets: tuple[int, ...] = _field((112, 256, 384, 512, 768, 1024, 1536, 2048, 4096),
                                           "Static sequence-length buckets (a batch takes the smallest that fits; every "
@@ -109,7 +116,10 @@ class TrainConfig:
     checkpoint_every: int = _field(100, "Save a checkpoint every this many iterations (and at the end).")
     keep_checkpoints: int = _field(2, "How many checkpoints to keep.")
     log_every: int = _field(10, "Log metrics (and fetch them from the device) every this many iterations.")
-    resume: bool = _field(False, "Continue from the latest checkpoint in --out-dir.")
+    resume: str = _field(
+        "never", "Continue from the latest checkpoint in --out-dir: never | always (plain --resume; no checkpoint "
+        "there is an error naming the directory) | auto (continue if there is one, else start at step 0). "
+        "Library code may pass True / False for always / never.")
     export: bool = _field(True, "At the end, export the PRM as a Hugging Face directory and the weights as JSON.")
     progress: bool = _field(True, "Show a progress bar.")
 
@@ -129,6 +139,13 @@ class TrainConfig:
     process_id: int | None = _field(
         None, "This process's index 0..num_processes-1 (env JAX_PROCESS_ID). Process 0 writes the metrics, plots, "
         "export and domain_weights.json; all processes write their shards of the checkpoints.")
+
+    def __post_init__(self):
+        from dreamprm_jax.train.run_dir import resume_mode
+
+        object.__setattr__(self, "resume", resume_mode(self.resume))  # frozen: normalise True/False once
+        if self.step_split not in ("strict", "reference"):
+            raise ValueError(f"step_split: expected 'strict' or 'reference', got {self.step_split!r}")
 
     def hypergradient_kwargs(self) -> dict[str, Any]:
         try:
@@ -190,7 +207,12 @@ def add_arguments(parser: argparse.ArgumentParser, defaults: TrainConfig) -> Non
         base = _scalar_type(annotation)
         default = getattr(defaults, field.name)
         help_text = f"{field.metadata['help']} (default: {default})"
-        if base is bool:
+        if field.name == "resume":
+            from dreamprm_jax.train.run_dir import RESUME_MODES
+
+            parser.add_argument(flag, nargs="?", const="always", default=None, choices=RESUME_MODES, metavar="MODE",
+                                help=help_text)
+        elif base is bool:
             parser.add_argument(flag, type=_parse_bool, nargs="?", const=True, default=None, metavar="BOOL", help=help_text)
             if field.name == "reweighting":
                 parser.add_argument("--no-reweighting", dest="reweighting", action="store_const", const=False,

@@ -29,6 +29,7 @@ from dreamprm_jax.data.batching import (
 )
 from dreamprm_jax.data.dataset import PreparedData, build_meta_dataset, build_train_dataset, processor_fingerprint
 from dreamprm_jax.data.records import (
+    BadRecords,
     Loaded,
     MetaRecord,
     RecordError,
@@ -45,7 +46,7 @@ __all__ = [
     "BatchBuilder", "BatchSpec", "Sample", "Sampler", "choose_bucket", "collate", "collate_meta", "collate_train",
     "model_prepare_fn", "power_of_two_buckets", "stack_meta", "stack_train",
     "PreparedData", "build_meta_dataset", "build_train_dataset", "processor_fingerprint",
-    "Loaded", "MetaRecord", "RecordError", "TrainRecord", "convert_trl_record", "format_skipped",
+    "BadRecords", "Loaded", "MetaRecord", "RecordError", "TrainRecord", "convert_trl_record", "format_skipped",
     "load_meta_records", "load_train_records",
     "StepError", "find_max_step", "split_step_reference", "split_steps",
     "MetaBatch", "ModelInputs", "TrainBatch",

@@ -58,15 +58,17 @@ from dreamprm_jax.data.records import Loaded, MetaRecord, TrainRecord, load_meta
 
 __all__ = ["PreparedData", "build_train_dataset", "build_meta_dataset", "processor_fingerprint", "CACHE_VERSION"]
 
-CACHE_VERSION = "dreamprm-jax-data-v1"
+CACHE_VERSION = "dreamprm-jax-data-v2"
 
 
 @dataclasses.dataclass
 class PreparedData:
     """Arrow tables (memory-mapped) plus the facts a trainer needs.
 
-    ``info``: kind, key, domains (tuple), patch_dim, num_records, num_samples, skipped (dict
-    reason -> count) and, for meta, num_chains / max_steps.  ``from_cache`` tells whether
+    ``info``: kind, key, domains (tuple), patch_dim, num_read (records in the file),
+    num_records (kept), num_samples, skipped (dict reason -> count), first_errors (the first
+    few bad records: file, record, line, field, reason, message) and, for meta, num_chains /
+    max_steps.  ``from_cache`` tells whether
     preprocessing was skipped.
     """
 
@@ -83,6 +85,11 @@ class PreparedData:
     @property
     def skipped(self) -> Counter:
         return Counter(self.info["skipped"])
+
+    @property
+    def num_read(self) -> int:
+        """Records read from the file (kept + skipped; a TRL row counts once)."""
+        return int(self.info["num_read"])
 
     def chain_rows(self) -> np.ndarray:
         """Meta: ``[num_chains, 2]`` int64 (first row, number of steps) of each chain."""
@@ -222,7 +229,11 @@ class _Encoder:
             if self._pil is None or self._pil[0] != image_path:
                 self._pil = (image_path, _open_image(image_path))
             image = self._pil[1]
-        enc = self.processor.encode(text, image)
+        try:
+            enc = self.processor.encode(text, image)
+        except Exception as e:  # noqa: BLE001 - whatever the processor raises, name the record
+            field = f", field 'image_path' ({image_path})" if image_path is not None else ", field 'input'"
+            raise ValueError(f"{where}{field}: the processor failed ({type(e).__name__}: {e})") from e
         ids = np.asarray(enc.input_ids, dtype=np.int32).reshape(-1)  # [L]
         if image_path is None:
             return ids, -1, 0
@@ -352,7 +363,9 @@ def _build(kind: str, loaded: Loaded, records_path: str, processor, cache_dir: s
             "domains": list(loaded.domains), "patch_dim": encoder.patch_dim if encoder.patch_dim is not None
             else getattr(processor, "patch_dim", None),
             "num_records": len(loaded.records), "num_samples": len(samples), "num_images": len(encoder.image_rows),
-            "skipped": dict(loaded.skipped), "skip_examples": dict(loaded.examples),
+            "num_read": loaded.num_read, "skipped": dict(loaded.skipped), "skip_examples": dict(loaded.examples),
+            "first_errors": [{"file": e.file, "record": e.record, "line": e.line, "field": e.field, "reason": e.reason,
+                              "message": str(e)} for e in loaded.first_errors],
             "max_length": int(np.max(np.asarray(samples["length"]))),
             "max_patches": int(np.max(np.asarray(samples["num_patches"]))),
         }
@@ -388,11 +401,14 @@ def build_train_dataset(
     """Validate a training-records file, then encode it (or load the cached tables).
 
     Arguments as :func:`~dreamprm_jax.data.records.load_train_records`; ``processor`` has
-    ``encode(text, image) -> EncodedSample``.  ``info["domains"]`` fixes ``domain_id``.
+    ``encode(text, image) -> EncodedSample`` and, optionally, ``check_image(path)`` (used to
+    validate images; else the default processor settings' check).  ``info["domains"]``
+    fixes ``domain_id``.
     """
     records_path = os.fspath(records_path)
     loaded = load_train_records(records_path, image_root=image_root, domains=domains, on_bad_record=on_bad_record,
-                                check_images=check_images, format=format, domain=domain, step_separator=step_separator)
+                                check_images=check_images, format=format, domain=domain, step_separator=step_separator,
+                                image_check=getattr(processor, "check_image", None))
     root = os.path.abspath(image_root) if image_root is not None else os.path.dirname(os.path.abspath(records_path))
     options = {"domains": list(loaded.domains), "on_bad_record": on_bad_record, "check_images": check_images,
                "format": format, "domain": domain, "step_separator": step_separator, "root": root}
@@ -412,7 +428,8 @@ def build_meta_dataset(
     """Validate a meta-records file, then encode every step prefix of every chain (cached)."""
     records_path = os.fspath(records_path)
     loaded = load_meta_records(records_path, image_root=image_root, on_bad_record=on_bad_record,
-                               check_images=check_images, step_mode=step_mode)
+                               check_images=check_images, step_mode=step_mode,
+                               image_check=getattr(processor, "check_image", None))
     root = os.path.abspath(image_root) if image_root is not None else os.path.dirname(os.path.abspath(records_path))
     options = {"on_bad_record": on_bad_record, "check_images": check_images, "step_mode": step_mode, "root": root}
     return _build("meta", loaded, records_path, processor, os.fspath(cache_dir), root, options)

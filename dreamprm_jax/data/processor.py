@@ -45,7 +45,10 @@ from dreamprm_jax.data.tokenizer import (
 
 __all__ = [
     "EncodedSample",
+    "IMAGE_MODES",
     "ImageDecodeError",
+    "ImageRejected",
+    "check_image_file",
     "Processor",
     "QWEN2_VL_CHAT_TEMPLATE",
     "SYSTEM_PROMPT",
@@ -65,6 +68,87 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 class ImageDecodeError(ValueError):
     """An image file is missing or cannot be decoded; the message names the file."""
+
+
+# Why an image file is refused (the skip counters' keys; :class:`ImageRejected` ``reason``).
+IMAGE_UNREADABLE = "corrupt_image"
+IMAGE_TOO_LARGE = "image_too_large"
+IMAGE_TOO_SMALL = "image_too_small"
+IMAGE_ASPECT_RATIO = "image_aspect_ratio"
+IMAGE_MODE = "image_mode"
+
+#: ``smart_resize`` of Qwen2-VL's image processor refuses a longer side over 200 x the shorter.
+MAX_ASPECT_RATIO = 200
+
+#: PIL modes that convert to RGB faithfully. 16- and 32-bit modes ("I", "I;16", "F") are
+#: refused: ``convert("RGB")`` clips them to 0..255, so a 16-bit scan would turn white.
+IMAGE_MODES = frozenset({"1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr", "LAB", "HSV"})
+
+
+class ImageRejected(ValueError):
+    """An image file the processor would refuse or mangle: ``reason`` (one of the
+    ``IMAGE_*`` keys), ``expected`` and ``got`` in words (the file is named in ``got``)."""
+
+    def __init__(self, reason: str, expected: str, got: str):
+        self.reason, self.expected, self.got = reason, expected, got
+        super().__init__(f"expected {expected}, got {got} [{reason}]")
+
+
+def check_image_file(path: str | os.PathLike, *, max_image_side: int | None = 512,
+                     max_image_pixels: int | None = -1) -> tuple[int, int]:
+    """Everything :meth:`Processor.preprocess_image` would reject later, checked now; returns
+    the (width, height) of the file.
+
+    Raises :class:`ImageRejected` when the file
+
+    - cannot be identified, verified or fully decoded by PIL (``corrupt_image``);
+    - has more than ``max_image_pixels`` pixels (``image_too_large``; ``-1``: PIL's
+      ``Image.MAX_IMAGE_PIXELS``, its decompression-bomb limit; ``None``: no limit);
+    - has a mode outside :data:`IMAGE_MODES` (``image_mode``);
+    - has a side that the shrink to ``max_image_side`` (:func:`resize_if_needed`) makes 0
+      pixels (``image_too_small``);
+    - has, after that shrink, a longer side more than :data:`MAX_ASPECT_RATIO` times the
+      shorter (``image_aspect_ratio``; Qwen2-VL's ``smart_resize`` raises there).
+    """
+    import warnings
+
+    from PIL import Image
+
+    path = os.fspath(path)
+    limit = Image.MAX_IMAGE_PIXELS if max_image_pixels == -1 else max_image_pixels
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                (width, height), mode = img.size, img.mode
+                if limit is not None and width * height > limit:
+                    raise ImageRejected(IMAGE_TOO_LARGE, f"at most {limit} pixels (a decompression-bomb guard)",
+                                        f"{path}: {width} x {height} = {width * height} pixels")
+                img.verify()
+            with Image.open(path) as img:  # verify() leaves the object unusable; reopen to decode pixels
+                img.load()
+    except ImageRejected:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageRejected(IMAGE_TOO_LARGE, "an image under PIL's decompression-bomb limit",
+                            f"{path}: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - PIL raises many types for corrupt files
+        raise ImageRejected(IMAGE_UNREADABLE, "an image PIL can decode", f"{path} ({type(exc).__name__}: {exc})") from None
+    if mode not in IMAGE_MODES:
+        raise ImageRejected(IMAGE_MODE, f"an 8-bit image mode ({', '.join(sorted(IMAGE_MODES))})",
+                            f"{path}: mode {mode!r}")
+    w, h = width, height
+    if max_image_side is not None and max(w, h) > max_image_side:
+        scale = max_image_side / float(max(w, h))
+        w, h = int(w * scale), int(h * scale)
+    if min(w, h) < 1:
+        raise ImageRejected(IMAGE_TOO_SMALL, f"both sides at least 1 pixel after the shrink to a longest side of "
+                            f"{max_image_side}", f"{path}: {width} x {height} becomes {w} x {h}")
+    if max(w, h) / min(w, h) > MAX_ASPECT_RATIO:
+        resized = "" if (w, h) == (width, height) else f" (after the shrink to {w} x {h})"
+        raise ImageRejected(IMAGE_ASPECT_RATIO, f"an aspect ratio of at most {MAX_ASPECT_RATIO}:1",
+                            f"{path}: {width} x {height}{resized}, {max(w, h) / min(w, h):g}:1")
+    return width, height
 
 
 @dataclasses.dataclass(frozen=True)
@@ -297,6 +381,11 @@ class Processor:
                 image_std=list(self.image_std),
             )
         return self._image_processor
+
+    def check_image(self, path: str | os.PathLike) -> None:
+        """Raise :class:`ImageRejected` for a file :meth:`preprocess_image` would refuse
+        (:func:`check_image_file` with this processor's ``max_image_side``)."""
+        check_image_file(path, max_image_side=self.max_image_side)
 
     @property
     def patch_dim(self) -> int:

@@ -32,16 +32,23 @@ Validation policy (every record, all of it before any tokenisation):
 * ``image_path`` (when not null) is resolved against ``image_root`` (default: the records
   file's folder) by :func:`~dreamprm_jax.data.jsonfiles.resolve_image_path` (symlinks
   resolved; ``..``, an absolute path elsewhere or a symlink out of the root is an error),
-  must exist and must decode with PIL (``verify()`` then a full ``load()``);
+  must exist and pass the image check: by default
+  :func:`~dreamprm_jax.data.processor.check_image_file` (decodes with PIL, not a
+  decompression bomb, an 8-bit mode, an aspect ratio the Qwen2-VL image processor accepts
+  after the shrink to 512 px, no side shrunk to 0), or the processor's own
+  ``check_image`` (``image_check=``), so that no image fails later, during encoding;
 * meta chains split into steps (:func:`dreamprm_jax.data.steps.split_steps`, strict mode);
 * ``(id, sid)`` pairs (training) and ``id`` (meta) are unique when present.
 
-An error is a :class:`RecordError` naming the file, the record index (0-based), the line
-(JSON Lines; 1-based), the field and what was expected.  File-level problems (empty file,
-non-UTF-8 bytes, malformed JSON array, a single JSON object, zero records for a declared
-domain) always raise.
-With ``on_bad_record="skip"`` bad records are dropped and counted per reason in a
-:class:`collections.Counter` returned beside the good records; nothing is dropped silently.
+A bad record is a :class:`RecordError` naming the file, the record index (0-based), the
+line (JSON Lines; 1-based), the field and what was expected.  File-level problems (empty
+file, non-UTF-8 bytes, malformed JSON array, a single JSON object, zero records for a
+declared domain) always raise.  With ``on_bad_record="error"`` the whole file is still
+validated, then a :class:`BadRecords` (a ``RecordError`` carrying the first bad record's
+fields) says how many records are bad, by reason, shows the first few and points at skip
+mode.  With ``on_bad_record="skip"`` bad records are dropped and counted per reason in a
+:class:`collections.Counter` returned beside the good records, with the first few errors;
+nothing is dropped silently.
 """
 
 from __future__ import annotations
@@ -50,7 +57,7 @@ import dataclasses
 import math
 import os
 from collections import Counter
-from typing import Any, Iterable, Iterator, NamedTuple, Sequence
+from typing import Any, Callable, Iterable, Iterator, NamedTuple, Sequence
 
 from dreamprm_jax.data.jsonfiles import (
     DUPLICATE_ID,
@@ -65,9 +72,11 @@ from dreamprm_jax.data.jsonfiles import (
     resolve_image_path,
 )
 from dreamprm_jax.data.jsonfiles import short_repr as _short
+from dreamprm_jax.data.processor import IMAGE_UNREADABLE, ImageRejected, check_image_file
 from dreamprm_jax.data.steps import StepError, split_steps
 
 __all__ = [
+    "BadRecords",
     "RecordError",
     "TrainRecord",
     "MetaRecord",
@@ -89,7 +98,7 @@ NOT_BOOLEAN = "not_boolean"
 EMPTY_TEXT = "empty_text"
 UNKNOWN_DOMAIN = "unknown_domain"
 EMPTY_DOMAIN = "empty_domain"
-CORRUPT_IMAGE = "corrupt_image"
+CORRUPT_IMAGE = IMAGE_UNREADABLE  # the other image reasons: dreamprm_jax.data.processor.IMAGE_*
 NO_STEPS = "bad_steps"
 
 
@@ -130,24 +139,59 @@ class MetaRecord:
         return len(self.steps)
 
 
+#: How many bad records a :class:`BadRecords` message and ``Loaded.first_errors`` show.
+FIRST_ERRORS = 5
+
+
 class Loaded(NamedTuple):
-    """Good records, per-reason counts of dropped ones, one message per reason, domain names."""
+    """Good records, per-reason counts of dropped ones, one message per reason, domain names,
+    the number of records read from the file and the first :data:`FIRST_ERRORS` errors."""
 
     records: list
     skipped: Counter
     examples: dict[str, str]
     domains: tuple[str, ...]
+    num_read: int = 0
+    first_errors: tuple[RecordError, ...] = ()
+
+
+class BadRecords(RecordError):
+    """Error mode: the records file has bad records. Its attributes (``record``, ``field``,
+    ``reason``, ...) are the first bad record's; ``counts`` (reason -> number), ``num_read``
+    and ``errors`` (the first few :class:`RecordError`) describe them all."""
+
+    def __init__(self, file: str, counts: Counter, num_read: int, errors: Sequence[RecordError]):
+        first = errors[0]
+        super().__init__(first.file, first.record, first.field, first.expected, first.reason, line=first.line,
+                         got=first.got, id=first.id)
+        self.counts, self.num_read, self.errors = Counter(counts), num_read, tuple(errors)
+        bad = sum(counts.values())
+        by_reason = ", ".join(f"{reason}: {n}" for reason, n in counts.most_common())
+        lines = [f"{file}: {bad} of {num_read} records are bad ({by_reason}); the first {len(errors)}:"]
+        lines += [f"  {err}" for err in errors]
+        if bad < num_read:
+            lines.append(f"Fix them, or train on the {num_read - bad} good ones with on_bad_record='skip' "
+                         "(--on-bad-record skip): skipped records are counted and reported.")
+        else:
+            lines.append("No record is good: fix the file (--on-bad-record skip would leave nothing to train on).")
+        self.args = ("\n".join(lines),)
+
+    def __str__(self) -> str:
+        return self.args[0]
+
+    def __reduce__(self):
+        return (BadRecords, (self.file, self.counts, self.num_read, self.errors))
 
 
 # ----------------------------------------------------------------------------- reading
 
 
-def _fail(err: RecordError, on_bad_record: str, counter: Counter | None, examples: dict | None) -> None:
-    if on_bad_record == "error" or counter is None:
-        raise err
+def _fail(err: RecordError, counter: Counter, examples: dict, first: list) -> None:
+    """Count a bad record (both modes: error mode raises once the whole file is read)."""
     counter[err.reason] += 1
-    if examples is not None:
-        examples.setdefault(err.reason, str(err))
+    examples.setdefault(err.reason, str(err))
+    if len(first) < FIRST_ERRORS:
+        first.append(err)
 
 
 # ----------------------------------------------------------------------------- field checks
@@ -219,16 +263,13 @@ def _optional_number(ctx: _Ctx, rec: dict, field: str, integer: bool = False):
 
 
 def check_image(path: str) -> None:
-    """Raise ``OSError``/``ValueError`` unless PIL can identify, verify and fully decode ``path``."""
-    from PIL import Image
-
-    with Image.open(path) as im:
-        im.verify()
-    with Image.open(path) as im:  # verify() leaves the object unusable; reopen to decode pixels
-        im.load()
+    """Raise :class:`~dreamprm_jax.data.processor.ImageRejected` (a ``ValueError``) for a file
+    the Qwen2-VL processor would refuse at its default settings
+    (:func:`~dreamprm_jax.data.processor.check_image_file`)."""
+    check_image_file(path)
 
 
-def _image(ctx: _Ctx, rec: dict, image_root: str, check_images: bool, seen: dict) -> str | None:
+def _image(ctx: _Ctx, rec: dict, image_root: str, image_check, seen: dict) -> str | None:
     value = _require(ctx, rec, "image_path")
     if value is None:
         return None
@@ -241,12 +282,14 @@ def _image(ctx: _Ctx, rec: dict, image_root: str, check_images: bool, seen: dict
     if full not in seen:
         if not os.path.isfile(full):
             seen[full] = (MISSING_IMAGE, "an existing image file", full)
-        elif check_images:
+        elif image_check is not None:
             try:
-                check_image(full)
+                image_check(full)
                 seen[full] = None
-            except Exception as e:  # noqa: BLE001 - PIL raises many types for corrupt files
-                seen[full] = (CORRUPT_IMAGE, "an image PIL can decode", f"{full} ({type(e).__name__}: {e})")
+            except ImageRejected as e:
+                seen[full] = (e.reason, e.expected, e.got)
+            except Exception as e:  # noqa: BLE001 - a caller's check may raise anything
+                seen[full] = (CORRUPT_IMAGE, "an image the processor accepts", f"{full} ({type(e).__name__}: {e})")
         else:
             seen[full] = None
     bad = seen[full]
@@ -264,7 +307,7 @@ def _as_object(ctx: _Ctx, value) -> dict:
 # ----------------------------------------------------------------------------- parsers
 
 
-def _parse_train(ctx: _Ctx, rec, image_root, domains, check_images, seen) -> TrainRecord:
+def _parse_train(ctx: _Ctx, rec, image_root, domains, image_check, seen) -> TrainRecord:
     rec = _as_object(ctx, rec)
     text_input = _text(ctx, rec, "input")
     add = _text(ctx, rec, "add")
@@ -276,12 +319,12 @@ def _parse_train(ctx: _Ctx, rec, image_root, domains, check_images, seen) -> Tra
     sid = _optional_id(ctx, rec, "sid")
     score = _optional_number(ctx, rec, "score")
     times = _optional_number(ctx, rec, "times", integer=True)
-    image = _image(ctx, rec, image_root, check_images, seen)
+    image = _image(ctx, rec, image_root, image_check, seen)
     return TrainRecord(text_input, add, image, dataset, accuracy, rid, sid, score, times, rec.get("ground_truth"),
                        (ctx.file, ctx.index))
 
 
-def _parse_meta(ctx: _Ctx, rec, image_root, check_images, seen, step_mode) -> MetaRecord:
+def _parse_meta(ctx: _Ctx, rec, image_root, image_check, seen, step_mode) -> MetaRecord:
     rec = _as_object(ctx, rec)
     text_input = _text(ctx, rec, "input")
     label = _boolean(ctx, _require(ctx, rec, "true_false"), "true_false")
@@ -293,7 +336,7 @@ def _parse_meta(ctx: _Ctx, rec, image_root, check_images, seen, step_mode) -> Me
                         got=_short(text_input)) from None
     if not steps:
         raise ctx.error("input", "a chain with at least one 'Step <n>'", NO_STEPS, got=_short(text_input))
-    image = _image(ctx, rec, image_root, check_images, seen)
+    image = _image(ctx, rec, image_root, image_check, seen)
     return MetaRecord(text_input, image, label, steps, rid, (ctx.file, ctx.index))
 
 
@@ -358,7 +401,9 @@ def _default_root(path: str, image_root) -> str:
     return os.fspath(image_root) if image_root is not None else os.path.dirname(os.path.abspath(path))
 
 
-def _finish(path, records, counter, examples, domains, domain_of) -> Loaded:
+def _finish(path, records, counter, examples, first, num_read, on_bad_record, domains, domain_of) -> Loaded:
+    if counter and on_bad_record == "error":
+        raise BadRecords(path, counter, num_read, first)
     present = Counter(domain_of(r) for r in records) if domain_of else Counter()
     if domains is not None:
         empty = [d for d in domains if present[d] == 0]
@@ -368,12 +413,18 @@ def _finish(path, records, counter, examples, domains, domain_of) -> Loaded:
         names = tuple(domains)
     else:
         names = tuple(sorted(present))
-    return Loaded(records, counter, examples, names)
+    return Loaded(records, counter, examples, names, num_read, tuple(first))
 
 
 def _check_mode(on_bad_record: str) -> None:
     if on_bad_record not in ("error", "skip"):
         raise ValueError(f"on_bad_record must be 'error' or 'skip', got {on_bad_record!r}")
+
+
+def _image_check(check_images: bool, image_check):
+    if not check_images:
+        return None
+    return image_check if image_check is not None else check_image
 
 
 def load_train_records(
@@ -386,6 +437,7 @@ def load_train_records(
     format: str = "auto",
     domain: str | None = None,
     step_separator: str = "\n",
+    image_check: Callable[[str], Any] | None = None,
 ) -> Loaded:
     """Read and validate a training-records file (see the module docstring for every check).
 
@@ -395,12 +447,15 @@ def load_train_records(
         file's folder).
       domains: declared domain names; records of other domains are errors and each declared
         domain needs at least one good record.  ``None``: the sorted names found.
-      on_bad_record: ``"error"`` (raise the first :class:`RecordError`) or ``"skip"``.
-      check_images: decode every distinct image once with PIL.
+      on_bad_record: ``"error"`` (validate every record, then raise :class:`BadRecords` if any
+        is bad) or ``"skip"``.
+      check_images: check every distinct image once (``image_check``).
       format: ``"dreamprm"``, ``"trl"`` (stepwise supervision) or ``"auto"`` (a row with
         ``completions`` and ``labels`` is TRL).
       domain: domain name for TRL rows (overrides their ``dataset`` / ``domain`` field).
       step_separator: joins TRL step strings.
+      image_check: ``check(path)`` raising for an image the processor would refuse
+        (``Processor.check_image``); ``None``: :func:`check_image`, the default settings.
 
     Returns:
       :class:`Loaded` ``(records: list[TrainRecord], skipped: Counter, examples, domains)``.
@@ -412,6 +467,8 @@ def load_train_records(
     path = os.fspath(path)
     counter: Counter = Counter()
     examples: dict[str, str] = {}
+    first: list[RecordError] = []
+    check = _image_check(check_images, image_check)
     raws = read_json_records(path)
     root = _default_root(path, image_root)
     domain_set = None if domains is None else tuple(domains)
@@ -438,9 +495,9 @@ def load_train_records(
                 if rows[0]["dataset"] is None:
                     raise ctx.error("dataset", "a domain name (TRL row field 'dataset'/'domain' or the domain argument)",
                                     MISSING_FIELD)
-                parsed = [_parse_train(ctx, row, root, domain_set, check_images, seen_images) for row in rows]
+                parsed = [_parse_train(ctx, row, root, domain_set, check, seen_images) for row in rows]
             else:
-                parsed = [_parse_train(ctx, value, root, domain_set, check_images, seen_images)]
+                parsed = [_parse_train(ctx, value, root, domain_set, check, seen_images)]
             for rec in parsed:
                 if rec.id is not None:
                     key = (rec.id, rec.sid)
@@ -452,8 +509,8 @@ def load_train_records(
                     seen_ids[(rec.id, rec.sid)] = raw.index
             records.extend(parsed)
         except RecordError as err:
-            _fail(err, on_bad_record, counter, examples)
-    return _finish(path, records, counter, examples, domain_set, lambda r: r.dataset)
+            _fail(err, counter, examples, first)
+    return _finish(path, records, counter, examples, first, len(raws), on_bad_record, domain_set, lambda r: r.dataset)
 
 
 def load_meta_records(
@@ -463,17 +520,21 @@ def load_meta_records(
     on_bad_record: str = "error",
     check_images: bool = True,
     step_mode: str = "strict",
+    image_check: Callable[[str], Any] | None = None,
 ) -> Loaded:
     """Read and validate a meta-records file (chains); ``records`` are :class:`MetaRecord`.
 
     ``step_mode`` is passed to :func:`~dreamprm_jax.data.steps.split_steps`; ``"reference"``
     reproduces the reference's prefixes (including its empty ones) and skips step checks
-    other than "at least one step".
+    other than "at least one step".  ``on_bad_record``, ``check_images`` and ``image_check``
+    as in :func:`load_train_records`.
     """
     _check_mode(on_bad_record)
     path = os.fspath(path)
     counter: Counter = Counter()
     examples: dict[str, str] = {}
+    first: list[RecordError] = []
+    check = _image_check(check_images, image_check)
     raws = read_json_records(path)
     root = _default_root(path, image_root)
     seen_images: dict = {}
@@ -484,7 +545,7 @@ def load_meta_records(
         try:
             if raw.error is not None:
                 raise raw.error
-            rec = _parse_meta(ctx, raw.value, root, check_images, seen_images, step_mode)
+            rec = _parse_meta(ctx, raw.value, root, check, seen_images, step_mode)
             if rec.id is not None:
                 if rec.id in seen_ids:
                     raise ctx.error("id", f"a unique id (first seen at record {seen_ids[rec.id]})", DUPLICATE_ID,
@@ -492,8 +553,8 @@ def load_meta_records(
                 seen_ids[rec.id] = raw.index
             records.append(rec)
         except RecordError as err:
-            _fail(err, on_bad_record, counter, examples)
-    return _finish(path, records, counter, examples, None, None)
+            _fail(err, counter, examples, first)
+    return _finish(path, records, counter, examples, first, len(raws), on_bad_record, None, None)
 
 
 def format_skipped(loaded: Loaded) -> str:

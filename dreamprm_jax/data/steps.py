@@ -18,8 +18,15 @@ Deviations from the reference, all deliberate (``mode="reference"`` reproduces i
    the *whole* chain as prefix 1).
 2. A marker must end at a digit boundary: ``"Step 1"`` does not match inside
    ``"Step 10"`` (the reference uses plain substring tests).
-3. The last prefix is the text before ``Final answer`` (case-insensitive) and, when there
-   is no ``Final answer``, the whole chain (the reference returns ``""`` there).
+3. The last prefix is the text before the reference's final-answer marker, the first
+   ``Final answer`` *as written* (case-sensitive, as the reference's ``text.split("Final
+   answer")[0]``): a ``### Final Answer`` header before it is reasoning and stays in the
+   prefix (DreamPRM's released meta chains have such headers; cutting there would drop
+   13 to 167 characters of the last step).  When there is no ``Final answer``, the last
+   prefix is the whole chain (the reference returns ``""`` there).
+
+On chains that number their steps ``Step 1`` .. ``Step S`` in order and end with ``Final
+answer``, as all of DreamPRM's released chains do, strict and reference prefixes are equal.
 4. Step numbers must be exactly ``1..S``; a gap or a chain with no steps raises
    :class:`StepError` (the records loader turns it into a bad record).  The reference
    would score invented or duplicated prefixes.
@@ -29,10 +36,10 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["STEP_PATTERN", "StepError", "find_max_step", "step_numbers", "split_steps", "split_step_reference"]
+__all__ = ["FINAL_ANSWER", "STEP_PATTERN", "StepError", "find_max_step", "step_numbers", "split_steps", "split_step_reference"]
 
 STEP_PATTERN = re.compile(r"Step[\s:]*(\d+)", re.IGNORECASE)
-_FINAL_ANSWER = re.compile(r"Final answer", re.IGNORECASE)
+FINAL_ANSWER = "Final answer"  # the reference's marker, matched as written
 
 
 class StepError(ValueError):
@@ -92,8 +99,8 @@ def split_steps(text: str, mode: str = "strict") -> list[str]:
         raise StepError(f"step numbers must run 1..{num_steps} without gaps; missing {missing}")
     if 0 in numbers:
         raise StepError("step numbers start at 1; found 'Step 0'")
-    final = _FINAL_ANSWER.search(text)
-    end = final.start() if final is not None else len(text)
+    final = text.find(FINAL_ANSWER)
+    end = final if final >= 0 else len(text)
     prefixes = []
     for k in range(1, num_steps + 1):
         if k < num_steps:

@@ -137,7 +137,7 @@ def _train_arm(config: StudyConfig, arm: Arm, seed: int, seed_dir: str, data, or
         with open(weights_path, encoding="utf-8") as f:
             return export_dir, json.load(f), 0.0
     cfg = dataclasses.replace(config.train, out_dir=run_dir, seed=seed, progress=config.progress,
-                              resume=os.path.isdir(os.path.join(run_dir, "checkpoints")), export=True,
+                              resume="auto", export=True,
                               **dict(arm.overrides))
     tokenizer_dir = demo.build_demo_tokenizer(data, os.path.join(seed_dir, "tokenizer"))
     model = loop.load_model(cfg.model_dir, cfg) if cfg.model_dir else demo.demo_model(cfg, tokenizer_dir)

@@ -48,13 +48,16 @@ import numpy as np
 from dreamprm_jax import bilevel
 from dreamprm_jax import data as data_lib
 from dreamprm_jax.configs import TrainConfig
+from dreamprm_jax.data.accounting import file_report, format_skips, write_data_report
 from dreamprm_jax.data.processor import Processor
+from dreamprm_jax.data.records import BadRecords
 from dreamprm_jax.models import prm, qwen2_vl
 from dreamprm_jax.train import distributed, sharding
 from dreamprm_jax.train import step as step_lib
 from dreamprm_jax.train.checkpointing import Checkpointer, abstract_like
 from dreamprm_jax.train.interrupts import GracefulInterrupt
 from dreamprm_jax.train.metrics import MetricsLogger, format_postfix
+from dreamprm_jax.train.run_dir import RunDirError, check_out_dir
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                    "chat_template.json", "vocab.json", "merges.txt")
@@ -114,6 +117,12 @@ def _say(cfg: TrainConfig, message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
 
+def _note(message: str) -> None:
+    """What a user must see whatever ``--progress`` says (skipped records, a resume): process 0, stderr."""
+    if distributed.is_primary():
+        print(message, file=sys.stderr, flush=True)
+
+
 def start_processes(cfg: TrainConfig) -> None:
     """``jax.distributed.initialize`` when flags or environment ask for several processes
     (``--coordinator-address auto``: cluster auto-detection); a no-op for one process, and
@@ -129,6 +138,25 @@ def stop_requested(interrupt: GracefulInterrupt, iteration: int, every: int) -> 
     if jax.process_count() == 1:
         return interrupt.requested
     return iteration % every == 0 and distributed.any_process(interrupt.requested)
+
+
+def _latest_step(checkpoint_dir: str) -> int | None:
+    """The latest committed checkpoint step in ``checkpoint_dir`` (``None``: none, or no directory)."""
+    if not os.path.isdir(checkpoint_dir):
+        return None
+    with Checkpointer(checkpoint_dir) as checkpointer:
+        return checkpointer.latest_step()
+
+
+def check_run_dir(cfg: TrainConfig, *, create_parents: bool = True) -> None:
+    """Before any work: ``cfg.out_dir`` is a writable directory (created if missing;
+    :func:`~dreamprm_jax.train.run_dir.check_out_dir`), and ``resume="always"`` finds a
+    checkpoint there. Raises :class:`~dreamprm_jax.train.run_dir.RunDirError` (one line)."""
+    check_out_dir(cfg.out_dir, create_parents=create_parents)
+    checkpoint_dir = os.path.join(cfg.out_dir, "checkpoints")
+    if cfg.resume == "always" and _latest_step(checkpoint_dir) is None:
+        raise RunDirError(f"--resume: no checkpoint in {checkpoint_dir}; expected the run directory of an earlier "
+                          "run (check --out-dir), or --resume auto to start from step 0 when there is none")
 
 
 class _NoLogger:
@@ -200,10 +228,19 @@ class BatchSources(NamedTuple):
 def build_batch_sources(cfg: TrainConfig, model_config, processor, data: TrainData) -> BatchSources:
     """Cached tables, static-bucket batch builders and seeded samplers of a run (samplers at
     their start; a resumed run loads their positions from the checkpoint)."""
-    train_table = data_lib.build_train_dataset(data.train_json, processor, cfg.cache_dir, image_root=data.image_root,
-                                               on_bad_record=cfg.on_bad_record)
+    try:
+        train_table = data_lib.build_train_dataset(data.train_json, processor, cfg.cache_dir,
+                                                   image_root=data.image_root, on_bad_record=cfg.on_bad_record)
+    except BadRecords as train_error:
+        # Validate the meta file too, so that one error run reports the bad records of both.
+        try:
+            data_lib.load_meta_records(data.meta_json, image_root=data.image_root, on_bad_record="error",
+                                       step_mode=cfg.step_split, image_check=getattr(processor, "check_image", None))
+        except BadRecords as meta_error:
+            raise ValueError(f"{train_error}\n{meta_error}") from None
+        raise
     meta_table = data_lib.build_meta_dataset(data.meta_json, processor, cfg.cache_dir, image_root=data.image_root,
-                                             on_bad_record=cfg.on_bad_record)
+                                             on_bad_record=cfg.on_bad_record, step_mode=cfg.step_split)
     pad = processor.special_token_ids.pad
     prepare = data_lib.model_prepare_fn(model_config)
     train_builder = data_lib.BatchBuilder(
@@ -225,17 +262,32 @@ def build_batch_sources(cfg: TrainConfig, model_config, processor, data: TrainDa
 
 def export(out_dir: str, model_config, params, processor, tokenizer_dir: str, domains, weights) -> tuple[str, str]:
     """Hugging Face-compatible PRM directory (backbone + head + tokenizer + image settings) and the
-    weights as JSON; returns both paths."""
+    weights as JSON; returns both paths.
+
+    Both appear whole or not at all: the directory is written under a temporary name and
+    renamed into place (an older export is removed only after that), the JSON is written to
+    a temporary file and renamed, so a process killed while exporting leaves the previous
+    export (or none) and ``--resume`` writes it again from the final checkpoint."""
     path = os.path.join(out_dir, "export")
-    prm.save(path, model_config, jax.device_get(params))
-    processor.save_preprocessor_config(path)
+    work = os.path.join(out_dir, f".export-tmp-{os.getpid()}")
+    shutil.rmtree(work, ignore_errors=True)
+    prm.save(work, model_config, jax.device_get(params))
+    processor.save_preprocessor_config(work)
     for name in TOKENIZER_FILES:
         src = os.path.join(tokenizer_dir, name)
         if os.path.isfile(src):
-            shutil.copy2(src, os.path.join(path, name))
+            shutil.copy2(src, os.path.join(work, name))
+    old = None
+    if os.path.exists(path):
+        old = os.path.join(out_dir, f".export-old-{os.getpid()}")
+        os.replace(path, old)
+    os.replace(work, path)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
     weights_path = os.path.join(out_dir, "domain_weights.json")
-    with open(weights_path, "w") as f:
+    with open(weights_path + ".tmp", "w") as f:
         json.dump({d: float(w) for d, w in zip(domains, weights)}, f, indent=2)
+    os.replace(weights_path + ".tmp", weights_path)
     return path, weights_path
 
 
@@ -258,6 +310,19 @@ def train(cfg: TrainConfig, data: TrainData, model: PRMModel | str, *,
         under these weights (normalised to mean 1), held fixed (reweighting off). ``None``:
         ``cfg.reweighting`` decides.
 
+    Faults:
+      - the run directory is checked first (:func:`check_run_dir`): not writable, a file, or
+        ``cfg.resume == "always"`` with no checkpoint raise a one-line
+        :class:`~dreamprm_jax.train.run_dir.RunDirError`;
+      - bad records: ``cfg.on_bad_record == "error"`` raises after validating the files, with
+        the counts by reason and the first few; ``"skip"`` prints the counts (always); once
+        the data is loaded, what was read, kept and skipped per file and reason is written
+        to ``<out_dir>/data_report.json``;
+      - SIGTERM / SIGINT at any moment of the loop, the final checkpoint and the export
+        included: the current step is checkpointed (a checkpoint being written is finished)
+        and the function returns with ``interrupted=True``; a resumed run continues from
+        that step (and writes the export when only the export was missing).
+
     Returns the final step, the learned (or fixed) domain weights, the last iteration's
     metrics and the paths written. Raises :class:`TrainingDiverged` on a NaN/Inf loss or weight.
     """
@@ -266,7 +331,8 @@ def train(cfg: TrainConfig, data: TrainData, model: PRMModel | str, *,
     primary = distributed.is_primary()
     cfg = dataclasses.replace(cfg, progress=cfg.progress and primary,
                               reweighting=cfg.reweighting and fixed_domain_weights is None)
-    os.makedirs(cfg.out_dir, exist_ok=True)
+    check_run_dir(cfg)  # before anything is loaded or compiled
+    checkpointer_dir = os.path.join(cfg.out_dir, "checkpoints")
     if isinstance(model, str):
         model = load_model(model, cfg)
     model_config, processor = model.config, model.processor
@@ -276,9 +342,13 @@ def train(cfg: TrainConfig, data: TrainData, model: PRMModel | str, *,
     with distributed.primary_first("dreamprm_jax.data"):
         sources = build_batch_sources(cfg, model_config, processor, data)
     train_table, meta_table, train_builder, meta_builder, train_sampler, meta_sampler = sources
-    for name, table in (("train", train_table), ("meta", meta_table)):
-        if table.skipped:
-            _say(cfg, f"[data] {name}: skipped bad records: " + ", ".join(f"{r}: {n}" for r, n in table.skipped.items()))
+    reports = [file_report("train", train_table), file_report("meta", meta_table)]
+    for line in format_skips(reports):
+        _note(line)
+    if primary:
+        report_path = write_data_report(cfg.out_dir, reports, cfg.on_bad_record)
+        if any(r.skipped for r in reports):
+            _note(f"[data] skipped records by file and reason, first examples: {report_path}")
     domains = train_table.domains
     fixed_raw = None if fixed_domain_weights is None else raw_weights_for(fixed_domain_weights, domains)  # [K]
     _say(cfg, f"[data] {len(train_table.samples)} training samples in {len(domains)} domains, "
@@ -310,13 +380,12 @@ def train(cfg: TrainConfig, data: TrainData, model: PRMModel | str, *,
     # Warm-up iterations train the PRM only (no hypergradient: about 5x cheaper on CPU).
     warmup_step = make_step(False) if cfg.reweighting and cfg.meta_warmup > 0 else bilevel_step
     # --- checkpoint: resume -------------------------------------------------------------
-    checkpointer_dir = os.path.join(cfg.out_dir, "checkpoints")
     checkpointer = Checkpointer(checkpointer_dir, save_every=cfg.checkpoint_every, keep=cfg.keep_checkpoints)
     start = 0
-    if cfg.resume:
+    if cfg.resume != "never":
         restored = checkpointer.restore_latest(abstract_like(state))  # lands in the live state's shards
-        if restored is None:
-            _say(cfg, f"[resume] no checkpoint in {cfg.out_dir}/checkpoints; starting from scratch")
+        if restored is None:  # "auto" (checked above for "always")
+            _note(f"[resume] no checkpoint in {checkpointer_dir}; starting from step 0")
         else:
             start, state, extra = restored
             if tuple(extra["domains"]) != tuple(domains):
@@ -324,7 +393,7 @@ def train(cfg: TrainConfig, data: TrainData, model: PRMModel | str, *,
                                  f"{list(domains)}; expected the same training files")
             train_sampler.load_state_dict(extra["train_sampler"])
             meta_sampler.load_state_dict(extra["meta_sampler"])
-            _say(cfg, f"[resume] continuing from iteration {start}")
+            _note(f"[resume] resuming from step {start}")
 
     def save(step: int, force: bool = False) -> None:
         extra = {"domains": list(domains), "train_sampler": train_sampler.state_dict(),
@@ -361,6 +430,7 @@ def train(cfg: TrainConfig, data: TrainData, model: PRMModel | str, *,
             logger.log(iteration, last, iterations_per_s=(iteration - start) / max(elapsed, 1e-9))
             bar.set_postfix(format_postfix({k: last[k] for k in ("inner_loss", "meta_loss")}), refresh=False)
 
+    # The guard covers the final checkpoint and the export too: a signal there lets them finish.
     with GracefulInterrupt(verbose=cfg.progress) as interrupt:
         try:
             for iteration in range(start + 1, cfg.iterations + 1):
@@ -391,22 +461,27 @@ def train(cfg: TrainConfig, data: TrainData, model: PRMModel | str, *,
             bar.close()
             logger.close()
 
-    step = int(jax.device_get(state["step"]))
-    if not interrupted:
-        save(step, force=True)
-    checkpointer.wait_until_finished()
-    checkpointer.close()
+        step = int(jax.device_get(state["step"]))
+        if not interrupted:
+            save(step, force=True)
+        checkpointer.wait_until_finished()
+        checkpointer.close()
+        if not interrupted and (interrupt.requested if jax.process_count() == 1
+                                else distributed.any_process(interrupt.requested)):
+            # A signal during the final checkpoint: it is written; stop before the (long) export.
+            interrupted = True
+            _note(f"[interrupt] final checkpoint written at step {step}; --resume writes the export")
 
-    # --- export (process 0; every process joins the gathers) -------------------------------
-    weights = np.asarray(jax.device_get(bilevel.domain_weights(sharding.to_host(state["raw_weights"], mesh))))
-    log_path = os.path.join(cfg.out_dir, "metrics.jsonl")
-    metrics_path = log_path if primary and os.path.isfile(log_path) and os.path.getsize(log_path) > 0 else None
-    export_dir = weights_path = None
-    if cfg.export and not interrupted:
-        host_params = sharding.to_host(state["params"], mesh)
-        if primary:
-            export_dir, weights_path = export(cfg.out_dir, model_config, host_params, processor, model.tokenizer_dir,
-                                              domains, weights)
+        # --- export (process 0; every process joins the gathers) ---------------------------
+        weights = np.asarray(jax.device_get(bilevel.domain_weights(sharding.to_host(state["raw_weights"], mesh))))
+        log_path = os.path.join(cfg.out_dir, "metrics.jsonl")
+        metrics_path = log_path if primary and os.path.isfile(log_path) and os.path.getsize(log_path) > 0 else None
+        export_dir = weights_path = None
+        if cfg.export and not interrupted:
+            host_params = sharding.to_host(state["params"], mesh)
+            if primary:
+                export_dir, weights_path = export(cfg.out_dir, model_config, host_params, processor,
+                                                  model.tokenizer_dir, domains, weights)
     compile_count = bilevel_step.compile_count() + (warmup_step.compile_count() if warmup_step is not bilevel_step else 0)
     return TrainResult(out_dir=cfg.out_dir, step=step, domains=domains, weights=weights, interrupted=interrupted,
                        seconds=time.perf_counter() - t_start, compile_count=compile_count, final_metrics=last,
