@@ -1,6 +1,6 @@
 """DreamPRM record formats: reading, converting and validating, before any compute.
 
-Two record kinds (CONTRACTS.md, "DreamPRM data records"):
+Two record kinds, as DreamPRM releases them:
 
 * training record (lower level), one per (question, partial chain)::
 
