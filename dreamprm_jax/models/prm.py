@@ -234,7 +234,7 @@ class ProcessRewardModel(nnx.Module):
     ``head`` (``kernel [V, 1]``, ``bias [1]``), or ``hidden_head`` (``[H, 1]``) for ``head="hidden"``.
 
     Attribute paths are the keys of the functional parameter tree (``init`` / ``load``), so
-    ``nnx.state(prm_model, nnx.Param).to_pure_dict()`` is what ``score`` and the trainer read,
+    ``nnx.to_pure_dict(nnx.state(prm_model, nnx.Param))`` is what ``score`` and the trainer read,
     and every method computes with those pure functions (the same numbers, bit for bit).
 
     Args:
@@ -276,7 +276,7 @@ class ProcessRewardModel(nnx.Module):
 
     def params(self) -> dict:
         """The parameters as the functional tree ``{"backbone": ..., "head": ...}``."""
-        return nnx.state(self, nnx.Param).to_pure_dict()
+        return nnx.to_pure_dict(nnx.state(self, nnx.Param))
 
     def score(self, inputs: qwen2_vl.ModelInputs):
         """``(probs, logits)`` ``[B]`` (or ``[B * S]`` for packed rows) as :func:`score`; traceable."""

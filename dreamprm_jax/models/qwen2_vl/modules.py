@@ -11,7 +11,7 @@
 Attribute paths are parameter names. Every ``nnx.Param`` sits at the path it has in the
 parameter tree of :func:`~dreamprm_jax.models.qwen2_vl.convert.param_shapes` (e.g.
 ``model.language_model.layers.self_attn.q_proj.kernel``), so
-``nnx.state(model, nnx.Param).to_pure_dict()`` *is* the tree the functional API
+``nnx.to_pure_dict(nnx.state(model, nnx.Param))`` *is* the tree the functional API
 (``forward``, ``prm.score``, the trainer, its Orbax checkpoints) reads, and checkpoint
 conversion stays the table of ``convert.py``. Blocks and layers are stacked on a leading
 ``[depth, ...]`` axis of each parameter (one module holds them all), as ``scan_blocks``
@@ -69,7 +69,7 @@ __all__ = [
 
 def param_dict(module: nnx.Module) -> dict:
     """The module's parameters as the nested dict of arrays the pure functions read."""
-    return nnx.state(module, nnx.Param).to_pure_dict()
+    return nnx.to_pure_dict(nnx.state(module, nnx.Param))
 
 
 def _param(value, param_dtype) -> nnx.Param:
@@ -300,7 +300,7 @@ class Qwen2VL(nnx.Module):
         return save_checkpoint(path, self.config, self.params())
 
     def params(self) -> dict:
-        """The parameters as the functional API's nested dict (``nnx.State.to_pure_dict``)."""
+        """The parameters as the functional API's nested dict (``nnx.to_pure_dict``)."""
         return param_dict(self)
 
     # ------------------------------------------------------------------ forward
