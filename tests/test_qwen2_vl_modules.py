@@ -6,6 +6,9 @@ PyTorch model max |diff| <= 1e-4 (float32, CPU, real tokens); bfloat16 compute w
 of float32 compute (logits of magnitude ~10); float64 compute within 1e-4 of float32.
 """
 
+import pathlib
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -208,3 +211,16 @@ def test_prm_module_init_matches_functional_init():
     jax.tree.map(np.testing.assert_array_equal, module.params(), want)
     with pytest.raises(ValueError, match="rngs"):
         ProcessRewardModel(config)
+
+
+def test_docs_example_runs(tmp_path):
+    """The example of docs/model_api.md runs as written (its output directory moved to tmp_path)."""
+    text = (pathlib.Path(__file__).parents[1] / "docs" / "model_api.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, re.S)
+    assert len(blocks) == 1
+    namespace: dict = {}
+    exec(compile(blocks[0].replace("/tmp/qwen2_vl_tiny", str(tmp_path / "tiny")), "docs/model_api.md", "exec"),
+         namespace)
+    assert namespace["logits"].shape == (1, 5, 256) and namespace["bf16"].config.dtype == "bfloat16"
+    assert jax.tree.structure(namespace["grads"]) == jax.tree.structure(namespace["params"])
+    assert namespace["probs"].shape == (1,)
