@@ -15,13 +15,12 @@ included) and one meta batch of ``meta_chains`` chains x 5 step prefixes, all pa
 sequence bucket and one patch bucket, so every draw has the same shapes and one compiled
 hypergradient serves them all.
 
-Precision: the Qwen2-VL forward accepts compute dtypes float32 / bfloat16 / float16 only
-(``qwen2_vl.DTYPES``). With ``dtype=jnp.float64`` the parameters, optimizer state, domain
-weights and float batch entries are float64, but the model still computes in float32: its
-``dense`` casts kernels to ``config.dtype`` and it casts norm statistics, rotary tables,
-attention scores, logits and the reward head to float32 explicitly. The losses are then
-float32-accurate functions of float64 inputs (finite differences at h = 1e-5 see nothing);
-tests/test_prm_hypergradient.py makes the model compute in float64 for its checks.
+Precision: the model's dtype policy (``ProcessRewardModel(dtype=..., param_dtype=...)``).
+``param_dtype`` is the dtype of the parameters, optimizer state, domain weights and float
+batch entries; ``compute_dtype`` the model's compute dtype (``qwen2_vl.DTYPES``). With both
+float64 (inside ``jax.enable_x64``) the model computes in float64 throughout, norm
+statistics, rotary tables, attention scores, logits and reward head included, so finite
+differences can check hypergradients to 1e-5 (tests/test_prm_hypergradient.py).
 """
 
 from __future__ import annotations
@@ -170,7 +169,7 @@ def _numpy_rng(rng) -> np.random.Generator:
     return np.random.default_rng([int(s) for s in seed])
 
 
-def prm_problem(*, seed: int = 0, dtype=jnp.float32, num_domains: int = 4, inner_steps: int = 5,
+def prm_problem(*, seed: int = 0, param_dtype=jnp.float32, num_domains: int = 4, inner_steps: int = 5,
                 inner_lr: float = 1e-3, batch_size: int = 4, meta_chains: int = 2, model: str = "tiny",
                 aggregation: str = "mean", weight_decay: float = 1e-2, data_dir: str,
                 synthetic_seed: int = 0, chains_per_domain: int = 8, meta: int = 8, image_size: int = 32,
@@ -179,8 +178,8 @@ def prm_problem(*, seed: int = 0, dtype=jnp.float32, num_domains: int = 4, inner
 
     Args:
       seed: parameter init seed (backbone and head).
-      dtype: dtype of params, optimizer state, alpha and float batch entries (see the module
-        docstring for float64).
+      param_dtype: dtype of params, optimizer state, alpha and float batch entries (see the
+        module docstring for float64).
       num_domains: K (the first K generated domains: trivial, clean_easy, clean_hard,
         label_noise, blank_image, flipped; ids follow their sorted names).
       inner_steps: T.
@@ -190,22 +189,26 @@ def prm_problem(*, seed: int = 0, dtype=jnp.float32, num_domains: int = 4, inner
       aggregation: ``"mean"`` (reference code) or ``"sum"`` (paper) of the step logits.
       data_dir: benchmark / tokenizer / cache directory (reused across calls and processes).
       chains_per_domain, meta, image_size, synthetic_seed: size of the generated benchmark.
-      compute_dtype: the model's compute dtype (``qwen2_vl.DTYPES``).
+      compute_dtype: the model's compute dtype (``qwen2_vl.DTYPES``; "float64" with
+        ``param_dtype=jnp.float64`` inside ``jax.enable_x64``).
       optimizer: overrides the inner AdamW.
 
     Returns a :class:`tests.problems.Problem` whose ``sample_batches(rng)``
     returns ``(inner [T, B, ...], outer)`` train / meta batches (numpy -> jax, static shapes).
     """
-    from dreamprm_jax.models import prm, qwen2_vl
+    from flax import nnx
+
+    from dreamprm_jax.models import ProcessRewardModel, prm, qwen2_vl
     from dreamprm_jax.train.step import inner_optimizer, make_losses
 
     prep = prepare_data(data_dir=data_dir, model=model, num_domains=num_domains, synthetic_seed=synthetic_seed,
                         chains_per_domain=chains_per_domain, meta=meta, image_size=image_size, batch_size=batch_size,
                         meta_chains=meta_chains, compute_dtype=compute_dtype)
-    config = prep.model_config
     backbone_key, head_key = jax.random.split(jax.random.PRNGKey(seed))
-    params = prm.init(config, head_key, qwen2_vl.init_params(config, backbone_key))
-    params = _cast_floats(params, dtype)
+    drawn = prm.init(prep.model_config, head_key, qwen2_vl.init_params(prep.model_config, backbone_key))
+    model = ProcessRewardModel.from_params(prep.model_config, drawn, dtype=compute_dtype, param_dtype=param_dtype)
+    _, state = nnx.split(model, nnx.Param)
+    config, params = model.config, nnx.to_pure_dict(state)  # the engine's plain pytree
     optimizer = optimizer if optimizer is not None else inner_optimizer(inner_lr, 5000, 0.5, weight_decay)
     inner_loss, outer_loss = make_losses(config, aggregation)
 
@@ -214,10 +217,10 @@ def prm_problem(*, seed: int = 0, dtype=jnp.float32, num_domains: int = 4, inner
         picks = [gen.choice(prep.num_train, size=batch_size, replace=False) for _ in range(inner_steps)]
         inner, _ = prep.train_builder.stacked_train(picks)  # [T, B, ...]
         outer, _ = prep.meta_builder.meta_batch(gen.choice(prep.num_chains, size=meta_chains, replace=False))
-        return _cast_floats(inner, dtype), _cast_floats(outer, dtype)
+        return _cast_floats(inner, param_dtype), _cast_floats(outer, param_dtype)
 
     description = (f"Qwen2-VL PRM ({model}: hidden {config.text.hidden_size}, {config.text.num_hidden_layers} layers, "
                    f"vision depth {config.vision.depth}) on generated data, B={batch_size}, M={meta_chains}x5 steps, "
                    f"L={prep.seq_bucket}, patches {prep.train_patch_bucket}/{prep.meta_patch_bucket}")
     return Problem("prm", inner_loss, outer_loss, params, optimizer, optimizer.init(params),
-                   init_raw_weights(num_domains, dtype), sample_batches, num_domains, inner_steps, description)
+                   init_raw_weights(num_domains, param_dtype), sample_batches, num_domains, inner_steps, description)

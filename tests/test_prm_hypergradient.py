@@ -5,16 +5,13 @@ The problem: ``qwen2_vl.tiny()`` + the reward head, DreamPRM's two losses
 generated benchmark with an image in every row. Float64 (``jax.enable_x64``) in a
 module-scoped fixture; every tolerance is stated in its assertion.
 
-Float64 and the model: ``qwen2_vl.DTYPES`` has no "float64" and the model casts to float32
-on purpose (norm statistics, rotary tables, attention scores, logits, reward head), so with
-float64 parameters its losses would still be float32-accurate and finite differences could
-not check anything to 1e-5. The fixture :func:`float64_model` therefore swaps the model
-modules' ``jnp`` for a view of ``jax.numpy`` whose ``float32`` is ``float64`` (test-only,
-undone after the module); a test checks that the traced losses then hold no float32 value
-at all.
+Float64 through the model's dtype policy: ``dtype="float64"`` (compute) and
+``param_dtype=jnp.float64`` (storage) of ``ProcessRewardModel`` (tests/prm_problem.py). The
+model's float32 accumulations (norm statistics, rotary tables, attention scores, logits,
+reward head) then run in float64 too, and a test checks that the traced losses hold no
+float32 value at all: finite differences at h = 1e-5 need float64 end to end.
 """
 
-import contextlib
 import dataclasses
 import functools
 
@@ -32,44 +29,18 @@ ALPHA = (0.3, -0.2, 0.1)  # raw domain weights: unequal weights, so every domain
 FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
 
-class _Float64Numpy:
-    """``jax.numpy`` with ``float32`` read as ``float64`` (and ``dtype("float32")`` too)."""
-
-    float32 = jnp.float64
-
-    def __getattr__(self, name):
-        return getattr(jnp, name)
-
-    @staticmethod
-    def dtype(x, *args, **kwargs):
-        d = jnp.dtype(x, *args, **kwargs)
-        return jnp.dtype(jnp.float64) if d == jnp.float32 else d
-
-
-@contextlib.contextmanager
-def float64_model():
-    """The model computes in float64 while this is active (see the module docstring)."""
-    from dreamprm_jax.models import prm
-    from dreamprm_jax.models.qwen2_vl import model, text, vision
-
-    with pytest.MonkeyPatch.context() as mp:
-        for module in (text, vision, model, prm):
-            mp.setattr(module, "jnp", _Float64Numpy())
-        yield
-
-
 @pytest.fixture(scope="module")
 def data_kw(tmp_path_factory):
     """The smallest generated benchmark: K=3 domains x 2 chains, 2 meta chains; B=2, M=1."""
     return dict(num_domains=len(ALPHA), batch_size=2, meta_chains=1, chains_per_domain=2, meta=2,
-                data_dir=str(tmp_path_factory.mktemp("prm_problem")))
+                compute_dtype="float64", data_dir=str(tmp_path_factory.mktemp("prm_problem")))
 
 
 @pytest.fixture(scope="module")
 def prob(data_kw):
-    """(problem, (inner [T=2, ...], outer)); float64 and the float64 model for the whole module."""
-    with jax.enable_x64(True), float64_model():
-        p = prm_problem_lib.prm_problem(seed=0, dtype=jnp.float64, inner_steps=2, inner_lr=1e-2, **data_kw)
+    """(problem, (inner [T=2, ...], outer)); 64-bit JAX and the float64 model for the whole module."""
+    with jax.enable_x64(True):
+        p = prm_problem_lib.prm_problem(seed=0, param_dtype=jnp.float64, inner_steps=2, inner_lr=1e-2, **data_kw)
         p = dataclasses.replace(p, alpha=jnp.asarray(ALPHA, jnp.float64))
         yield p, p.sample_batches(jax.random.PRNGKey(1))
 

@@ -25,6 +25,9 @@ head, so results with it are a variant.
 
 Parameters: ``{"backbone": qwen2_vl params, "head": {"kernel": [V, 1], "bias": [1]}}`` (or
 ``"hidden_head": {"kernel": [H, 1], "bias": [1]}`` instead of ``"head"``).
+
+:class:`ProcessRewardModel` is the same model as a Flax NNX module whose attribute paths are
+these keys (``ProcessRewardModel.from_pretrained(export_dir).score_steps(meta_batch)``).
 """
 
 from __future__ import annotations
@@ -35,13 +38,16 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from dreamprm_jax.models import qwen2_vl
 from dreamprm_jax.models.qwen2_vl.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from dreamprm_jax.models.qwen2_vl.modules import Linear, Qwen2VL, dtype_policy
 
 __all__ = [
     "HEAD_FILE",
     "HEADS",
+    "ProcessRewardModel",
     "head_logit",
     "init",
     "last_token_index",
@@ -69,23 +75,24 @@ def _head_in_dim(config, kind: str) -> int:
     return config.text.vocab_size if kind == "vocab" else config.text.hidden_size
 
 
-def init(config, rng, backbone=None, *, head: str = "vocab") -> dict:
+def init(config, rng, backbone=None, *, head: str = "vocab", param_dtype=jnp.float32) -> dict:
     """PRM parameters: the backbone (given, or ``qwen2_vl.init_params``) and a fresh head.
 
     The head follows ``torch.nn.Linear``'s default init, as in DreamPRM:
     ``kernel, bias ~ U(-1/sqrt(n), 1/sqrt(n))`` with ``n`` the input size (V, or H for the
-    ``"hidden"`` head).
+    ``"hidden"`` head). Drawn in float32, stored as ``param_dtype`` (a given backbone is kept
+    as it is).
     """
     if head not in HEADS:
         raise ValueError(f"prm.init: head must be one of {sorted(HEADS)}, got {head!r}")
     k_backbone, k_kernel, k_bias = jax.random.split(rng, 3)
     if backbone is None:
-        backbone = qwen2_vl.init_params(config, k_backbone)
+        backbone = qwen2_vl.init_params(config, k_backbone, param_dtype)
     n = _head_in_dim(config, head)
     bound = 1.0 / np.sqrt(n)
     head_params = {
-        "kernel": jax.random.uniform(k_kernel, (n, 1), jnp.float32, -bound, bound),  # [n, 1]
-        "bias": jax.random.uniform(k_bias, (1,), jnp.float32, -bound, bound),  # [1]
+        "kernel": jax.random.uniform(k_kernel, (n, 1), jnp.float32, -bound, bound).astype(param_dtype),  # [n, 1]
+        "bias": jax.random.uniform(k_bias, (1,), jnp.float32, -bound, bound).astype(param_dtype),  # [1]
     }
     return {"backbone": backbone, HEADS[head][0]: head_params}
 
@@ -102,10 +109,12 @@ def last_token_index(attention_mask) -> jax.Array:
 
 
 def head_logit(features, head) -> jax.Array:
-    """``z = features . kernel[:, 0] + bias[0]`` in float32 (highest matmul precision) ``[B]``."""
-    features = features.astype(jnp.float32)  # [B, n]
-    z = jnp.einsum("bn,no->bo", features, head["kernel"].astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
-    return (z + head["bias"].astype(jnp.float32))[:, 0]  # [B]
+    """``z = features . kernel[:, 0] + bias[0]`` in float32 (highest matmul precision) ``[B]``;
+    in float64 for float64 features (a float64 model)."""
+    dtype = jnp.promote_types(features.dtype, jnp.float32)
+    features = features.astype(dtype)  # [B, n]
+    z = jnp.einsum("bn,no->bo", features, head["kernel"].astype(dtype), precision=jax.lax.Precision.HIGHEST)
+    return (z + head["bias"].astype(dtype))[:, 0]  # [B]
 
 
 def score(config, params, inputs: qwen2_vl.ModelInputs):
@@ -217,3 +226,72 @@ def describe(params) -> str:
     count = lambda tree: sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(tree))  # noqa: E731
     return json.dumps({"head": kind, "backbone_params": count(params["backbone"]),
                        "head_params": count(params[HEADS[kind][0]])})
+
+
+# ---------------------------------------------------------------------------- the NNX module
+class ProcessRewardModel(nnx.Module):
+    """The PRM as a Flax NNX module: ``backbone`` (a :class:`~dreamprm_jax.models.Qwen2VL`) and
+    ``head`` (``kernel [V, 1]``, ``bias [1]``), or ``hidden_head`` (``[H, 1]``) for ``head="hidden"``.
+
+    Attribute paths are the keys of the functional parameter tree (``init`` / ``load``), so
+    ``nnx.to_pure_dict(nnx.state(prm_model, nnx.Param))`` is what ``score`` and the trainer read,
+    and every method computes with those pure functions (the same numbers, bit for bit).
+
+    Args:
+      config: the backbone's ``Qwen2VLConfig``.
+      head: ``"vocab"`` (DreamPRM's Linear(V -> 1) on the vocabulary logits) or ``"hidden"``.
+      dtype, param_dtype: compute and storage dtypes (see ``qwen2_vl.modules``).
+      rngs: draws the parameters as :func:`init` does. Works under ``nnx.eval_shape``.
+      params: the functional tree to hold instead (see :meth:`from_params`).
+    """
+
+    def __init__(self, config, *, head: str = "vocab", dtype=None, param_dtype=jnp.float32,
+                 rngs: nnx.Rngs | None = None, params: dict | None = None):
+        config, param_dtype = dtype_policy(config, dtype, param_dtype)
+        if params is None:
+            if rngs is None:
+                raise ValueError("ProcessRewardModel: pass rngs=nnx.Rngs(seed) to draw the parameters, or params=")
+            params = init(config, rngs.params(), head=head, param_dtype=param_dtype)
+        kind = _head_kind(params)
+        self.config = config
+        self.backbone = Qwen2VL.from_params(config, params["backbone"], param_dtype=param_dtype)
+        setattr(self, HEADS[kind][0], Linear(params[HEADS[kind][0]], param_dtype=param_dtype))
+
+    @classmethod
+    def from_params(cls, config, params: dict, *, dtype=None, param_dtype=jnp.float32) -> "ProcessRewardModel":
+        """The module holding ``params`` (``{"backbone": ..., "head": ...}``), cast to ``param_dtype``."""
+        return cls(config, dtype=dtype, param_dtype=param_dtype, params=params)
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, *, dtype=None, param_dtype=jnp.float32,
+                        remat: str = "none") -> "ProcessRewardModel":
+        """Load a PRM directory written by :func:`save` / :meth:`save_pretrained` (a trained
+        run's ``export/``). ``dtype=None`` computes in float32."""
+        config, params = load(path, remat=remat)
+        return cls.from_params(config, params, dtype=dtype, param_dtype=param_dtype)
+
+    def save_pretrained(self, path: str | os.PathLike) -> str:
+        """The backbone as a transformers checkpoint plus ``prm_head.safetensors`` (:func:`save`)."""
+        return save(path, self.config, self.params())
+
+    def params(self) -> dict:
+        """The parameters as the functional tree ``{"backbone": ..., "head": ...}``."""
+        return nnx.to_pure_dict(nnx.state(self, nnx.Param))
+
+    def score(self, inputs: qwen2_vl.ModelInputs):
+        """``(probs, logits)`` ``[B]`` (or ``[B * S]`` for packed rows) as :func:`score`; traceable."""
+        return score(self.config, self.params(), inputs)
+
+    def score_steps(self, batch):
+        """Step rewards of a meta batch of ``M`` chains x ``S`` steps (``data.batching.collate_meta``).
+
+        Returns ``(probs, logits)`` ``[M, S]`` float32: ``probs[m, s]`` is the reward of step
+        ``s + 1`` of chain ``m`` (read at the last token of that step's prefix), ``logits`` its
+        log-odds. Entries where ``batch.step_mask`` is 0 (steps a chain does not have, dummy
+        chains) are set to 0. Traceable (jit it for repeated use).
+        """
+        probs, z = self.score(batch.inputs)  # [M * S]
+        mask = jnp.asarray(batch.step_mask) > 0  # [M, S]
+        probs = jnp.where(mask, probs.reshape(mask.shape), 0.0)
+        z = jnp.where(mask, z.reshape(mask.shape), 0.0)
+        return probs, z

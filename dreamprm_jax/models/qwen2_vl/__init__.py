@@ -1,4 +1,5 @@
-"""Qwen2-VL in JAX: config, vision tower, M-RoPE decoder, hub-name conversion, checkpoints.
+"""Qwen2-VL in JAX: config, vision tower, M-RoPE decoder, hub-name conversion, checkpoints,
+and the model as Flax NNX modules (:class:`Qwen2VL`, :mod:`.modules`).
 
     from dreamprm_jax.models import qwen2_vl
     config, params = qwen2_vl.load_checkpoint(path)      # local HF directory, safetensors only
@@ -25,6 +26,7 @@ from .config import (
 from .convert import hf_from_params, normalize_hf_name, param_shapes, params_from_hf
 from .inputs import ROPE_FIELDS, ModelInputs
 from .model import forward, hidden_states, init_params, lm_head, logits, prepare_batch, with_rope_tables
+from .modules import Qwen2VL
 from .rope import rope_index, vision_position_ids, vision_segment_ids
 
 __all__ = [
@@ -32,6 +34,7 @@ __all__ = [
     "REMAT_POLICIES",
     "ROPE_FIELDS",
     "ModelInputs",
+    "Qwen2VL",
     "Qwen2VLConfig",
     "TextConfig",
     "VisionConfig",

@@ -4,9 +4,11 @@ Three dataclasses mirror transformers' ``Qwen2VLTextConfig``, ``Qwen2VLVisionCon
 ``Qwen2VLConfig``; only the fields the forward pass needs are kept, plus two run-time policies
 on the top-level config:
 
-* ``dtype``: the *compute* dtype (``"float32"`` or ``"bfloat16"``). Parameters stay float32
-  (master weights); they are cast to ``dtype`` inside the forward pass. Norm statistics,
-  softmax and rotary angles are computed in float32 as in transformers; logits are float32.
+* ``dtype``: the *compute* dtype (``"float32"`` or ``"bfloat16"``; ``"float64"`` for
+  reference-grade checks under ``jax.enable_x64``). Parameters are stored in their own dtype
+  (float32 master weights by default, ``param_dtype`` of the NNX modules) and cast to
+  ``dtype`` inside the forward pass. Norm statistics, softmax and rotary angles are computed
+  in float32 as in transformers (float64 for float64 compute); logits are float32 (float64).
 * ``remat``: the per-block rematerialisation policy name, one of ``REMAT_POLICIES``
   (``"none"`` = no ``jax.checkpoint``; ``"full"`` = recompute everything; the others name
   ``jax.checkpoint_policies`` members).
@@ -34,7 +36,7 @@ from typing import Any, Mapping
 
 import jax
 
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = ("float32", "bfloat16", "float16", "float64")
 REMAT_POLICIES = (
     "none",
     "full",

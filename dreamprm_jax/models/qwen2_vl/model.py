@@ -35,7 +35,7 @@ from .config import Qwen2VLConfig
 from .convert import param_shapes
 from .inputs import ModelInputs
 from .rope import _grids, rope_index, vision_position_ids, vision_segment_ids
-from .text import compute_dtype, decoder, mrope_cos_sin
+from .text import accum_dtype, compute_dtype, decoder, mrope_cos_sin
 from .vision import encode_images, vision_cos_sin
 
 # ---------------------------------------------------------------------- host
@@ -120,9 +120,11 @@ def prepare_batch(
 # ---------------------------------------------------------------------- params
 
 
-def init_params(config: Qwen2VLConfig, rng) -> dict:
-    """Random float32 parameters like transformers' init: kernels / embeddings ~ N(0, 0.02^2)
-    (``initializer_range``), biases 0, norm scales 1. Works under ``jax.eval_shape``."""
+def init_params(config: Qwen2VLConfig, rng, param_dtype=jnp.float32) -> dict:
+    """Random parameters like transformers' init: kernels / embeddings ~ N(0, 0.02^2)
+    (``initializer_range``), biases 0, norm scales 1. Works under ``jax.eval_shape``.
+
+    Drawn in float32 and stored as ``param_dtype`` (the same draws for every storage dtype)."""
     shapes = param_shapes(config)
     leaves, treedef = jax.tree_util.tree_flatten_with_path(shapes, is_leaf=lambda x: isinstance(x, tuple))
     keys = jax.random.split(rng, len(leaves))
@@ -131,11 +133,11 @@ def init_params(config: Qwen2VLConfig, rng) -> dict:
         names = [p.key for p in path]
         std = config.vision.initializer_range if names[0] == "visual" else config.text.initializer_range
         if names[-1] == "scale":
-            out.append(jnp.ones(shape, jnp.float32))
+            out.append(jnp.ones(shape, param_dtype))
         elif names[-1] == "bias":
-            out.append(jnp.zeros(shape, jnp.float32))
+            out.append(jnp.zeros(shape, param_dtype))
         else:
-            out.append(std * jax.random.normal(key, shape, jnp.float32))
+            out.append((std * jax.random.normal(key, shape, jnp.float32)).astype(param_dtype))
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
@@ -196,13 +198,14 @@ def _tables(cos, sin):
 
 
 def lm_head(config: Qwen2VLConfig, params, hidden) -> jax.Array:
-    """``hidden [..., H] -> logits [..., V]`` float32 (tied: the embedding matrix transposed)."""
-    dtype = hidden.dtype
+    """``hidden [..., H] -> logits [..., V]`` float32 (``text.accum_dtype``; tied: the embedding
+    matrix transposed)."""
+    dtype, acc = hidden.dtype, accum_dtype(config)
     if config.text.tie_word_embeddings:
         weight = params["language_model"]["embed_tokens"]["embedding"].astype(dtype)  # [V, H]
-        return jnp.einsum("...h,vh->...v", hidden, weight, preferred_element_type=jnp.float32)
+        return jnp.einsum("...h,vh->...v", hidden, weight, preferred_element_type=acc)
     kernel = params["lm_head"]["kernel"].astype(dtype)  # [H, V]
-    return jnp.einsum("...h,hv->...v", hidden, kernel, preferred_element_type=jnp.float32)
+    return jnp.einsum("...h,hv->...v", hidden, kernel, preferred_element_type=acc)
 
 
 def forward(config: Qwen2VLConfig, params, inputs: ModelInputs) -> jax.Array:

@@ -5,7 +5,9 @@ scan-over-stacked-blocks with rematerialisation).
 
 Numerics follow transformers' Qwen2-VL: RMSNorm statistics in float32, rotary angles in
 float32 (cast to the compute dtype before use, as ``Qwen2VLRotaryEmbedding`` does), attention
-softmax in float32; everything else in ``config.dtype``.
+softmax in float32; everything else in ``config.dtype``. "float32" here is the *accumulation
+dtype* ``accum_dtype(config)``: float32 for the float32 / bfloat16 / float16 compute dtypes,
+float64 for float64 compute (with ``jax.enable_x64``), so a float64 model holds no float32 value.
 """
 
 from __future__ import annotations
@@ -25,6 +27,12 @@ from .config import Qwen2VLConfig
 
 def compute_dtype(config: Qwen2VLConfig):
     return jnp.dtype(config.dtype)
+
+
+def accum_dtype(config: Qwen2VLConfig):
+    """The dtype of norm statistics, rotary angles, attention scores and logits:
+    ``promote_types(compute dtype, float32)`` (float32, or float64 for float64 compute)."""
+    return jnp.promote_types(compute_dtype(config), jnp.float32)
 
 
 def dense(x, p, dtype):
@@ -62,16 +70,17 @@ def dense_fused(x, ps, dtype):
 
 
 def rms_norm(x, scale, eps: float):
-    """``scale * x / sqrt(mean(x^2) + eps)``; statistics in float32, result in x's dtype."""
-    x32 = x.astype(jnp.float32)
+    """``scale * x / sqrt(mean(x^2) + eps)``; statistics in float32 (float64 for float64 x),
+    result in x's dtype."""
+    x32 = x.astype(jnp.promote_types(x.dtype, jnp.float32))
     variance = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
     y = (x32 * jax.lax.rsqrt(variance + eps)).astype(x.dtype)
     return scale.astype(x.dtype) * y
 
 
 def layer_norm(x, p, eps: float = 1e-6):
-    """``(x - mean) / sqrt(var + eps) * scale + bias``; statistics in float32."""
-    x32 = x.astype(jnp.float32)
+    """``(x - mean) / sqrt(var + eps) * scale + bias``; statistics in float32 (float64 for float64 x)."""
+    x32 = x.astype(jnp.promote_types(x.dtype, jnp.float32))
     mean = jnp.mean(x32, axis=-1, keepdims=True)
     variance = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
     y = (x32 - mean) * jax.lax.rsqrt(variance + eps)
@@ -124,7 +133,7 @@ def scan_blocks(config: Qwen2VLConfig, block: Callable, x, stacked_params):
 
 
 def mrope_cos_sin(config: Qwen2VLConfig, position_ids):
-    """M-RoPE tables ``cos, sin`` of shape ``[..., B, L, head_dim]`` (float32) for
+    """M-RoPE tables ``cos, sin`` of shape ``[..., B, L, head_dim]`` (``accum_dtype``) for
     ``position_ids [..., 3, B, L]`` (leading axes, e.g. the T of stacked inner batches, kept).
 
     With ``inv_freq[j] = theta ** (-2j / head_dim)`` for ``j < head_dim / 2`` and the split
@@ -135,9 +144,10 @@ def mrope_cos_sin(config: Qwen2VLConfig, position_ids):
     """
     t = config.text
     hd = t.head_dim
-    inv_freq = 1.0 / (t.rope_theta ** (jnp.arange(0, hd, 2, dtype=jnp.float32) / hd))  # [hd/2]
+    acc = accum_dtype(config)
+    inv_freq = 1.0 / (t.rope_theta ** (jnp.arange(0, hd, 2, dtype=acc) / hd))  # [hd/2]
     axis_of = jnp.concatenate([jnp.full((s,), a, dtype=jnp.int32) for a, s in enumerate(t.mrope_section)])
-    pos = jnp.take(position_ids.astype(jnp.float32), axis_of, axis=-3)  # [..., hd/2, B, L]
+    pos = jnp.take(position_ids.astype(acc), axis_of, axis=-3)  # [..., hd/2, B, L]
     angles = jnp.moveaxis(pos, -3, -1) * inv_freq  # [..., B, L, hd/2]
     angles = jnp.concatenate([angles, angles], axis=-1)  # [..., B, L, hd]
     return jnp.cos(angles), jnp.sin(angles)
@@ -146,9 +156,10 @@ def mrope_cos_sin(config: Qwen2VLConfig, position_ids):
 # ---------------------------------------------------------------------- decoder
 
 
-def attention_mask_bias(attention_mask, branch_ids=None):
-    """Additive causal + key-padding mask ``[B, 1, L, 1, L]`` float32: 0 = may attend, else the
-    most negative float32 (axes: batch, kv head, query, query group, key; see ``self_attention``).
+def attention_mask_bias(attention_mask, branch_ids=None, dtype=jnp.float32):
+    """Additive causal + key-padding mask ``[B, 1, L, 1, L]`` of ``dtype`` (the attention scores'):
+    0 = may attend, else the most negative ``dtype`` number (axes: batch, kv head, query, query
+    group, key; see ``self_attention``).
 
     Added to finite scores it gives exactly ``where(mask, scores, min)``: ``s + 0 = s`` and
     ``s + min = min`` (``|s| << ulp(min) = 2^104``). Its backward, unlike ``where``'s, passes the
@@ -166,7 +177,7 @@ def attention_mask_bias(attention_mask, branch_ids=None):
         query_b = branch_ids[:, None, :, None, None]  # [B, 1, L, 1, 1]
         key_b = branch_ids[:, None, None, None, :]  # [B, 1, 1, 1, L]
         allowed = allowed & ((key_b == 0) | (key_b == query_b))
-    return jnp.where(allowed, 0.0, jnp.finfo(jnp.float32).min).astype(jnp.float32)
+    return jnp.where(allowed, 0.0, jnp.finfo(dtype).min).astype(dtype)
 
 
 def self_attention(config: Qwen2VLConfig, p, x, cos, sin, mask):
@@ -199,7 +210,7 @@ def self_attention(config: Qwen2VLConfig, p, x, cos, sin, mask):
     q = q.transpose(0, 2, 1, 3, 4).reshape(n, length * groups, hd)  # [B*KV, L*G, D]
     k = k.transpose(0, 2, 1, 3).reshape(n, length, hd)  # [B*KV, L, D]
     v = v.transpose(0, 2, 1, 3).reshape(n, length, hd)  # [B*KV, L, D]
-    scores = jnp.einsum("nqd,nsd->nqs", q, k, preferred_element_type=jnp.float32)  # [B*KV, L*G, L]
+    scores = jnp.einsum("nqd,nsd->nqs", q, k, preferred_element_type=accum_dtype(config))  # [B*KV, L*G, L]
     scores = scores.reshape(batch, kvh, length, groups, length) * (hd**-0.5) + mask  # [B, KV, L, G, L]
     probs = jax.nn.softmax(scores, axis=-1).astype(dtype).reshape(n, length * groups, length)
     out = jnp.einsum("nqs,nsd->nqd", probs, v)  # [B*KV, L*G, D]
@@ -227,7 +238,7 @@ def decoder(config: Qwen2VLConfig, params, inputs_embeds, position_ids, attentio
     ``branch_ids [B, L]``: optional tree packing (see ``attention_mask_bias``). ``rope``: the
     ``mrope_cos_sin`` tables of ``position_ids`` when the caller computed them already."""
     cos, sin = mrope_cos_sin(config, position_ids) if rope is None else rope  # [B, L, D]
-    mask = attention_mask_bias(attention_mask, branch_ids)  # [B, 1, L, 1, L]
+    mask = attention_mask_bias(attention_mask, branch_ids, accum_dtype(config))  # [B, 1, L, 1, L]
 
     def block(x, p):
         return decoder_layer(config, p, x, cos, sin, mask)

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from .config import Qwen2VLConfig
-from .text import apply_rotary, compute_dtype, dense, layer_norm, scan_blocks
+from .text import accum_dtype, apply_rotary, compute_dtype, dense, layer_norm, scan_blocks
 
 _LN_EPS = 1e-6
 
@@ -37,7 +37,7 @@ def activation(name: str):
 
 
 def vision_cos_sin(config: Qwen2VLConfig, vision_position_ids):
-    """2D rotary tables ``[..., N, head_dim]`` (float32) for ``vision_position_ids [..., N, 2]``.
+    """2D rotary tables ``[..., N, head_dim]`` (``text.accum_dtype``) for ``vision_position_ids [..., N, 2]``.
 
     ``inv_freq[j] = theta ** (-4j / head_dim)`` for ``j < head_dim / 4``; the angles are
     ``[row * inv_freq, col * inv_freq]`` (head_dim / 2), duplicated for the rotate-half halves.
@@ -45,8 +45,9 @@ def vision_cos_sin(config: Qwen2VLConfig, vision_position_ids):
     v = config.vision
     hd = v.head_dim
     half = hd // 2
-    inv_freq = 1.0 / (v.rope_theta ** (jnp.arange(0, half, 2, dtype=jnp.float32) / half))  # [hd/4]
-    angles = vision_position_ids.astype(jnp.float32)[..., None] * inv_freq  # [..., N, 2, hd/4]
+    acc = accum_dtype(config)
+    inv_freq = 1.0 / (v.rope_theta ** (jnp.arange(0, half, 2, dtype=acc) / half))  # [hd/4]
+    angles = vision_position_ids.astype(acc)[..., None] * inv_freq  # [..., N, 2, hd/4]
     angles = angles.reshape(*angles.shape[:-2], half)  # [..., N, hd/2] = [rows..., cols...]
     angles = jnp.concatenate([angles, angles], axis=-1)  # [..., N, hd]
     return jnp.cos(angles), jnp.sin(angles)
@@ -59,13 +60,13 @@ def vision_attention(config: Qwen2VLConfig, p, x, cos, sin, mask):
     negative float32; see ``text.attention_mask_bias`` for why it is added, not selected).
     """
     v = config.vision
-    dtype = x.dtype
+    dtype, acc = x.dtype, accum_dtype(config)
     n = x.shape[0]
     qkv = dense(x, p["qkv"], dtype).reshape(n, 3, v.num_heads, v.head_dim)  # [N, 3, Hv, D]
     q, k, val = qkv[:, 0], qkv[:, 1], qkv[:, 2]  # [N, Hv, D]
-    q = apply_rotary(q.astype(jnp.float32), cos[:, None, :], sin[:, None, :]).astype(dtype)
-    k = apply_rotary(k.astype(jnp.float32), cos[:, None, :], sin[:, None, :]).astype(dtype)
-    scores = jnp.einsum("qhd,khd->hqk", q, k, preferred_element_type=jnp.float32)  # [Hv, N, N]
+    q = apply_rotary(q.astype(acc), cos[:, None, :], sin[:, None, :]).astype(dtype)
+    k = apply_rotary(k.astype(acc), cos[:, None, :], sin[:, None, :]).astype(dtype)
+    scores = jnp.einsum("qhd,khd->hqk", q, k, preferred_element_type=acc)  # [Hv, N, N]
     scores = scores * (v.head_dim**-0.5) + mask  # [Hv, N, N]
     probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
     out = jnp.einsum("hqk,khd->qhd", probs, val).reshape(n, v.embed_dim)  # [N, E]
@@ -103,7 +104,8 @@ def encode_images(config: Qwen2VLConfig, params, pixel_values, vision_position_i
     cos, sin = vision_cos_sin(config, vision_position_ids) if rope is None else rope  # [N, D]
     segments = vision_segment_ids
     same = segments[:, None] == segments[None, :]  # [N, N]
-    mask = jnp.where(same, 0.0, jnp.finfo(jnp.float32).min).astype(jnp.float32)  # [N, N]
+    acc = accum_dtype(config)
+    mask = jnp.where(same, 0.0, jnp.finfo(acc).min).astype(acc)  # [N, N]
 
     def block(h, p):
         return vision_block(config, p, h, cos, sin, mask)
