@@ -78,7 +78,7 @@ def load_checkpoint(path: str | os.PathLike, *, dtype: str = "float32", remat: s
         rematerialisation); the parameters are always float32 master weights.
 
     Returns:
-      ``(Qwen2VLConfig, params)`` with numpy float32 leaves in the CONTRACTS.md tree
+      ``(Qwen2VLConfig, params)`` with numpy float32 leaves in the parameter tree (:func:`param_shapes`)
       (``jax.device_put`` them, or let the first jitted call do it).
 
     Raises:

@@ -1,6 +1,6 @@
 """Hub tensor names <-> the stacked JAX parameter tree, one tensor at a time.
 
-The parameter tree (CONTRACTS.md) stores every per-block / per-layer leaf stacked on a leading
+The parameter tree (the attribute paths of the NNX modules) stores every per-block / per-layer leaf stacked on a leading
 axis, kernels as ``[in, out]``. The hub checkpoint stores one PyTorch tensor per block and
 layer, ``nn.Linear`` weights as ``[out, in]`` and the patch embedding as a Conv3d weight
 ``[E, C, Tp, P, P]``. The rewrites are:
@@ -58,7 +58,7 @@ _TEXT_LAYER = (
 
 
 def param_shapes(config: Qwen2VLConfig) -> dict:
-    """The parameter tree of CONTRACTS.md with shape tuples as leaves (stacked axes included)."""
+    """The parameter tree with shape tuples as leaves (stacked axes included)."""
     t, v = config.text, config.vision
     E, M, D, Q = v.embed_dim, v.mlp_dim, v.depth, v.merge_dim
     H, I, L = t.hidden_size, t.intermediate_size, t.num_hidden_layers
