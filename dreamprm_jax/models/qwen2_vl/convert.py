@@ -1,7 +1,7 @@
 """Hub tensor names <-> the stacked JAX parameter tree, one tensor at a time.
 
-The parameter tree (the attribute paths of the NNX modules) stores every per-block / per-layer leaf stacked on a leading
-axis, kernels as ``[in, out]``. The hub checkpoint stores one PyTorch tensor per block and
+The parameter tree (the attribute paths of the NNX modules) stores every per-block /
+per-layer leaf stacked on a leading axis, kernels as ``[in, out]``. The hub checkpoint stores one PyTorch tensor per block and
 layer, ``nn.Linear`` weights as ``[out, in]`` and the patch embedding as a Conv3d weight
 ``[E, C, Tp, P, P]``. The rewrites are:
 
