@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -136,11 +137,16 @@ def _train_arm(config: StudyConfig, arm: Arm, seed: int, seed_dir: str, data, or
     if os.path.isdir(export_dir) and os.path.isfile(weights_path):
         with open(weights_path, encoding="utf-8") as f:
             return export_dir, json.load(f), 0.0
+    # The run's saved config names its data, and its directory holds its tokenizer, so the run
+    # stands alone (e.g. for dreamprm-compare-hypergradients --run-dir).
     cfg = dataclasses.replace(config.train, out_dir=run_dir, seed=seed, progress=config.progress,
-                              resume="auto", export=True,
-                              **dict(arm.overrides))
-    tokenizer_dir = demo.build_demo_tokenizer(data, os.path.join(seed_dir, "tokenizer"))
-    model = loop.load_model(cfg.model_dir, cfg) if cfg.model_dir else demo.demo_model(cfg, tokenizer_dir)
+                              resume="auto", export=True, train_json=data.train_json, meta_json=data.meta_json,
+                              image_root=data.image_root, **dict(arm.overrides))
+    if cfg.model_dir is None:  # every arm of a seed reads the same demo tokenizer
+        shared = demo.build_demo_tokenizer(data, os.path.join(seed_dir, "tokenizer"))
+        if not os.path.isdir(os.path.join(run_dir, "tokenizer")):
+            shutil.copytree(shared, os.path.join(run_dir, "tokenizer"))
+    model = demo.resolve_model(cfg, data)
     _say(config, f"[study] seed {seed}: training {arm.name} ({arm.description}), {cfg.iterations} iterations")
     result = loop.train(cfg, data, model, fixed_domain_weights=oracle_weights if arm.oracle_weights else None)
     if result.interrupted:
