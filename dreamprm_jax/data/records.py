@@ -11,7 +11,11 @@ Two record kinds (CONTRACTS.md, "DreamPRM data records"):
 * meta record (upper level), one per whole chain::
 
     {"input": "question ... Step 1: ... Step S: ... Final answer: ...",
-     "image_path": str | null, "true_false": bool}      optional: id
+     "image_path": str | null, "true_false": bool}      optional: id, question_id
+
+  ``question_id`` (a string or an integer) groups the candidate chains of one question for
+  the ranking meta losses; without it, chains with the same question text (the text before
+  their first step) and the same image form a question.
 
 A file is a JSON array or JSON Lines, read by
 :func:`~dreamprm_jax.data.jsonfiles.read_json_records` (the first non-blank character
@@ -65,7 +69,7 @@ from dreamprm_jax.data.jsonfiles import (
     resolve_image_path,
 )
 from dreamprm_jax.data.jsonfiles import short_repr as _short
-from dreamprm_jax.data.steps import StepError, split_steps
+from dreamprm_jax.data.steps import STEP_PATTERN, StepError, split_steps
 
 __all__ = [
     "RecordError",
@@ -124,10 +128,21 @@ class MetaRecord:
     steps: tuple[str, ...]
     id: str | None = None
     source: tuple[str, int] = ("", -1)
+    question_id: str | None = None
 
     @property
     def num_steps(self) -> int:
         return len(self.steps)
+
+    @property
+    def question_key(self) -> tuple:
+        """What groups the chains of one question: ``question_id`` when given, else the
+        question text (before the first step marker) and the image."""
+        if self.question_id is not None:
+            return ("question_id", self.question_id)
+        first = STEP_PATTERN.search(self.input)
+        question = self.input[: first.start()] if first is not None else self.input
+        return ("text", question.strip(), self.image_path)
 
 
 class Loaded(NamedTuple):
@@ -286,6 +301,7 @@ def _parse_meta(ctx: _Ctx, rec, image_root, check_images, seen, step_mode) -> Me
     text_input = _text(ctx, rec, "input")
     label = _boolean(ctx, _require(ctx, rec, "true_false"), "true_false")
     rid = _optional_id(ctx, rec, "id")
+    question_id = _optional_id(ctx, rec, "question_id")
     try:
         steps = tuple(split_steps(text_input, mode=step_mode))
     except StepError as e:
@@ -294,7 +310,7 @@ def _parse_meta(ctx: _Ctx, rec, image_root, check_images, seen, step_mode) -> Me
     if not steps:
         raise ctx.error("input", "a chain with at least one 'Step <n>'", NO_STEPS, got=_short(text_input))
     image = _image(ctx, rec, image_root, check_images, seen)
-    return MetaRecord(text_input, image, label, steps, rid, (ctx.file, ctx.index))
+    return MetaRecord(text_input, image, label, steps, rid, (ctx.file, ctx.index), question_id)
 
 
 def convert_trl_record(rec: dict, domain: str | None = None, step_separator: str = "\n") -> list[dict]:
