@@ -14,6 +14,7 @@ from PIL import Image
 from dreamprm_jax.data.batching import (
     BatchBuilder,
     BatchSpec,
+    QuestionSampler,
     Sample,
     Sampler,
     choose_bucket,
@@ -153,6 +154,32 @@ def test_collate_meta_chain_major_masks():
     assert stats["num_steps"] == 3 and batch.inputs.pixel_values.shape == (64, D)
     with pytest.raises(ValueError, match="max_steps"):
         collate_meta([[sample(2)] * 4], [1.0], spec, fake_prepare)
+    # without question ids every chain is its own question; dummy chains are -1
+    np.testing.assert_array_equal(batch.question_index, [0, 1, -1])
+    assert batch.question_index.dtype == np.int32
+
+
+def test_collate_meta_groups_chains_by_question():
+    """Questions x candidates laid out chain-major: [M] question_index beside [M] labels and
+    chain_mask, [M, S] step_mask; the same static shapes packed or not, stacked or not."""
+    spec = BatchSpec(batch_size=6, seq_buckets=(16,), pad_id=PAD, max_steps=2)
+    chains = [[sample(3), sample(5)], [sample(4)], [sample(2), sample(6)], [sample(3)]]  # questions 7, 7, 2, 2
+    batch, _ = collate_meta(chains, [1.0, 0.0, 0.0, 1.0], spec, fake_prepare, question_ids=[7, 7, 2, 2])
+    np.testing.assert_array_equal(batch.question_index, [7, 7, 2, 2, -1, -1])
+    np.testing.assert_array_equal(batch.chain_mask, [1, 1, 1, 1, 0, 0])
+    np.testing.assert_array_equal(batch.labels, [1, 0, 0, 1, 0, 0])
+    np.testing.assert_array_equal(batch.step_mask, [[1, 1], [1, 0], [1, 1], [1, 0], [0, 0], [0, 0]])
+    assert batch.inputs.input_ids.shape == (12, 16)
+    packed, _ = collate_meta(chains, [1.0, 0.0, 0.0, 1.0], BatchSpec(**{**spec.__dict__, "pack_chains": True}),
+                             fake_prepare, question_ids=[7, 7, 2, 2])
+    np.testing.assert_array_equal(packed.question_index, batch.question_index)
+    assert packed.inputs.input_ids.shape == (6, 16) and packed.inputs.score_index.shape == (6, 2)
+    stacked, _ = stack_meta([(chains, [1.0, 0.0, 0.0, 1.0], [7, 7, 2, 2]), (chains[:1], [1.0], [3])], spec,
+                            fake_prepare)
+    np.testing.assert_array_equal(stacked.question_index, [[7, 7, 2, 2, -1, -1], [3, -1, -1, -1, -1, -1]])
+    assert stacked.step_mask.shape == (2, 6, 2) and stacked.chain_mask.shape == (2, 6)
+    with pytest.raises(ValueError, match="one question id per chain"):
+        collate_meta(chains, [1.0] * 4, spec, fake_prepare, question_ids=[0, 1])
 
 
 def _prefix_chain(bodies, patches=4, head=(IMAGE_TOKEN, IMAGE_TOKEN, 10, 11), suffix=(90, 91, 92)):
@@ -240,6 +267,29 @@ def test_sampler_epochs_cover_everything():
     assert not np.array_equal(seen[:10], seen[10:])
     assert s.state_dict() == {"epoch": 2, "position": 0, "seed": 1}
     np.testing.assert_array_equal(Sampler(10, 4, seed=1).order(1), s.order(1))
+
+
+def test_question_sampler_draws_whole_questions_and_resumes():
+    chain_questions = np.array([0, 0, 0, 1, 1, 2, 2, 2, 3, 4, 4])  # 5 questions, at most 3 chains
+    sampler = QuestionSampler(chain_questions, batch_size=7, seed=3)
+    assert sampler.num_questions == 5 and sampler.questions_per_batch == 2 and sampler.seed == 3
+    seen = []
+    for _ in range(5):  # two epochs of 5 questions, 2 per draw
+        chains = sampler.next()
+        assert len(chains) <= 7
+        questions = chain_questions[chains]
+        for q in np.unique(questions):  # every chain of each drawn question, contiguous
+            np.testing.assert_array_equal(np.sort(chains[questions == q]), np.flatnonzero(chain_questions == q))
+        seen.extend(dict.fromkeys(questions.tolist()))
+    assert sorted(seen[:5]) == [0, 1, 2, 3, 4] and sorted(seen[5:10]) == [0, 1, 2, 3, 4]
+    state = sampler.state_dict()
+    expected = [sampler.next() for _ in range(3)]
+    again = QuestionSampler(chain_questions, batch_size=7, seed=3)
+    again.load_state_dict(state)
+    for e in expected:
+        np.testing.assert_array_equal(again.next(), e)
+    with pytest.raises(ValueError, match="more than the 2 chains"):
+        QuestionSampler(chain_questions, batch_size=2)
 
 
 def test_sampler_domain_modes():
@@ -349,6 +399,34 @@ def test_meta_table_and_batches(data_dir, tmp_path_factory):
     assert lengths[4] < lengths[5] < lengths[6]  # prefixes of chain 0 grow
     stacked, _ = builder.stacked_meta([[0], [1, 0]])
     assert stacked.step_mask.shape == (2, 2, 4)
+    np.testing.assert_array_equal(data.chain_questions(), [0, 1])  # different images: two questions
+    np.testing.assert_array_equal(batch.question_index, [1, 0])
+
+
+def test_meta_table_groups_chains_by_question_id_or_question_and_image(data_dir, tmp_path_factory):
+    meta = [
+        {"input": "Q1\n\nStep 1: a Final answer: 1", "image_path": "a.png", "true_false": True, "question_id": "x"},
+        {"input": "Q1 again\n\nStep 1: b Final answer: 2", "image_path": "a.png", "true_false": False,
+         "question_id": "x"},
+        {"input": "Q2\n\nStep 1: c Final answer: 3", "image_path": "b.png", "true_false": True},
+        {"input": "Q2\n\nStep 1: d Step 2: e Final answer: 4", "image_path": "b.png", "true_false": False},
+        {"input": "Q2\n\nStep 1: f Final answer: 3", "image_path": None, "true_false": True},  # another image
+        {"input": "Q1\n\nStep 1: g Final answer: 1", "image_path": "a.png", "true_false": True, "question_id": 5},
+    ]
+    (data_dir / "grouped.json").write_text(json.dumps(meta))
+    data = build_meta_dataset(data_dir / "grouped.json", FakeProcessor(), tmp_path_factory.mktemp("cache"))
+    np.testing.assert_array_equal(data.chain_questions(), [0, 0, 1, 1, 2, 3])
+    assert data.info["num_questions"] == 4
+    builder = BatchBuilder(data, BatchSpec(5, (64,), (64,), pad_id=PAD, max_steps=2), fake_prepare)
+    sampler = QuestionSampler(data.chain_questions(), batch_size=5, seed=0)
+    batch, _ = builder.meta_batch(sampler.next())
+    assert batch.question_index.shape == batch.labels.shape == batch.chain_mask.shape == (5,)
+    real = batch.chain_mask > 0
+    assert 2 <= real.sum() <= 4 and np.all(batch.question_index[~real] == -1)
+    questions = batch.question_index[real]
+    assert len(set(questions.tolist())) == 2  # two whole questions of <= 2 chains
+    for q in set(questions.tolist()):
+        assert (questions == q).sum() == (data.chain_questions() == q).sum()
 
 
 

@@ -88,6 +88,19 @@ def test_meta_records_split(root):
     assert r0.steps[0] == "Q: 2+3?\nStep 1: read. "
 
 
+def test_meta_question_id_groups_chains(root):
+    loaded = load_meta_records(write_jsonl(root, [
+        meta(question_id="q1"), meta(question_id=7, input=CHAIN.replace("read", "look")),
+        meta(input="Q: 2+3?\nStep 1: look. Final answer: 5"), meta(image_path=None)]))
+    keys = [r.question_key for r in loaded.records]
+    assert [r.question_id for r in loaded.records] == ["q1", "7", None, None]
+    assert keys[0] == ("question_id", "q1") and keys[1] == ("question_id", "7")
+    # without question_id: the text before the first step and the image
+    assert keys[2] == ("text", "Q: 2+3?", str(root / "a.png")) and keys[3] == ("text", "Q: 2+3?", None)
+    with pytest.raises(RecordError, match="question_id"):
+        load_meta_records(write_jsonl(root, [meta(question_id=1.5)]))
+
+
 def test_trl_conversion(root):
     row = {"prompt": "Q: 2+3?", "completions": ["Step 1: read.", "Step 2: add."], "labels": [True, False],
            "images": ["a.png"], "id": "t0"}

@@ -142,6 +142,7 @@ def test_manifest_contents(bench):
     pngs = sorted(os.listdir(out / "images"))
     assert manifest["files"]["images"]["count"] == len(pngs) == manifest["counts"]["images"]
     assert manifest["counts"]["meta_true"] == SMALL.meta // 2
+    assert manifest["counts"]["meta_questions"] == SMALL.meta // SMALL.meta_candidates
     assert sum(manifest["error_types"]["test"].values()) == sum(
         not c["correct"] for q in files["test_bon.json"] for c in q["candidates"])
     assert synthetic.load_manifest(out) == manifest
@@ -415,6 +416,24 @@ def test_meta_and_test_sets_share_the_error_distribution():
         np.testing.assert_allclose(shares, config.test_error_mix, atol=0.08)
     # separate questions: the meta questions' images are not the test questions'
     assert not {r["image_path"] for r in meta} & {q["image_path"] for q in test}
+
+
+def test_meta_set_is_grouped_by_question():
+    """Candidates of a question share its text and image; each question has a correct and a
+    wrong candidate; half of all meta chains are correct."""
+    config = dataclasses.replace(SMALL, meta=42, meta_candidates=4)  # 10 questions of 4, one of 2
+    meta, jobs = synthetic.meta_records(config)
+    assert len(meta) == 42 and len(jobs) == 11 and sum(r["true_false"] for r in meta) == 21
+    groups = {}
+    for r in meta:
+        groups.setdefault(r["question_id"], []).append(r)
+    assert sorted(len(g) for g in groups.values()) == [2] + [4] * 10
+    for chains in groups.values():
+        assert len({r["image_path"] for r in chains}) == 1
+        assert len({r["input"].split("\n\n", 1)[0] for r in chains}) == 1
+        assert 0 < sum(r["true_false"] for r in chains) < len(chains)
+    one_each, _ = synthetic.meta_records(dataclasses.replace(SMALL, meta=5, meta_candidates=1))
+    assert len({r["question_id"] for r in one_each}) == 5
 
 
 def test_best_of_n_file_structure(bench):

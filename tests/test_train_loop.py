@@ -16,9 +16,10 @@ import numpy as np
 import pytest
 
 from dreamprm_jax import bilevel, configs
+from dreamprm_jax import data as data_lib
 from dreamprm_jax.cli import train as train_cli
 from dreamprm_jax.data import synthetic
-from dreamprm_jax.train import loop
+from dreamprm_jax.train import demo, loop
 from dreamprm_jax.train import step as step_lib
 from dreamprm_jax.train.checkpointing import Checkpointer
 from tests.tiny_run import tiny_benchmark, tiny_config, train
@@ -163,6 +164,23 @@ def test_vanilla_prm_keeps_uniform_weights_and_exports(tiny_data, tmp_path):
     with open(os.path.join(out, "domain_weights.json")) as f:
         assert set(json.load(f)) == set(result.domains)
     assert os.path.isfile(os.path.join(out, "domain_weights.png"))
+
+
+def test_ranking_meta_loss_learns_weights_from_whole_questions(tiny_data, tmp_path):
+    """--meta-loss pairwise: each meta batch holds whole meta questions (4 candidates here) and
+    the exact hypergradient through the ranking loss moves the weights."""
+    cfg = tiny_config(tiny_data, str(tmp_path / "pairwise"), iterations=2, meta_batch_size=4, meta_loss="pairwise")
+    source = demo.resolve_data(cfg)
+    model = demo.resolve_model(cfg, source.data)
+    sources = loop.build_batch_sources(cfg, model.config, model.processor, source.data)
+    assert isinstance(sources.meta_sampler, data_lib.QuestionSampler)
+    batch, _ = sources.meta_builder.meta_batch(sources.meta_sampler.next())
+    assert np.all(batch.question_index == batch.question_index[0]) and 0 < batch.labels.sum() < 4
+    result = loop.train(cfg, source.data, model)
+    assert np.isfinite(result.final_metrics["meta_loss"]) and result.final_metrics["hypergrad_norm"] > 0
+    assert np.max(np.abs(result.weights - 1.0)) > 1e-6, result.weights
+    with pytest.raises(ValueError, match="meta_loss must be one of"):
+        step_lib.make_losses(model.config, "mean", "hinge")
 
 
 def test_raw_weights_for_gives_the_normalised_weights():

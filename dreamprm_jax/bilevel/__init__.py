@@ -6,7 +6,8 @@ The engine never sees a model: only ``inner_loss(params, alpha, batch)``,
 """
 
 from dreamprm_jax.bilevel.domain_weights import domain_weights, init_raw_weights, sample_weights
-from dreamprm_jax.bilevel.losses import aggregation_loss, chain_scores, weighted_mse
+from dreamprm_jax.bilevel.losses import (META_LOSSES, aggregation_loss, chain_scores, listwise_loss, meta_loss,
+                                         pairwise_loss, weighted_mse)
 from dreamprm_jax.bilevel.inner import inner_adamw, inner_step, num_steps, step_lr, unroll
 from dreamprm_jax.bilevel.hypergradient import EXACT_METHODS, METHODS, hypergradient, register_method
 from dreamprm_jax.bilevel.implicit import implicit_hypergradient
@@ -18,6 +19,10 @@ __all__ = [
     "weighted_mse",
     "aggregation_loss",
     "chain_scores",
+    "META_LOSSES",
+    "meta_loss",
+    "listwise_loss",
+    "pairwise_loss",
     "inner_adamw",
     "step_lr",
     "inner_step",

@@ -13,6 +13,17 @@ logits ``z_s = log(p_s / (1 - p_s))`` and a 0/1 chain label):
 
 ``A`` is formed from logits directly, never from probabilities, so saturated scores
 (``|z| > 50``) still give finite losses and finite (possibly zero) gradients.
+
+Ranking meta losses.  (4) asks each chain score to be calibrated; best-of-N only needs a
+question's correct candidates ranked above its wrong ones. With chains grouped by question
+(``question_index``), candidates ``J_q`` of question ``q`` and its correct ones ``P_q``:
+
+    listwise:  L = mean over {q : |P_q| >= 1} of  logsumexp_{j in J_q} A_j - logsumexp_{j in P_q} A_j
+               (= -log sum_{j in P_q} softmax_{J_q}(A)_j)                              (5)
+    pairwise:  L = mean over pairs (i in P_q, j in J_q - P_q), all q, of softplus(A_j - A_i)   (6)
+
+Both are invariant to adding a constant to the scores of a question, and a question whose
+candidates are all correct or all wrong gives no pair to (6) (and zero loss to (5)).
 """
 
 from __future__ import annotations
@@ -23,7 +34,11 @@ import jax.numpy as jnp
 
 from dreamprm_jax.bilevel.domain_weights import sample_weights
 
-__all__ = ["weighted_mse", "aggregation_loss", "chain_scores"]
+__all__ = ["weighted_mse", "aggregation_loss", "chain_scores", "listwise_loss", "pairwise_loss", "META_LOSSES",
+           "meta_loss"]
+
+#: Names of the upper-level losses :func:`meta_loss` computes.
+META_LOSSES = ("chain_mse", "listwise", "pairwise")
 
 
 def _safe_mean(num: jax.Array, den: jax.Array) -> jax.Array:
@@ -111,3 +126,110 @@ def aggregation_loss(
     cm = chain_mask.astype(p.dtype)  # [M]
     sq = jnp.square(p - labels.astype(p.dtype))  # [M]
     return _safe_mean(jnp.sum(cm * sq), jnp.sum(cm))
+
+
+def _same_question(question_index: jax.Array, chain_mask: jax.Array) -> jax.Array:
+    """``[M, M]`` bool: chains i and j are real chains of one question."""
+    real = chain_mask > 0  # [M]
+    return (question_index[:, None] == question_index[None, :]) & real[:, None] & real[None, :]
+
+
+def _masked_logsumexp(scores: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Row-wise ``log sum_{j : mask[i, j]} exp(scores[j])`` and whether row i has any j.
+
+    Args:
+      scores: ``[M]`` chain scores.
+      mask: ``[M, M]`` bool.
+
+    Returns:
+      ``([M] log-sum-exp (0 for an empty row), [M] bool non-empty)``. Entries outside the
+      mask are replaced by the row maximum *before* ``exp``, so no ``exp`` overflows and no
+      ``0 * inf`` reaches a gradient.
+    """
+    x = jnp.broadcast_to(scores[None, :], mask.shape)  # [M, M]
+    row_max = jnp.max(jnp.where(mask, x, -jnp.inf), axis=-1)  # [M]
+    nonempty = jnp.any(mask, axis=-1)  # [M]
+    row_max = jax.lax.stop_gradient(jnp.where(nonempty, row_max, 0.0))
+    x = jnp.where(mask, x, row_max[:, None])  # [M, M]
+    total = jnp.sum(jnp.where(mask, jnp.exp(x - row_max[:, None]), 0.0), axis=-1)  # [M], >= 1 where non-empty
+    return jnp.log(jnp.where(nonempty, total, 1.0)) + row_max, nonempty
+
+
+def _check_grouped(scores, labels, question_index, chain_mask):
+    chex.assert_rank([scores, labels, question_index, chain_mask], 1)
+    chex.assert_equal_shape([scores, labels, question_index, chain_mask])
+
+
+def listwise_loss(scores: jax.Array, labels: jax.Array, question_index: jax.Array,
+                  chain_mask: jax.Array) -> jax.Array:
+    """Listwise ranking meta loss, equation (5): softmax cross-entropy over each question's chains.
+
+    Args:
+      scores: ``[M]`` chain scores ``A`` (logits, any finite value).
+      labels: ``[M]`` 0/1 correctness of each chain.
+      question_index: ``[M]`` int, equal for the chains of one question.
+      chain_mask: ``[M]`` 1 for real chains.
+
+    Returns:
+      Scalar: the mean over questions with at least one correct chain of
+      ``-log sum_{correct} softmax(A over the question's chains)`` (0 when there is none).
+    """
+    _check_grouped(scores, labels, question_index, chain_mask)
+    same = _same_question(question_index, chain_mask)  # [M, M]
+    correct = labels > 0.5  # [M]
+    lse_all, _ = _masked_logsumexp(scores, same)  # [M]
+    lse_correct, has_correct = _masked_logsumexp(scores, same & correct[None, :])  # [M]
+    m = same.shape[0]
+    earlier = jnp.tril(jnp.ones((m, m), bool), k=-1)  # [M, M]: j < i
+    first_of_question = (chain_mask > 0) & ~jnp.any(same & earlier, axis=-1)  # [M]: one chain per question
+    counted = (first_of_question & has_correct).astype(scores.dtype)  # [M]
+    per_question = jnp.where(has_correct, lse_all - lse_correct, 0.0)  # [M]
+    return _safe_mean(jnp.sum(counted * per_question), jnp.sum(counted))
+
+
+def pairwise_loss(scores: jax.Array, labels: jax.Array, question_index: jax.Array,
+                  chain_mask: jax.Array) -> jax.Array:
+    """Pairwise ranking meta loss, equation (6): logistic loss on (correct, wrong) pairs of a question.
+
+    Args: as :func:`listwise_loss`.
+
+    Returns:
+      Scalar: the mean over every (correct i, wrong j) pair of chains of one question of
+      ``softplus(A_j - A_i)`` (0 when the batch has no such pair).
+    """
+    _check_grouped(scores, labels, question_index, chain_mask)
+    same = _same_question(question_index, chain_mask)  # [M, M]
+    correct = labels > 0.5  # [M]
+    pairs = same & correct[:, None] & ~correct[None, :]  # [M, M]: (i correct, j wrong)
+    margin = scores[None, :] - scores[:, None]  # [M, M]: A_j - A_i
+    per_pair = jnp.where(pairs, jax.nn.softplus(jnp.where(pairs, margin, 0.0)), 0.0)  # [M, M]
+    return _safe_mean(jnp.sum(per_pair), jnp.sum(pairs.astype(scores.dtype)))
+
+
+def meta_loss(
+    name: str,
+    step_logits: jax.Array,
+    step_mask: jax.Array,
+    labels: jax.Array,
+    chain_mask: jax.Array | None = None,
+    question_index: jax.Array | None = None,
+    reduce: str = "mean",
+) -> jax.Array:
+    """The upper-level loss ``name`` (one of :data:`META_LOSSES`) of a meta batch.
+
+    ``chain_mse`` is DreamPRM's :func:`aggregation_loss`; ``listwise`` and ``pairwise``
+    (:func:`listwise_loss`, :func:`pairwise_loss`) rank the chain scores ``A`` (equation (3),
+    ``reduce``) within each question and need ``question_index`` ``[M]``.
+    """
+    if name == "chain_mse":
+        return aggregation_loss(step_logits, step_mask, labels, chain_mask, reduce=reduce)
+    if name not in META_LOSSES:
+        raise ValueError(f"losses.meta_loss: expected a name among {META_LOSSES}, got {name!r}")
+    if question_index is None:
+        raise ValueError(f"losses.meta_loss: the {name!r} loss ranks chains within questions; expected a "
+                         "question_index [M] (a meta batch built from grouped meta records)")
+    a = chain_scores(step_logits, step_mask, reduce)  # [M]
+    if chain_mask is None:
+        chain_mask = jnp.ones_like(a)
+    rank = listwise_loss if name == "listwise" else pairwise_loss
+    return rank(a, labels, question_index, chain_mask)

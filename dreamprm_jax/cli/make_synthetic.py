@@ -38,6 +38,8 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     p.add_argument("--chains-per-question", type=int, default=d.chains_per_question,
                    help="training chains sampled per question/image")
     p.add_argument("--meta", type=int, default=d.meta, help="meta chains (half correct, half with a planted error as in the test set)")
+    p.add_argument("--meta-candidates", type=int, default=d.meta_candidates,
+                   help="candidate chains per meta question (at least one correct and one wrong when >= 2)")
     p.add_argument("--test", type=int, default=d.test, help="best-of-N test questions")
     p.add_argument("--candidates", type=int, default=d.candidates, help="candidate chains per test question")
     p.add_argument("--image-size", type=int, default=d.image_size, help="side of the square RGB images in pixels")
@@ -54,7 +56,8 @@ def main(argv: list[str] | None = None, prog: str = PROG) -> int:
     args = build_parser(prog).parse_args(argv)
     config = dataclasses.replace(
         synthetic.default_config(), seed=args.seed, train_per_domain=args.train_per_domain,
-        chains_per_question=args.chains_per_question, meta=args.meta, test=args.test, candidates=args.candidates,
+        chains_per_question=args.chains_per_question, meta=args.meta, meta_candidates=args.meta_candidates,
+        test=args.test, candidates=args.candidates,
         image_size=args.image_size, times=args.times)
     config = synthetic.select_domains(config, [n.strip() for n in args.domains.split(",") if n.strip()])
     start = time.perf_counter()

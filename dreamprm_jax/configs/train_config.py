@@ -90,6 +90,12 @@ class TrainConfig:
         "demo), and one spike moves Adam's step for about 10 iterations (its second moment, b2 = 0.999, barely "
         "registers it). On the demo it removed the spike-driven jumps but did not help the criteria (README).")
     aggregation: str = _field("mean", "How step log-odds make a chain score: mean (reference code) | sum (paper).")
+    meta_loss: str = _field(
+        "chain_mse", "Upper-level loss on the chain scores A: chain_mse (DreamPRM: (sigmoid(A) - correct)^2 per "
+        "chain, a calibration objective) | listwise (softmax cross-entropy over each meta question's candidates "
+        "against its correct ones) | pairwise (softplus(A_wrong - A_correct) over the (correct, wrong) pairs of a "
+        "question). The ranking losses draw whole meta questions (chains grouped by the records' question_id, "
+        "else by question text and image), --meta-batch-size // (most candidates of a question) per meta step.")
     hypergradient: str = _field(
         "exact", "Hypergradient method: exact | exact_forward | exact_lowmem | truncated | darts | darts_exact | sama | "
         "neumann | cg.")

@@ -16,6 +16,7 @@ imported from their own modules.
 from dreamprm_jax.data.batching import (
     BatchBuilder,
     BatchSpec,
+    QuestionSampler,
     Sample,
     Sampler,
     choose_bucket,
@@ -43,7 +44,7 @@ from dreamprm_jax.data.steps import StepError, find_max_step, split_step_referen
 from dreamprm_jax.data.types import MetaBatch, ModelInputs, TrainBatch
 
 __all__ = [
-    "BatchBuilder", "BatchSpec", "Sample", "Sampler", "choose_bucket", "collate", "collate_meta", "collate_train",
+    "BatchBuilder", "BatchSpec", "QuestionSampler", "Sample", "Sampler", "choose_bucket", "collate", "collate_meta", "collate_train",
     "model_prepare_fn", "power_of_two_buckets", "stack_meta", "stack_train",
     "PreparedData", "build_meta_dataset", "build_train_dataset", "processor_fingerprint",
     "BadRecords", "Loaded", "MetaRecord", "RecordError", "TrainRecord", "convert_trl_record", "format_skipped",

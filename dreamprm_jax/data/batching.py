@@ -15,7 +15,8 @@ Batches (:mod:`dreamprm_jax.data.types`):
   ``sample_mask`` [B] f32;
 * meta: :class:`MetaBatch`, the model inputs over M*S step-prefix rows, chain-major (row
   ``m * S + s`` is step ``s + 1`` of chain ``m``) + ``step_mask`` [M, S] f32, ``labels`` [M]
-  f32, ``chain_mask`` [M] f32;
+  f32, ``chain_mask`` [M] f32, ``question_index`` [M] i32 (the chain's question, -1 for a
+  dummy chain);
 * T batches stacked: every array gets a leading ``[T, ...]`` axis; all T share one bucket.
 
 Packed meta batches (``BatchSpec.pack_chains``).  A chain's S step prefixes share their
@@ -66,6 +67,7 @@ __all__ = [
     "stack_meta",
     "model_prepare_fn",
     "Sampler",
+    "QuestionSampler",
     "BatchBuilder",
 ]
 
@@ -366,15 +368,20 @@ def _collate_packed_meta(chains: Sequence[Sequence[Sample]], spec: BatchSpec, pr
 
 
 def collate_meta(chains: Sequence[Sequence[Sample]], labels: Sequence[float], spec: BatchSpec, prepare_fn: Callable,
-                 *, num_steps: int | None = None, seq_bucket: int | None = None,
-                 patch_bucket: int | None = None) -> tuple[MetaBatch, dict]:
+                 *, num_steps: int | None = None, seq_bucket: int | None = None, patch_bucket: int | None = None,
+                 question_ids: Sequence[int] | None = None) -> tuple[MetaBatch, dict]:
     """Meta batch: M = ``spec.batch_size`` chains x S steps, rows flattened chain-major.
 
     ``chains[m][s]`` is the prefix sample of step s + 1 of chain m.  The model inputs with
-    ``step_mask`` [M, S] f32 (1 for a real step), ``labels`` [M] f32 and ``chain_mask`` [M] f32.
+    ``step_mask`` [M, S] f32 (1 for a real step), ``labels`` [M] f32, ``chain_mask`` [M] f32
+    and ``question_index`` [M] i32: ``question_ids[m]`` (``None``: every chain its own
+    question, ``m``), -1 for dummy chains.
     """
     if len(labels) != len(chains):
         raise ValueError(f"collate_meta: expected one label per chain; got {len(chains)} chains, {len(labels)} labels")
+    if question_ids is not None and len(question_ids) != len(chains):
+        raise ValueError(f"collate_meta: expected one question id per chain; got {len(chains)} chains, "
+                         f"{len(question_ids)} question ids")
     S = num_steps if num_steps is not None else _num_steps([chains], spec)
     rows, step_mask = _meta_rows(chains, spec, S)  # also checks the chain count and lengths
     if spec.pack_chains:
@@ -386,8 +393,11 @@ def collate_meta(chains: Sequence[Sequence[Sample]], labels: Sequence[float], sp
     lab[: len(chains)] = np.asarray(labels, np.float32)
     chain_mask = np.zeros((M,), np.float32)
     chain_mask[: len(chains)] = 1.0
+    question_index = np.full((M,), -1, np.int32)  # [M]
+    question_index[: len(chains)] = np.arange(len(chains)) if question_ids is None else np.asarray(question_ids)
     stats["num_steps"] = S
-    return MetaBatch(inputs, step_mask=step_mask, labels=lab, chain_mask=chain_mask), stats
+    return MetaBatch(inputs, step_mask=step_mask, labels=lab, chain_mask=chain_mask,
+                     question_index=question_index), stats
 
 
 def stack(batches: Sequence[Any]) -> Any:
@@ -420,14 +430,16 @@ def stack_train(groups: Sequence[tuple[Sequence[Sample], Sequence[float], Sequen
 
 def stack_meta(groups: Sequence[tuple[Sequence[Sequence[Sample]], Sequence[float]]], spec: BatchSpec,
                prepare_fn: Callable):
-    """T meta batches ``[(chains, labels)] * T`` -> [T, ...] arrays with one (S, L, N) bucket."""
+    """T meta batches ``[(chains, labels)] * T`` (or ``(chains, labels, question_ids)``) -> [T, ...]
+    arrays with one (S, L, N) bucket."""
     S = _num_steps([g[0] for g in groups], spec)
     if spec.pack_chains:  # buckets of the packed rows (longer than any one prefix, one image per chain)
         rows = [[pack_chain(c, f"chain {m}")[0] for m, c in enumerate(g[0]) if c] for g in groups]
     else:
         rows = [[s for c in g[0] for s in c] for g in groups]
     seq_b, patch_b = _buckets_for(rows, spec)
-    out = [collate_meta(c, l, spec, prepare_fn, num_steps=S, seq_bucket=seq_b, patch_bucket=patch_b) for c, l in groups]
+    out = [collate_meta(g[0], g[1], spec, prepare_fn, num_steps=S, seq_bucket=seq_b, patch_bucket=patch_b,
+                        question_ids=g[2] if len(g) > 2 else None) for g in groups]
     return stack([b for b, _ in out]), _merge_stats([s for _, s in out])
 
 
@@ -525,6 +537,60 @@ class Sampler:
         self._cache = None
 
 
+class QuestionSampler:
+    """Seeded, resumable sampler of whole questions: every chain of a drawn question, together.
+
+    The ranking meta losses compare the candidates of one question, so a meta batch must hold
+    all of them. ``next()`` draws ``Q = batch_size // C`` questions (C = the most chains of
+    any question) from a :class:`Sampler` over questions (shuffled, endless over epochs) and
+    returns their chain indices, question after question: at most ``batch_size`` chains.
+
+    Args:
+      chain_questions: ``[num_chains]`` int, the question of each chain.
+      batch_size: chains per meta batch (``--meta-batch-size``).
+      seed: seed of the question order.
+    """
+
+    def __init__(self, chain_questions: Sequence[int], batch_size: int, seed: int = 0):
+        chain_questions = np.asarray(chain_questions, np.int64)  # [num_chains]
+        if chain_questions.ndim != 1 or chain_questions.size == 0:
+            raise ValueError(f"QuestionSampler: expected a non-empty [num_chains] question index, "
+                             f"got shape {chain_questions.shape}")
+        _, first, inverse = np.unique(chain_questions, return_index=True, return_inverse=True)
+        rank = np.argsort(np.argsort(first))  # questions numbered in order of first appearance
+        order = np.argsort(rank[inverse], kind="stable")
+        counts = np.bincount(rank[inverse])
+        self.members = np.split(order, np.cumsum(counts)[:-1])  # chains of question q, in file order
+        most = int(counts.max())
+        if most > batch_size:
+            raise ValueError(f"QuestionSampler: a question has {most} chains, more than the {batch_size} chains of "
+                             "a meta batch; expected --meta-batch-size >= the most candidates of any meta question")
+        self.questions_per_batch = batch_size // most
+        self._questions = Sampler(len(self.members), self.questions_per_batch, seed=seed)
+
+    @property
+    def num_questions(self) -> int:
+        return len(self.members)
+
+    @property
+    def seed(self) -> int:
+        return self._questions.seed
+
+    def next(self) -> np.ndarray:
+        """Chain indices (int64) of the next ``questions_per_batch`` questions."""
+        return np.concatenate([self.members[int(q)] for q in self._questions.next()])
+
+    def __iter__(self):
+        while True:
+            yield self.next()
+
+    def state_dict(self) -> dict:
+        return self._questions.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self._questions.load_state_dict(state)
+
+
 # ----------------------------------------------------------------------------- from prepared tables
 
 
@@ -532,7 +598,8 @@ class BatchBuilder:
     """Reads rows of a :class:`~dreamprm_jax.data.dataset.PreparedData` and collates them.
 
     ``train_batch(indices)`` / ``stacked_train(list_of_indices)`` for training tables,
-    ``meta_batch(chain_indices)`` / ``stacked_meta(list_of_chain_indices)`` for meta tables.
+    ``meta_batch(chain_indices)`` / ``stacked_meta(list_of_chain_indices)`` for meta tables
+    (each chain's ``question_index`` from the table).
     Image patches are read once per distinct image per call.
     """
 
@@ -544,6 +611,7 @@ class BatchBuilder:
         if spec.patch_dim is None and self.patch_dim is not None:
             self.spec = dataclasses.replace(spec, patch_dim=int(self.patch_dim))
         self._chains = data.chain_rows() if data.info["kind"] == "meta" else None
+        self._questions = data.chain_questions() if data.info["kind"] == "meta" else None
 
     @property
     def num_chains(self) -> int:
@@ -584,10 +652,11 @@ class BatchBuilder:
             rows, cols = self._rows(range(start, start + count))
             chains.append(rows)
             labels.append(float(cols["label"][0]))
-        return chains, labels
+        return chains, labels, [int(self._questions[int(c)]) for c in chain_indices]
 
     def meta_batch(self, chain_indices: Sequence[int]):
-        return collate_meta(*self._meta_group(chain_indices), self.spec, self.prepare_fn)
+        chains, labels, questions = self._meta_group(chain_indices)
+        return collate_meta(chains, labels, self.spec, self.prepare_fn, question_ids=questions)
 
     def stacked_meta(self, chain_lists: Sequence[Sequence[int]]):
         return stack_meta([self._meta_group(c) for c in chain_lists], self.spec, self.prepare_fn)

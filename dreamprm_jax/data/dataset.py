@@ -11,7 +11,9 @@ sample --> two Hugging Face ``datasets.Dataset`` tables saved with ``save_to_dis
     ``label``       float32, accuracy (train) or the chain's true_false (meta)
     ``domain_id``   int32, index into ``info["domains"]`` (train; 0 for meta)
     ``record_index`` int32, index of the record in the validated list
-    meta only: ``chain_index`` int32, ``step`` int32 (1-based), ``num_steps`` int32.
+    meta only: ``chain_index`` int32, ``step`` int32 (1-based), ``num_steps`` int32,
+    ``question_index`` int32 (chains of one question share it, numbered in order of first
+    appearance; :attr:`~dreamprm_jax.data.records.MetaRecord.question_key`).
     Meta rows are chain-major: chain c's S_c rows are contiguous, in step order.
 
 ``images`` (one row per distinct image file, shared by all its samples)
@@ -58,7 +60,7 @@ from dreamprm_jax.data.records import Loaded, MetaRecord, TrainRecord, load_meta
 
 __all__ = ["PreparedData", "build_train_dataset", "build_meta_dataset", "processor_fingerprint", "CACHE_VERSION"]
 
-CACHE_VERSION = "dreamprm-jax-data-v2"
+CACHE_VERSION = "dreamprm-jax-data-v3"
 
 
 @dataclasses.dataclass
@@ -97,6 +99,10 @@ class PreparedData:
         starts = np.flatnonzero(np.r_[True, chain[1:] != chain[:-1]])
         counts = np.diff(np.r_[starts, len(chain)])
         return np.stack([starts, counts], axis=1)
+
+    def chain_questions(self) -> np.ndarray:
+        """Meta: ``[num_chains]`` int64, the question index of each chain."""
+        return np.asarray(self.samples["question_index"], dtype=np.int64)[self.chain_rows()[:, 0]]
 
 
 # ----------------------------------------------------------------------------- fingerprints
@@ -187,7 +193,8 @@ def _features(kind: str):
         "record_index": Value("int32"),
     }
     if kind == "meta":
-        cols.update(chain_index=Value("int32"), step=Value("int32"), num_steps=Value("int32"))
+        cols.update(chain_index=Value("int32"), step=Value("int32"), num_steps=Value("int32"),
+                    question_index=Value("int32"))
     images = Features({
         "pixel_values": Seq(Value("float32")),
         "image_grid_thw": Seq(Value("int64"), length=3),
@@ -287,13 +294,15 @@ def _train_rows(records: Sequence[TrainRecord], domains: Sequence[str], encoder:
 
 
 def _meta_rows(records: Sequence[MetaRecord], encoder: _Encoder):
+    questions: dict[tuple, int] = {}
     for c, rec in enumerate(records):
+        question = questions.setdefault(rec.question_key, len(questions))
         for s, prefix in enumerate(rec.steps, start=1):
             ids, image_index, num_patches = encoder.encode(prefix, rec.image_path,
                                                            f"{rec.source[0]}, record {rec.source[1]}, step {s}")
             yield {"input_ids": ids, "length": len(ids), "image_index": image_index, "num_patches": num_patches,
                    "label": float(rec.true_false), "domain_id": 0, "record_index": c,
-                   "chain_index": c, "step": s, "num_steps": rec.num_steps}
+                   "chain_index": c, "step": s, "num_steps": rec.num_steps, "question_index": question}
 
 
 @contextlib.contextmanager
@@ -370,7 +379,8 @@ def _build(kind: str, loaded: Loaded, records_path: str, processor, cache_dir: s
             "max_patches": int(np.max(np.asarray(samples["num_patches"]))),
         }
         if kind == "meta":
-            info.update(num_chains=len(loaded.records), max_steps=max(r.num_steps for r in loaded.records))
+            info.update(num_chains=len(loaded.records), max_steps=max(r.num_steps for r in loaded.records),
+                        num_questions=len({r.question_key for r in loaded.records}))
         with open(os.path.join(work, "info.json"), "w") as f:
             json.dump(info, f, indent=1)
         try:

@@ -11,7 +11,11 @@ Two record kinds, as DreamPRM releases them:
 * meta record (upper level), one per whole chain::
 
     {"input": "question ... Step 1: ... Step S: ... Final answer: ...",
-     "image_path": str | null, "true_false": bool}      optional: id
+     "image_path": str | null, "true_false": bool}      optional: id, question_id
+
+  ``question_id`` (a string or an integer) groups the candidate chains of one question for
+  the ranking meta losses; without it, chains with the same question text (the text before
+  their first step) and the same image form a question.
 
 A file is a JSON array or JSON Lines, read by
 :func:`~dreamprm_jax.data.jsonfiles.read_json_records` (the first non-blank character
@@ -73,7 +77,7 @@ from dreamprm_jax.data.jsonfiles import (
 )
 from dreamprm_jax.data.jsonfiles import short_repr as _short
 from dreamprm_jax.data.processor import IMAGE_UNREADABLE, ImageRejected, check_image_file
-from dreamprm_jax.data.steps import StepError, split_steps
+from dreamprm_jax.data.steps import STEP_PATTERN, StepError, split_steps
 
 __all__ = [
     "BadRecords",
@@ -133,10 +137,21 @@ class MetaRecord:
     steps: tuple[str, ...]
     id: str | None = None
     source: tuple[str, int] = ("", -1)
+    question_id: str | None = None
 
     @property
     def num_steps(self) -> int:
         return len(self.steps)
+
+    @property
+    def question_key(self) -> tuple:
+        """What groups the chains of one question: ``question_id`` when given, else the
+        question text (before the first step marker) and the image."""
+        if self.question_id is not None:
+            return ("question_id", self.question_id)
+        first = STEP_PATTERN.search(self.input)
+        question = self.input[: first.start()] if first is not None else self.input
+        return ("text", question.strip(), self.image_path)
 
 
 #: How many bad records a :class:`BadRecords` message and ``Loaded.first_errors`` show.
@@ -329,6 +344,7 @@ def _parse_meta(ctx: _Ctx, rec, image_root, image_check, seen, step_mode) -> Met
     text_input = _text(ctx, rec, "input")
     label = _boolean(ctx, _require(ctx, rec, "true_false"), "true_false")
     rid = _optional_id(ctx, rec, "id")
+    question_id = _optional_id(ctx, rec, "question_id")
     try:
         steps = tuple(split_steps(text_input, mode=step_mode))
     except StepError as e:
@@ -337,7 +353,7 @@ def _parse_meta(ctx: _Ctx, rec, image_root, image_check, seen, step_mode) -> Met
     if not steps:
         raise ctx.error("input", "a chain with at least one 'Step <n>'", NO_STEPS, got=_short(text_input))
     image = _image(ctx, rec, image_root, image_check, seen)
-    return MetaRecord(text_input, image, label, steps, rid, (ctx.file, ctx.index))
+    return MetaRecord(text_input, image, label, steps, rid, (ctx.file, ctx.index), question_id)
 
 
 def convert_trl_record(rec: dict, domain: str | None = None, step_separator: str = "\n") -> list[dict]:

@@ -44,13 +44,16 @@ class MetaBatch:
 
     ``inputs`` holds ``M * S`` step-prefix rows, chain-major (row ``m * S + s`` is step
     ``s + 1`` of chain ``m``), or ``M`` packed rows with ``branch_ids`` and ``score_index``
-    ``[M, S]``; either way the model scores ``M * S`` steps.
+    ``[M, S]``; either way the model scores ``M * S`` steps. ``question_index`` groups the
+    chains by question (equal for the candidates of one question) for the ranking meta
+    losses; ``None`` in batches built without it.
     """
 
     inputs: ModelInputs  # M * S rows, or M packed rows
     step_mask: Any = rows_field(BATCH_ROWS)  # [M, S] float32, 1 = a real step of the chain
     labels: Any = rows_field(BATCH_ROWS)  # [M] float32, 1 = the chain's final answer is correct
     chain_mask: Any = rows_field(BATCH_ROWS)  # [M] float32, 1 = real chain, 0 = dummy chain
+    question_index: Any = rows_field(BATCH_ROWS, default=None)  # [M] int32, the chain's question (-1: dummy) | None
 
     def replace(self, **fields) -> "MetaBatch":
         return dataclasses.replace(self, **fields)

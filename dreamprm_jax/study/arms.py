@@ -1,17 +1,22 @@
 """The arms of a reweighting study: how each PRM is trained, all on the same budget.
 
 Every arm trains from the same initialisation (the seed's), on the same records, with the
-same sampler and iteration count; only the domain weights differ:
+same sampler and iteration count; only the domain weights (and how they are learned) differ:
 
-=================  ===========================================================================
-``vanilla``        uniform weights (the PRM without reweighting): the baseline every arm is
-                   compared with
-``dreamprm``       weights learned with exact hypergradients through the T unrolled steps
-``darts``          weights learned with Betty's DARTS approximation (the paper's method)
-``oracle_weights`` weights fixed by hand from the planted (or user-given) domain quality: how
-                   much room correct weights leave; an arm that needs them is skipped when
-                   there are none
-=================  ===========================================================================
+=======================  ===========================================================================
+``vanilla``              uniform weights (the PRM without reweighting): the baseline every arm is
+                         compared with
+``dreamprm``             weights learned with exact hypergradients through the T unrolled steps
+                         (DreamPRM's chain-MSE meta loss)
+``darts``                weights learned with Betty's DARTS approximation (the paper's method)
+``dreamprm_listwise``    as ``dreamprm``, with the listwise ranking meta loss (a softmax over
+                         each meta question's candidates) instead of the chain MSE
+``dreamprm_pairwise``    as ``dreamprm``, with the pairwise ranking meta loss (each correct
+                         candidate of a meta question above each wrong one)
+``oracle_weights``       weights fixed by hand from the planted (or user-given) domain quality: how
+                         much room correct weights leave; an arm that needs them is skipped when
+                         there are none
+=======================  ===========================================================================
 
 The untrained baselines (self-consistency, a random pick, the oracle answer) need no arm.
 """
@@ -43,6 +48,10 @@ ARMS: dict[str, Arm] = {
     "vanilla": Arm("vanilla", "uniform domain weights", {"reweighting": False}),
     "dreamprm": Arm("dreamprm", "learned weights, exact hypergradients", {"reweighting": True, "hypergradient": "exact"}),
     "darts": Arm("darts", "learned weights, DARTS hypergradients", {"reweighting": True, "hypergradient": "darts"}),
+    "dreamprm_listwise": Arm("dreamprm_listwise", "learned weights, exact hypergradients, listwise meta loss",
+                             {"reweighting": True, "hypergradient": "exact", "meta_loss": "listwise"}),
+    "dreamprm_pairwise": Arm("dreamprm_pairwise", "learned weights, exact hypergradients, pairwise meta loss",
+                             {"reweighting": True, "hypergradient": "exact", "meta_loss": "pairwise"}),
     "oracle_weights": Arm("oracle_weights", "weights fixed from the planted quality", {"reweighting": False},
                           oracle_weights=True),
 }

@@ -159,7 +159,7 @@ def audit_run(run_dir: str, methods: Sequence[str], *, draws: int = 2, repeats: 
         # committed to the device like a restored state, so both hit one compiled program per method
         initial = jax.device_put(step_lib.init_state(params, len(domains), optimizer, meta_opt), jax.devices()[0])
         del params
-        inner_loss, outer_loss = step_lib.make_losses(model_config, cfg.aggregation)
+        inner_loss, outer_loss = step_lib.make_losses(model_config, cfg.aggregation, cfg.meta_loss)
         options = _method_options(methods, method_options or {}, cfg)
         fns = {m: jax.jit(functools.partial(bilevel.hypergradient, m, inner_loss, outer_loss, optimizer, **options[m]))
                for m in methods}

@@ -222,7 +222,7 @@ class BatchSources(NamedTuple):
     train_builder: data_lib.BatchBuilder
     meta_builder: data_lib.BatchBuilder
     train_sampler: data_lib.Sampler
-    meta_sampler: data_lib.Sampler
+    meta_sampler: data_lib.Sampler | data_lib.QuestionSampler
 
 
 def build_batch_sources(cfg: TrainConfig, model_config, processor, data: TrainData) -> BatchSources:
@@ -252,7 +252,10 @@ def build_batch_sources(cfg: TrainConfig, model_config, processor, data: TrainDa
     groups = np.asarray(train_table.samples["domain_id"]) if cfg.sampler in ("stratified", "balanced") else None
     train_sampler = data_lib.Sampler(len(train_table.samples), cfg.train_batch_size, seed=cfg.seed, mode=cfg.sampler,
                                      groups=groups)
-    meta_sampler = data_lib.Sampler(meta_builder.num_chains, cfg.meta_batch_size, seed=cfg.seed + 1)
+    if cfg.meta_loss == "chain_mse":
+        meta_sampler = data_lib.Sampler(meta_builder.num_chains, cfg.meta_batch_size, seed=cfg.seed + 1)
+    else:  # ranking losses compare a question's candidates: draw whole questions
+        meta_sampler = data_lib.QuestionSampler(meta_table.chain_questions(), cfg.meta_batch_size, seed=cfg.seed + 1)
     return BatchSources(train_table, meta_table, train_builder, meta_builder, train_sampler, meta_sampler)
 
 
@@ -374,7 +377,7 @@ def train(cfg: TrainConfig, data: TrainData, model: PRMModel | str, *,
         return sharding.ShardedStep(step_lib.make_bilevel_step(
             model_config, optimizer, meta_opt, method=cfg.hypergradient, aggregation=cfg.aggregation,
             reweighting=reweighting, method_options=cfg.hypergradient_kwargs(),
-            unroll_inner=cfg.unroll_inner_scan), mesh)
+            unroll_inner=cfg.unroll_inner_scan, meta_loss=cfg.meta_loss), mesh)
 
     bilevel_step = make_step(cfg.reweighting)
     # Warm-up iterations train the PRM only (no hypergradient: about 5x cheaper on CPU).

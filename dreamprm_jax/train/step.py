@@ -25,13 +25,17 @@ from dreamprm_jax.models import prm, qwen2_vl
 State = dict[str, Any]
 
 
-def make_losses(model_config, aggregation: str) -> tuple[Callable, Callable]:
+def make_losses(model_config, aggregation: str, meta_loss: str = "chain_mse") -> tuple[Callable, Callable]:
     """The lower- and upper-level losses of DreamPRM over typed batches.
 
     inner_loss(params, r, batch: TrainBatch) = sum_i m_i w[d_i] (p_i - y_i)^2 / sum_i m_i
-    outer_loss(params, batch: MetaBatch)     = mean_chains (sigmoid(A) - label)^2,
-        A = mean (or sum) over the chain's steps of the step logit z_s = log(p_s / (1 - p_s)).
+    outer_loss(params, batch: MetaBatch)     = mean_chains (sigmoid(A) - label)^2  (``chain_mse``),
+        A = mean (or sum) over the chain's steps of the step logit z_s = log(p_s / (1 - p_s));
+        or a ranking of A within each question (``listwise`` / ``pairwise``,
+        :func:`dreamprm_jax.bilevel.meta_loss`).
     """
+    if meta_loss not in bilevel.META_LOSSES:
+        raise ValueError(f"make_losses: meta_loss must be one of {bilevel.META_LOSSES}, got {meta_loss!r}")
 
     def inner_loss(params, raw_weights, batch: TrainBatch):
         probs, _ = prm.score(model_config, params, batch.inputs)  # [B]
@@ -40,8 +44,11 @@ def make_losses(model_config, aggregation: str) -> tuple[Callable, Callable]:
     def outer_loss(params, batch: MetaBatch):
         _, step_logits = prm.score(model_config, params, batch.inputs)  # [M * S]
         m, s = batch.step_mask.shape
-        return bilevel.aggregation_loss(
-            step_logits.reshape(m, s), batch.step_mask, batch.labels, batch.chain_mask, reduce=aggregation)
+        if meta_loss == "chain_mse":
+            return bilevel.aggregation_loss(
+                step_logits.reshape(m, s), batch.step_mask, batch.labels, batch.chain_mask, reduce=aggregation)
+        return bilevel.meta_loss(meta_loss, step_logits.reshape(m, s), batch.step_mask, batch.labels,
+                                 batch.chain_mask, batch.question_index, reduce=aggregation)
 
     return inner_loss, outer_loss
 
@@ -131,7 +138,7 @@ def inner_scan_unrolled(method: str, unroll_inner: bool, reweighting: bool = Tru
 
 def make_bilevel_step(model_config, optimizer, meta_opt, *, method: str = "exact", aggregation: str = "mean",
                       reweighting: bool = True, method_options: dict | None = None,
-                      unroll_inner: bool = False) -> Callable:
+                      unroll_inner: bool = False, meta_loss: str = "chain_mse") -> Callable:
     """Returns ``step(state, inner_batches, meta_batch) -> (state, metrics)`` (not jitted).
 
     ``inner_batches`` carries a leading axis of length T. With ``reweighting=False`` the
@@ -139,9 +146,11 @@ def make_bilevel_step(model_config, optimizer, meta_opt, *, method: str = "exact
     ``unroll_inner``: ``True`` unrolls the T-step inner scan into straight-line code where that
     saves memory (:func:`inner_scan_unrolled`: ``exact``; the other methods keep the loop),
     ``False`` keeps the loop (same maths either way). It sets the method option ``scan_unroll``
-    (``bilevel.hypergradient``), which ``method_options`` must then leave unset.
+    (``bilevel.hypergradient``), which ``method_options`` must then leave unset. ``meta_loss``:
+    the upper-level loss (:data:`dreamprm_jax.bilevel.META_LOSSES`; ranking losses need meta
+    batches with ``question_index``).
     """
-    inner_loss, outer_loss = make_losses(model_config, aggregation)
+    inner_loss, outer_loss = make_losses(model_config, aggregation, meta_loss)
     options = dict(method_options or {})
     if inner_scan_unrolled(method, unroll_inner, reweighting):
         if "scan_unroll" in options:

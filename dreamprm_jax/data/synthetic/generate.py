@@ -3,7 +3,8 @@
 Output layout under ``out_dir``::
 
     train.json      JSON array of DreamPRM training records, one per (chain, step k)
-    meta.json       JSON array of meta records (question + full chain, true_false), balanced
+    meta.json       JSON array of meta records (question + full chain, true_false, question_id):
+                    a few candidate chains per question, correct and wrong, half of all correct
     test_bon.json   JSON array of best-of-N questions in the candidate-file format
     images/*.png    one image per question (train_<domain>_<q>.png, meta_<i>.png, test_<i>.png)
     manifest.json   domains with planted qualities and oracle weights, counts, error types,
@@ -26,7 +27,7 @@ Text conventions (shared by all three files; see :mod:`.tasks`):
   null); ``accuracy`` is the planted (possibly defective) Monte-Carlo label;
 * meta record: ``input`` = question + ``"\\n\\n"`` + chain, so its step prefix k (the text
   before ``Step k+1``) is byte-equal to a training text ``input + "\\n\\n" + add``;
-  ``error_type`` as above;
+  ``error_type`` as above; ``question_id`` shared by the candidates of one question;
 * test candidate: ``text`` (the chain), ``correct``, ``step_labels`` (the true labels),
   ``error_type``.
 
@@ -66,7 +67,7 @@ __all__ = [
     "planted_qualities", "oracle_weights", "domain_records", "meta_records", "test_questions", "best_of_n_baselines",
 ]
 
-GENERATOR_VERSION = "3"
+GENERATOR_VERSION = "4"
 _TRAIN, _META, _TEST, _MANIFEST = "train.json", "meta.json", "test_bon.json", "manifest.json"
 
 
@@ -81,7 +82,9 @@ class SyntheticConfig:
       chains_per_question: chains sampled per question/image in the training domains
         (errors drawn independently per chain).
       meta: meta chains (half correct, half with an error at step 3, 4 or 5), on questions of
-        their own.
+        their own, ``meta_candidates`` per question.
+      meta_candidates: candidate chains per meta question (the ranking meta losses compare
+        them); each question has at least one correct and one wrong candidate.
       test: best-of-N questions.
       candidates: candidate chains per test question.
       image_size: side of the square RGB images in pixels.
@@ -96,6 +99,7 @@ class SyntheticConfig:
     train_per_domain: int = 240
     chains_per_question: int = 2
     meta: int = 400
+    meta_candidates: int = 4
     test: int = 2000
     candidates: int = 8
     image_size: int = 56
@@ -108,7 +112,7 @@ class SyntheticConfig:
         names = [d.name for d in self.domains]
         if len(set(names)) != len(names):
             raise ValueError(f"SyntheticConfig: domain names must be unique, got {names}")
-        for field in ("train_per_domain", "chains_per_question", "candidates", "image_size", "times"):
+        for field in ("train_per_domain", "chains_per_question", "meta_candidates", "candidates", "image_size", "times"):
             if getattr(self, field) < 1:
                 raise ValueError(f"SyntheticConfig.{field} must be >= 1, got {getattr(self, field)}")
         for field in ("meta", "test"):
@@ -130,12 +134,13 @@ class SyntheticConfig:
 
 
 def default_config() -> SyntheticConfig:
-    """The CPU-demo benchmark: 5 domains (8,400 step records), 400 meta chains, 2,000 x 8 test candidates."""
+    """The CPU-demo benchmark: 5 domains (8,400 step records), 100 x 4 meta chains, 2,000 x 8 test candidates."""
     return SyntheticConfig()
 
 
 def tiny_config(seed: int = 0) -> SyntheticConfig:
-    """The default design at a size for tests: 4 chains per domain (12 for misled_B), 8 meta, 6 test questions."""
+    """The default design at a size for tests: 4 chains per domain (12 for misled_B), 2 x 4 meta chains, 6 test
+    questions."""
     return SyntheticConfig(seed=seed, train_per_domain=4, meta=8, test=6, image_size=32)
 
 
@@ -256,36 +261,60 @@ def domain_records(spec: DomainSpec, config: SyntheticConfig) -> tuple[list[dict
 # Meta set and best-of-N test set
 # ----------------------------------------------------------------------------------------
 
-def _wrong_chain(problem: Problem, rng: np.random.Generator, split: str, error_mix) -> Chain:
-    """A chain with an error of a type drawn from ``error_mix`` at a step drawn from 3..5."""
+def _candidate_chain(problem: Problem, rng: np.random.Generator, split: str, correct: bool, popular: dict,
+                     error_mix) -> Chain:
+    """A best-of-N candidate: a correct chain, or one with an error of a type drawn from
+    ``error_mix`` at a step drawn from 3..5 whose value is the question's ``popular`` wrong
+    value of that type with probability 0.5."""
+    if correct:
+        return make_chain_in_split(problem, rng, split)
     error_type = sample_error_type(error_mix, rng)
-    wrong = sample_wrong_value(problem, rng, error_type)
+    wrong = popular[error_type] if rng.random() < 0.5 else sample_wrong_value(problem, rng, error_type)
     step = int(ERROR_STEPS[int(rng.integers(len(ERROR_STEPS)))])
     return make_chain_in_split(problem, rng, split, step, wrong)
 
 
-def meta_records(config: SyntheticConfig) -> tuple[list[dict], list[ImageJob]]:
-    """Meta chains from the test distribution: ceil(n/2) correct, the rest with errors of ``test_error_mix``.
+def _meta_correct_counts(sizes: Sequence[int], rng: np.random.Generator) -> list[int]:
+    """Correct candidates per meta question: at least one correct and one wrong (2+ chains),
+    and half of all chains correct: questions are paired and a pair of size-C questions gets
+    (k, C - k) correct with k ~ U{1..C-1}; an unpaired question gets ceil(C / 2)."""
+    counts = []
+    for q, size in enumerate(sizes):
+        if q % 2 == 1 and sizes[q - 1] == size and size > 1:
+            counts.append(size - counts[-1])
+        elif q + 1 < len(sizes) and sizes[q + 1] == size and size > 1:
+            counts.append(int(rng.integers(1, size)))
+        else:
+            counts.append(size - size // 2)
+    return counts
 
-    Questions of their own (one per chain), texts in the meta share (:func:`.tasks.text_split`).
+
+def meta_records(config: SyntheticConfig) -> tuple[list[dict], list[ImageJob]]:
+    """Meta questions from the test distribution, ``meta_candidates`` chains each (``meta`` in all).
+
+    A question's candidates are drawn like the test candidates (:func:`test_questions`: wrong
+    ones with errors of ``test_error_mix``, often sharing the question's popular wrong value)
+    and share its image; the numbers of correct ones come from :func:`_meta_correct_counts`.
+    Questions of their own, texts in the meta share (:func:`.tasks.text_split`). Records carry
+    ``question_id``, which groups them for the ranking meta losses.
     """
     rng = _rng(config.seed, "meta")
-    n = config.meta
-    wrong_flags = np.zeros(n, dtype=bool)  # [n]
-    wrong_flags[n - n // 2:] = True
-    wrong_flags = wrong_flags[rng.permutation(n)]
+    n, per = config.meta, config.meta_candidates
+    sizes = [min(per, n - start) for start in range(0, n, per)]
     records, jobs = [], []
-    size = config.image_size
-    for i in range(n):
+    size_px = config.image_size
+    for q, (size, n_correct) in enumerate(zip(sizes, _meta_correct_counts(sizes, rng))):
         problem = sample_problem(rng, config.tasks)
-        if wrong_flags[i]:
-            chain = _wrong_chain(problem, rng, "meta", config.test_error_mix)
-        else:
-            chain = make_chain_in_split(problem, rng, "meta")
-        rel = f"images/meta_{i:05d}.png"
-        jobs.append((rel, lambda p=problem: render_problem(p, size)))
-        records.append({"id": f"meta-{i:05d}", "input": problem.question + "\n\n" + chain_text(chain),
-                        "image_path": rel, "true_false": chain.correct, "error_type": chain.error_type})
+        popular = {t: sample_wrong_value(problem, rng, t) for t in ERROR_TYPES}
+        chains = [_candidate_chain(problem, rng, "meta", c < n_correct, popular, config.test_error_mix)
+                  for c in range(size)]
+        rel = f"images/meta_{q:05d}.png"
+        jobs.append((rel, lambda p=problem: render_problem(p, size_px)))
+        for c, j in enumerate(rng.permutation(size)):
+            chain = chains[int(j)]
+            records.append({"id": f"meta-{q:05d}-{c}", "question_id": f"meta-{q:05d}",
+                            "input": problem.question + "\n\n" + chain_text(chain), "image_path": rel,
+                            "true_false": chain.correct, "error_type": chain.error_type})
     return records, jobs
 
 
@@ -311,13 +340,7 @@ def test_questions(config: SyntheticConfig) -> tuple[list[dict], list[ImageJob]]
         popular = {t: sample_wrong_value(problem, rng, t) for t in ERROR_TYPES}
         candidates = []
         for c in range(n_cand):
-            if c < n_correct:
-                chain = make_chain_in_split(problem, rng, "test")
-            else:
-                error_type = sample_error_type(config.test_error_mix, rng)
-                wrong = popular[error_type] if rng.random() < 0.5 else sample_wrong_value(problem, rng, error_type)
-                step = int(ERROR_STEPS[int(rng.integers(len(ERROR_STEPS)))])
-                chain = make_chain_in_split(problem, rng, "test", step, wrong)
+            chain = _candidate_chain(problem, rng, "test", c < n_correct, popular, config.test_error_mix)
             candidates.append({"text": chain_text(chain), "correct": chain.correct,
                                "step_labels": chain.step_labels(), "error_type": chain.error_type})
         candidates = [candidates[int(j)] for j in rng.permutation(n_cand)]
@@ -499,7 +522,8 @@ def generate(out_dir: str | os.PathLike, config: SyntheticConfig | None = None, 
         "quality_order": [d["name"] for d in sorted(domain_info, key=lambda d: -d["quality"])],
         "oracle_weights": {d["name"]: d["oracle_weight"] for d in domain_info},
         "counts": {"train_records": len(train), "train_chains": len(train) // NUM_STEPS, "meta_chains": len(meta),
-                   "meta_true": sum(r["true_false"] for r in meta), "test_questions": len(test),
+                   "meta_true": sum(r["true_false"] for r in meta),
+                   "meta_questions": len({r["question_id"] for r in meta}), "test_questions": len(test),
                    "test_candidates": len(test) * config.candidates, "images": len(jobs)},
         "test_baselines": best_of_n_baselines(test),
         "error_types": {"meta": _error_type_counts(r["error_type"] for r in meta),
