@@ -38,7 +38,7 @@ from dreamprm_jax.bilevel import _common
 from dreamprm_jax.bilevel.inner import (AdamWConstants, ReversibleAdamW, _apply_update, _value_and_grad, batch_at,
                                         num_steps, unroll)
 
-__all__ = ["adamw_constants", "undo_update", "undo_moments", "exact_reversible"]
+__all__ = ["adamw_constants", "undo_update", "undo_moments", "adamw_vjp", "reverse_unroll", "exact_reversible"]
 
 
 def _is_node(x) -> bool:
@@ -119,6 +119,63 @@ def undo_moments(constants: AdamWConstants, opt_state, grads):
     return jax.tree.map(previous, opt_state, is_leaf=_is_node)
 
 
+def _next_counts(opt_state):
+    """``opt_state`` with its step counts advanced by one (the counts after the step)."""
+    def advance(node):
+        return node._replace(count=node.count + 1) if _is_node(node) else node
+
+    return jax.tree.map(advance, opt_state, is_leaf=_is_node)
+
+
+def adamw_vjp(constants: AdamWConstants, opt_state, grads, p_bar, s_bar):
+    """VJP of the AdamW step from ``opt_state`` (``s_{t-1}``) with the gradient ``g_t``.
+
+    With ``(pbar, mbar, vbar)`` the cotangents of ``(p_t, m_t, v_t)``, ``den = sqrt(v_hat + eps_root) + eps``:
+
+        mtilde = mbar - pbar lr / ((1 - b1^c) den)
+        vtilde = vbar + pbar lr m_hat / (2 (1 - b2^c) den^2 sqrt(v_hat + eps_root))
+        gbar = (1 - b1) mtilde + 2 (1 - b2) g vtilde,   mbar' = b1 mtilde,   vbar' = b2 vtilde,   pbar' = (1 - lr wd) pbar
+
+    Returns ``(gbar, (mbar', vbar'), pbar')``. Written out rather than ``jax.vjp`` of the update:
+    one elementwise pass whose outputs XLA writes over the old adjoints in place.
+    """
+    lr, bc1, bc2, adam = _step_constants(constants, _next_counts(opt_state))
+    b1, b2 = constants.b1, constants.b2
+    m_bar, v_bar = s_bar
+
+    def one(g, m, v, pb, mb, vb, wd):
+        m, v = b1 * m + (1 - b1) * g, b2 * v + (1 - b2) * (g * g)  # the step's m_t, v_t
+        lr_ = jnp.asarray(lr, g.dtype)
+        c1, c2 = bc1.astype(g.dtype), bc2.astype(g.dtype)
+        root = jnp.sqrt(v / c2 + constants.eps_root)
+        den = root + constants.eps
+        m_tilde = mb - pb * lr_ / (c1 * den)
+        v_tilde = vb + pb * lr_ * (m / c1) / (2 * c2 * den * den * root)
+        return (1 - b1) * m_tilde + 2 * (1 - b2) * g * v_tilde, b1 * m_tilde, b2 * v_tilde, (1 - lr_ * wd) * pb
+
+    out = jax.tree.map(one, grads, adam.mu, adam.nu, p_bar, m_bar, v_bar, _weight_decay_tree(constants, p_bar))
+    pick = lambda i: jax.tree.map(lambda _, o: o[i], grads, out)  # noqa: E731
+    return pick(0), (pick(1), pick(2)), pick(3)
+
+
+def reverse_unroll(inner_loss, optimizer, params, opt_state, alpha, inner_batches):
+    """``(phi_0, s_0)`` reconstructed from ``(phi_T, s_T)`` by ``T`` inverted steps (no adjoints).
+
+    The inverse of :func:`inner.unroll` up to rounding: what ``exact_reversible`` walks through;
+    the distance to the true ``(phi_0, s_0)`` measures the reconstruction's drift.
+    """
+    constants = adamw_constants(optimizer, opt_state)
+    T = num_steps(inner_batches)
+
+    def body(i, carry):
+        p, s = carry
+        p = undo_update(constants, p, s)
+        g = jax.grad(inner_loss)(p, alpha, batch_at(inner_batches, T - 1 - i))
+        return p, undo_moments(constants, s, g)
+
+    return lax.fori_loop(0, T, body, (params, opt_state))
+
+
 def exact_reversible(
     inner_loss, outer_loss, optimizer, params, opt_state, alpha, inner_batches, outer_batch, *, second_order="mixed",
     reforward=True, scan_unroll=1,
@@ -156,24 +213,24 @@ def exact_reversible(
     value_and_grad = _value_and_grad(inner_loss, second_order)
     p_T, s_T, metrics = unroll(inner_loss, optimizer, params, opt_state, alpha, inner_batches, scan_unroll=scan_unroll)
     lo, p_bar = jax.value_and_grad(outer_loss)(p_T, outer_batch)
-    s_bar = [None if x is None else jnp.zeros_like(x) for x in _common.split_inexact(s_T)[0]]
+    s_bar = (jax.tree.map(jnp.zeros_like, p_bar), jax.tree.map(jnp.zeros_like, p_bar))  # (mbar_T, vbar_T)
     a_bar = jax.tree.map(jnp.zeros_like, alpha)
 
     def reverse_step(t, p, s, p_bar, s_bar):
         """``(z_t, zbar_t) -> (z_{t-1}, zbar_{t-1}, abar_t)`` for inner step ``t + 1`` (0-based batch ``t``)."""
         batch = batch_at(inner_batches, t)
-        p_prev = undo_update(constants, p, s)
+        # Optimisation barriers between the phases: each phase's results are materialised and its
+        # inputs die there. Without them XLA fuses the elementwise undo and AdamW VJP into their
+        # late consumers, so the old state and adjoints live on beside the new ones through the
+        # Hessian-vector product (2B, one device: 91 GiB instead of 67).
+        p_prev, s = lax.optimization_barrier((undo_update(constants, p, s), s))
         # The gradient at p_{t-1} and its VJP in one: the loss is an aux output, so its cotangent is a
         # symbolic zero and the mixed VJP skips the primal weight gradients.
         g, grad_vjp = jax.vjp(lambda q, a: value_and_grad(q, a, batch)[::-1], p_prev, alpha, has_aux=True)[:2]
-        s_prev = undo_moments(constants, s, g)
-        s_diff, s_rest, treedef = _common.split_inexact(s_prev)
-
-        def update(grads, sd, q):
-            q, s_next = _apply_update(optimizer, grads, _common.merge_inexact(sd, s_rest, treedef), q)
-            return q, _common.split_inexact(s_next)[0]
-
-        g_bar, s_bar_prev, p_bar_prev = jax.vjp(update, g, s_diff, p_prev)[1]((p_bar, s_bar))
+        s_prev, g = lax.optimization_barrier((undo_moments(constants, s, g), g))
+        g_bar, s_bar_prev, p_bar_prev = adamw_vjp(constants, s_prev, g, p_bar, s_bar)
+        g_bar, s_bar_prev, p_bar_prev, p_prev, s_prev = lax.optimization_barrier(
+            (g_bar, s_bar_prev, p_bar_prev, p_prev, s_prev))
         hv_p, hv_a = grad_vjp(g_bar)
         return p_prev, s_prev, jax.tree.map(jnp.add, p_bar_prev, hv_p), s_bar_prev, hv_a
 

@@ -84,11 +84,11 @@ class TrainConfig:
         "registers it). On the demo it removed the spike-driven jumps but did not help the criteria (README).")
     aggregation: str = _field("mean", "How step log-odds make a chain score: mean (reference code) | sum (paper).")
     hypergradient: str = _field(
-        "exact", "Hypergradient method: exact | exact_forward | exact_lowmem | truncated | darts | darts_exact | sama | "
-        "neumann | cg.")
+        "exact", "Hypergradient method: exact | exact_forward | exact_lowmem | exact_reversible | truncated | darts | "
+        "darts_exact | sama | neumann | cg.")
     hypergradient_options: str = _field(
         "{}", "JSON dict of method options, e.g. '{\"k\": 2}' (truncated) or '{\"second_order\": \"reverse\"}' "
-        "(exact, exact_lowmem, truncated: reverse-over-reverse instead of the default forward-over-reverse "
+        "(exact, exact_lowmem, exact_reversible, truncated: reverse-over-reverse instead of the default forward-over-reverse "
         "Hessian-vector products; same numbers, more memory).")
     unroll_inner_scan: bool = _field(
         False, "Unroll the T-step inner scan of the exact method into straight-line code instead of a loop (same "
