@@ -152,31 +152,45 @@ def test_other_optimizers_are_refused(mlp, optimizer):
         hypergradient("exact_reversible", prob, batches)
 
 
-def test_float32_error_is_exacts_rounding(x64):
-    """Float32, T = 4: against float64 ``exact`` on the same data, ``exact_reversible``'s relative error
-    is <= 1e-4 and within 10x of float32 ``exact``'s own (the reconstruction adds no error of its own
-    order at short unrolls)."""
-    prob64, batches64 = mlp_problem(inner_steps=4)
+def warmed(prob, steps=5):
+    """The problem after ``steps`` AdamW steps on other batches: a warm optimizer state, as in training."""
+    warm, _ = prob.sample_batches(jax.random.PRNGKey(9))
+    params, opt_state, _ = bilevel.unroll(prob.inner_loss, prob.optimizer, prob.params, prob.opt_state, prob.alpha,
+                                          jax.tree.map(lambda x: x[:steps], warm))
+    return dataclasses.replace(prob, params=params, opt_state=opt_state)
+
+
+@pytest.mark.parametrize("warm_steps,tolerance", [(5, 1e-5), (0, 1e-2)])
+def test_float32_error(x64, warm_steps, tolerance):
+    """Float32, T = 20, against float64 ``exact`` on the same data. Warm optimizer state: within 10x of
+    float32 ``exact``'s own error (~3e-7) and <= 1e-5. Cold state (m_0 = v_0 = 0, a run's first
+    iteration): the reconstructed second moments lose the first steps' small gradients, ~1e-2 at most."""
+    prob64, batches64 = mlp_problem(inner_steps=20)
+    if warm_steps:
+        prob64 = warmed(prob64, warm_steps)
     g_ref, _ = hypergradient("exact", prob64, batches64)
     prob32, batches32 = as_float32(prob64, batches64)
     err_exact = rel_err(hypergradient("exact", prob32, batches32)[0], g_ref)
     err_rev = rel_err(hypergradient("exact_reversible", prob32, batches32)[0], g_ref)
-    assert err_rev <= 1e-4 and err_rev <= 10 * max(err_exact, 1e-7), (err_rev, err_exact)
+    assert err_rev <= tolerance, (err_rev, err_exact)
+    if warm_steps:
+        assert err_rev <= 10 * max(err_exact, 1e-7), (err_rev, err_exact)
 
 
 def _drift(prob, batches):
-    """Relative distance of the reconstructed (phi_0, m_0) from the true one after T forward and T reversed steps."""
+    """Relative distance of the reconstructed phi_0 from the true one after T forward and T reversed steps."""
     inner, _ = batches
     p_T, s_T, _ = bilevel.unroll(prob.inner_loss, prob.optimizer, prob.params, prob.opt_state, prob.alpha, inner)
-    p0, s0 = reversible.reverse_unroll(prob.inner_loss, prob.optimizer, p_T, s_T, prob.alpha, inner)
-    return tree_rel_err(p0, prob.params), s0
+    p0, _ = reversible.reverse_unroll(prob.inner_loss, prob.optimizer, p_T, s_T, prob.alpha, inner)
+    return tree_rel_err(p0, prob.params)
 
 
 def test_float32_drift_grows_as_inverse_b1_powers(x64):
-    """The reconstructed phi_0 drifts by rounding amplified about 1/b1 per reversed step: float32,
-    T = 40, lr 1e-3: b1 = 0.9 stays within 1e-5 (relative), b1 = 0.5 (0.5^-40 ~ 1e12) is far off (> 1e-3)."""
+    """The reconstructed phi_0 drifts by rounding amplified about 1/b1 per reversed step: float32, warm
+    state, T = 40, lr 1e-3: b1 = 0.9 stays within 1e-6 (relative), b1 = 0.5 (0.5^-40 ~ 1e12) is far
+    off (> 1e-3)."""
     drifts = {}
     for b1 in (0.9, 0.5):
-        prob, batches = as_float32(*mlp_problem(inner_steps=40, b1=b1, lr=1e-3))
-        drifts[b1], _ = _drift(prob, batches)
-    assert drifts[0.9] <= 1e-5 and not drifts[0.5] <= 1e-3, drifts
+        prob, batches = mlp_problem(inner_steps=40, b1=b1, lr=1e-3)
+        drifts[b1] = _drift(*as_float32(warmed(prob), batches))
+    assert drifts[0.9] <= 1e-6 and not drifts[0.5] <= 1e-3, drifts
