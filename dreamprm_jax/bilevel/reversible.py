@@ -27,7 +27,6 @@ and float64 against ``exact``, and where the drift stops being negligible).
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import jax
@@ -120,20 +119,16 @@ def undo_moments(constants: AdamWConstants, opt_state, grads):
     return jax.tree.map(previous, opt_state, is_leaf=_is_node)
 
 
-def _leaf_vjp(constants: AdamWConstants, lr, c1, c2, g, m, v, pb, mb, vb):
-    """One leaf of :func:`adamw_vjp`: ``(gbar, mbar', vbar')`` from the step's ``m_t, v_t``."""
-    b1, b2 = constants.b1, constants.b2
-    lr = jnp.asarray(lr, g.dtype)
-    c1, c2 = c1.astype(g.dtype), c2.astype(g.dtype)
-    root = jnp.sqrt(v / c2 + constants.eps_root)
-    den = root + constants.eps
-    m_tilde = mb - pb * lr / (c1 * den)
-    v_tilde = vb + pb * lr * (m / c1) / (2 * c2 * den * den * root)
-    return (1 - b1) * m_tilde + 2 * (1 - b2) * g * v_tilde, b1 * m_tilde, b2 * v_tilde
+def _next_counts(opt_state):
+    """``opt_state`` with its step counts advanced by one (the counts after the step)."""
+    def advance(node):
+        return node._replace(count=node.count + 1) if _is_node(node) else node
+
+    return jax.tree.map(advance, opt_state, is_leaf=_is_node)
 
 
 def adamw_vjp(constants: AdamWConstants, opt_state, grads, p_bar, s_bar):
-    """VJP of the AdamW step that produced ``opt_state`` (``s_t``) from the gradient ``g_t``.
+    """VJP of the AdamW step from ``opt_state`` (``s_{t-1}``) with the gradient ``g_t``.
 
     With ``(pbar, mbar, vbar)`` the cotangents of ``(p_t, m_t, v_t)``, ``den = sqrt(v_hat + eps_root) + eps``:
 
@@ -141,47 +136,27 @@ def adamw_vjp(constants: AdamWConstants, opt_state, grads, p_bar, s_bar):
         vtilde = vbar + pbar lr m_hat / (2 (1 - b2^c) den^2 sqrt(v_hat + eps_root))
         gbar = (1 - b1) mtilde + 2 (1 - b2) g vtilde,   mbar' = b1 mtilde,   vbar' = b2 vtilde,   pbar' = (1 - lr wd) pbar
 
-    Returns ``(gbar, (mbar', vbar'), decay)`` with ``pbar' = decay * pbar`` (per leaf).
+    Returns ``(gbar, (mbar', vbar'), pbar')``. Written out rather than ``jax.vjp`` of the update
+    (the same numbers to rounding: one elementwise expression per output instead of optax's
+    transposed chain).
     """
-    lr, c1, c2, adam = _step_constants(constants, opt_state)
-    out = jax.tree.map(functools.partial(_leaf_vjp, constants, lr, c1, c2), grads, adam.mu, adam.nu, p_bar, *s_bar)
-    pick = lambda i: jax.tree.map(lambda _, o: o[i], grads, out)  # noqa: E731
-    return pick(0), (pick(1), pick(2)), _decay(constants, lr, p_bar)
-
-
-def _decay(constants: AdamWConstants, lr, params):
-    return jax.tree.map(lambda p, wd: 1 - jnp.asarray(lr, p.dtype) * wd, params, _weight_decay_tree(constants, params))
-
-
-def _reverse_adamw(constants: AdamWConstants, opt_state, grads, p_bar, s_bar):
-    """``(s_{t-1}, gbar, (mbar', vbar'), decay)``: :func:`undo_moments` and :func:`adamw_vjp` in one
-    elementwise pass per leaf, each inside a conditional (both branches the same).
-
-    The conditional is a wall for XLA's fusion: its results are materialised, its inputs die with
-    it. Without it XLA fuses these cheap elementwise expressions into their consumers inside the
-    Hessian-vector product (the model's layer loop), so the old moments and adjoints stay live
-    beside the new ones through it: 2B, one device, 89 GiB instead of {measured}.
-    """
-    lr, c1, c2, adam = _step_constants(constants, opt_state)
+    lr, bc1, bc2, adam = _step_constants(constants, _next_counts(opt_state))
     b1, b2 = constants.b1, constants.b2
-    always = adam.count > jnp.iinfo(adam.count.dtype).min  # true, but not a constant XLA folds
+    m_bar, v_bar = s_bar
 
-    def leaf(g, m, v, pb, mb, vb):
-        g_bar, mb, vb = _leaf_vjp(constants, lr, c1, c2, g, m, v, pb, mb, vb)
-        return (m - (1 - b1) * g) / b1, jnp.maximum((v - (1 - b2) * (g * g)) / b2, 0), g_bar, mb, vb
+    def one(g, m, v, pb, mb, vb, wd):
+        m, v = b1 * m + (1 - b1) * g, b2 * v + (1 - b2) * (g * g)  # the step's m_t, v_t
+        lr_ = jnp.asarray(lr, g.dtype)
+        c1, c2 = bc1.astype(g.dtype), bc2.astype(g.dtype)
+        root = jnp.sqrt(v / c2 + constants.eps_root)
+        den = root + constants.eps
+        m_tilde = mb - pb * lr_ / (c1 * den)
+        v_tilde = vb + pb * lr_ * (m / c1) / (2 * c2 * den * den * root)
+        return (1 - b1) * m_tilde + 2 * (1 - b2) * g * v_tilde, b1 * m_tilde, b2 * v_tilde, (1 - lr_ * wd) * pb
 
-    out = jax.tree.map(lambda *a: lax.cond(always, leaf, leaf, *a), grads, adam.mu, adam.nu, p_bar, *s_bar)
+    out = jax.tree.map(one, grads, adam.mu, adam.nu, p_bar, m_bar, v_bar, _weight_decay_tree(constants, p_bar))
     pick = lambda i: jax.tree.map(lambda _, o: o[i], grads, out)  # noqa: E731
-
-    def previous(node):
-        if isinstance(node, optax.ScaleByAdamState):
-            return optax.ScaleByAdamState(count=node.count - 1, mu=pick(0), nu=pick(1))
-        if isinstance(node, optax.ScaleByScheduleState):
-            return optax.ScaleByScheduleState(count=node.count - 1)
-        return node
-
-    s_prev = jax.tree.map(previous, opt_state, is_leaf=_is_node)
-    return s_prev, pick(2), (pick(3), pick(4)), _decay(constants, lr, p_bar)
+    return pick(0), (pick(1), pick(2)), pick(3)
 
 
 def reverse_unroll(inner_loss, optimizer, params, opt_state, alpha, inner_batches):
@@ -245,18 +220,19 @@ def exact_reversible(
     def reverse_step(t, p, s, p_bar, s_bar):
         """``(z_t, zbar_t) -> (z_{t-1}, zbar_{t-1}, abar_t)`` for inner step ``t + 1`` (0-based batch ``t``)."""
         batch = batch_at(inner_batches, t)
-        # Optimisation barriers between the phases: each phase's results are materialised and its
-        # inputs die there. Without them XLA fuses the elementwise undo and AdamW VJP into their
-        # late consumers, so the old state and adjoints live on beside the new ones through the
-        # Hessian-vector product (2B, one device: 91 GiB instead of 67).
+        # Optimisation barriers order the phases (undo the update; gradient and undo the moments;
+        # AdamW's VJP; Hessian-vector product), so that each phase's inputs can die there
+        # (2B, one device: 89.1 GiB against 90.8 without them, benchmarks.memory).
         p_prev, s = lax.optimization_barrier((undo_update(constants, p, s), s))
         # The gradient at p_{t-1} and its VJP in one: the loss is an aux output, so its cotangent is a
         # symbolic zero and the mixed VJP skips the primal weight gradients.
         g, grad_vjp = jax.vjp(lambda q, a: value_and_grad(q, a, batch)[::-1], p_prev, alpha, has_aux=True)[:2]
-        s_prev, g_bar, s_bar_prev, decay = _reverse_adamw(constants, s, g, p_bar, s_bar)
+        s_prev, g = lax.optimization_barrier((undo_moments(constants, s, g), g))
+        g_bar, s_bar_prev, p_bar_prev = adamw_vjp(constants, s_prev, g, p_bar, s_bar)
+        g_bar, s_bar_prev, p_bar_prev, p_prev, s_prev = lax.optimization_barrier(
+            (g_bar, s_bar_prev, p_bar_prev, p_prev, s_prev))
         hv_p, hv_a = grad_vjp(g_bar)
-        p_bar = jax.tree.map(lambda pb, d, h: d * pb + h, p_bar, decay, hv_p)
-        return p_prev, s_prev, p_bar, s_bar_prev, hv_a
+        return p_prev, s_prev, jax.tree.map(jnp.add, p_bar_prev, hv_p), s_bar_prev, hv_a
 
     def backward(i, carry):
         p, s, p_bar, s_bar, a_bar = carry
