@@ -128,7 +128,8 @@ def test_undo_inverts_one_step(x64, learning_rate, mask):
                                    in_dim=4, hidden=8, optimizer=opt)
     inner, _ = prob.sample_batches(jax.random.PRNGKey(0))
     alpha = jnp.array([0.3, -0.2, 0.1])
-    p, s, _ = bilevel.unroll(prob.inner_loss, opt, prob.params, prob.opt_state, alpha, jax.tree.map(lambda x: x[:2], inner))
+    p, s, _ = bilevel.unroll(prob.inner_loss, opt, prob.params, prob.opt_state, alpha,
+                             jax.tree.map(lambda x: x[:2], inner))
     p1, s1, _ = inner_lib.inner_step(prob.inner_loss, opt, p, s, alpha, inner_lib.batch_at(inner, 2))
     constants = reversible.adamw_constants(opt, s1)
     p0 = reversible.undo_update(constants, p1, s1)
