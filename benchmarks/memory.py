@@ -144,7 +144,7 @@ def abstract_batches(config, args, T: int):
     return inner, meta, patches
 
 
-SECOND_ORDER_METHODS = ("exact", "exact_lowmem", "truncated")
+SECOND_ORDER_METHODS = ("exact", "exact_lowmem", "exact_reversible", "truncated")
 INNER_SCANS = ("unrolled", "loop")
 
 

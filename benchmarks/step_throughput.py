@@ -233,12 +233,13 @@ def _make_step(a, config, method, opt, meta_opt):
 
 
 def _model_flops(a, config, method, opt, meta_opt, state, inner, meta) -> float:
-    """Matmul FLOPs of the useful work: the method's jaxpr without remat (``exact_lowmem``:
-    ``exact``'s, the same hypergradient without the recomputation). Traced only, never compiled."""
+    """Matmul FLOPs of the useful work: the method's jaxpr without remat (``exact_lowmem``,
+    ``exact_reversible``: ``exact``'s, the same hypergradient without the recomputation). Traced only,
+    never compiled."""
     import jax
 
     name, options = _split_method(method)
-    if name == "exact_lowmem":
+    if name in ("exact_lowmem", "exact_reversible"):
         method = ":".join(["exact", *options.values()])
     fn = _make_step(a, config.replace(remat="none"), method, opt, meta_opt)
     return _common.jaxpr_flops(jax.make_jaxpr(fn)(state, inner, meta))["flops"]

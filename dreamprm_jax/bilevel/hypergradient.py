@@ -9,19 +9,20 @@ where ``inner_loss(params, alpha, batch) -> scalar``, ``outer_loss(params, batch
 ``optimizer`` is the optax transformation of the inner steps and ``inner_batches`` is a
 pytree whose leaves are stacked on a leading axis ``T``. Methods and their formulas:
 
-=================  =========================================================  ==============
-name               computes                                                   module
-=================  =========================================================  ==============
-``exact``          reverse mode through the ``T``-step unroll, eq. (5)        unrolled
-``exact_forward``  forward mode through the unroll, eq. (5)                   unrolled
-``exact_lowmem``   reverse mode with recomputation, eq. (5), O(1) in T memory unrolled
-``truncated``      reverse mode through the last ``k`` steps                  unrolled
-``darts``          ``-lr_eff * finite-diff mixed product`` (Betty)            darts
-``darts_exact``    ``-lr_eff * (d2 L_in/da dphi) v`` (exact)                  darts
-``sama``           DARTS with optimizer-preconditioned ``v``                  darts
-``neumann``        implicit (6), Neumann series for ``H^{-1} v``              implicit
-``cg``             implicit (6), conjugate gradient for ``H^{-1} v``          implicit
-=================  =========================================================  ==============
+====================  =========================================================  ==============
+name                  computes                                                   module
+====================  =========================================================  ==============
+``exact``             reverse mode through the ``T``-step unroll, eq. (5)        unrolled
+``exact_forward``     forward mode through the unroll, eq. (5)                   unrolled
+``exact_lowmem``      reverse mode with recomputation, eq. (5), O(1) in T memory unrolled
+``exact_reversible``  reverse mode over the inverted AdamW steps, eq. (5)        reversible
+``truncated``         reverse mode through the last ``k`` steps                  unrolled
+``darts``             ``-lr_eff * finite-diff mixed product`` (Betty)            darts
+``darts_exact``       ``-lr_eff * (d2 L_in/da dphi) v`` (exact)                  darts
+``sama``              DARTS with optimizer-preconditioned ``v``                  darts
+``neumann``           implicit (6), Neumann series for ``H^{-1} v``              implicit
+``cg``                implicit (6), conjugate gradient for ``H^{-1} v``          implicit
+====================  =========================================================  ==============
 
 ``aux`` always holds ``params`` / ``opt_state`` after the ``T`` inner steps (so a training
 loop never recomputes the unroll), ``inner_losses [T]``, ``inner_grad_norms [T]`` and
@@ -46,6 +47,7 @@ from typing import Callable
 
 from dreamprm_jax.bilevel import darts as _darts
 from dreamprm_jax.bilevel import implicit as _implicit
+from dreamprm_jax.bilevel import reversible as _reversible
 from dreamprm_jax.bilevel import unrolled as _unrolled
 
 __all__ = ["hypergradient", "METHODS", "EXACT_METHODS", "register_method"]
@@ -54,6 +56,7 @@ METHODS: dict[str, Callable] = {
     "exact": _unrolled.exact,
     "exact_forward": _unrolled.exact_forward,
     "exact_lowmem": _unrolled.exact_lowmem,
+    "exact_reversible": _reversible.exact_reversible,
     "truncated": _unrolled.truncated,
     "darts": _darts.darts,
     "darts_exact": _darts.darts_exact,
@@ -63,7 +66,7 @@ METHODS: dict[str, Callable] = {
 }
 
 #: Methods that compute the same number as ``exact`` (up to rounding).
-EXACT_METHODS = ("exact", "exact_forward", "exact_lowmem")
+EXACT_METHODS = ("exact", "exact_forward", "exact_lowmem", "exact_reversible")
 
 
 def register_method(name: str, fn: Callable | None = None):

@@ -19,7 +19,7 @@ at ``x = 0`` and the chain rule produces ``0 * inf = NaN`` in the hypergradient.
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -31,6 +31,8 @@ from dreamprm_jax.utils.remat import apply_remat
 
 __all__ = [
     "inner_adamw",
+    "AdamWConstants",
+    "ReversibleAdamW",
     "step_lr",
     "inner_step",
     "inner_step_with_grads",
@@ -54,6 +56,27 @@ def step_lr(learning_rate: float, step_size: int = 5000, gamma: float = 0.5) -> 
     optimizer state, so the schedule works unchanged inside ``lax.scan`` and under ``grad``.
     """
     return optax.exponential_decay(learning_rate, transition_steps=step_size, decay_rate=gamma, staircase=True)
+
+
+class AdamWConstants(NamedTuple):
+    """The constants of an :func:`inner_adamw` step: what undoing the step needs besides the state."""
+
+    learning_rate: float | optax.Schedule
+    b1: float
+    b2: float
+    eps: float
+    eps_root: float
+    weight_decay: float
+    mask: Any = None
+
+
+class ReversibleAdamW(NamedTuple):
+    """An optax transformation (``init``, ``update``) that also carries its :class:`AdamWConstants`,
+    so that a step can be inverted (:mod:`dreamprm_jax.bilevel.reversible`)."""
+
+    init: Callable
+    update: Callable
+    constants: AdamWConstants
 
 
 def inner_adamw(
@@ -93,6 +116,10 @@ def inner_adamw(
       eps_root: added under the square root; ``None`` means ``eps ** 2``.
       weight_decay: decoupled weight decay.
       mask: optional weight-decay mask (optax semantics).
+
+    Returns:
+      optax's ``adamw`` as a :class:`ReversibleAdamW` (the same ``init`` / ``update``, plus
+      the constants the ``exact_reversible`` hypergradient inverts the step with).
     """
     if eps_root is None:
         eps_root = eps * eps
@@ -100,7 +127,9 @@ def inner_adamw(
         raise ValueError(
             f"inner.inner_adamw: eps_root must be > 0 to keep hypergradients finite at v = 0, got {eps_root}"
         )
-    return optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps, eps_root=eps_root, weight_decay=weight_decay, mask=mask)
+    adamw = optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps, eps_root=eps_root, weight_decay=weight_decay, mask=mask)
+    return ReversibleAdamW(adamw.init, adamw.update,
+                           AdamWConstants(learning_rate, b1, b2, eps, eps_root, weight_decay, mask))
 
 
 def mixed_value_and_grad(inner_loss: InnerLoss) -> Callable:

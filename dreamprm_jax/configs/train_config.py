@@ -97,12 +97,12 @@ class TrainConfig:
         "question). The ranking losses draw whole meta questions (chains grouped by the records' question_id, "
         "else by question text and image), --meta-batch-size // (most candidates of a question) per meta step.")
     hypergradient: str = _field(
-        "exact", "Hypergradient method: exact | exact_forward | exact_lowmem | truncated | darts | darts_exact | sama | "
-        "neumann | cg.")
+        "exact", "Hypergradient method: exact | exact_forward | exact_lowmem | exact_reversible | truncated | darts | "
+        "darts_exact | sama | neumann | cg.")
     hypergradient_options: str = _field(
         "{}", "JSON dict of method options, e.g. '{\"k\": 2}' (truncated) or '{\"second_order\": \"reverse\"}' "
-        "(exact, exact_lowmem, truncated: reverse-over-reverse instead of the default forward-over-reverse "
-        "Hessian-vector products; same numbers, more memory).")
+        "(exact, exact_lowmem, exact_reversible, truncated: reverse-over-reverse instead of the default "
+        "forward-over-reverse Hessian-vector products; same numbers, more memory).")
     unroll_inner_scan: bool = _field(
         False, "Unroll the T-step inner scan of the exact method into straight-line code instead of a loop (same "
         "maths; the other methods keep the loop, which is their smaller program: 2B darts 50 GiB looped, 81 "

@@ -63,6 +63,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from dreamprm_jax.bilevel.inner import ReversibleAdamW
 from dreamprm_jax.models.qwen2_vl.inputs import PATCH_ROWS, row_axis
 
 __all__ = [
@@ -276,7 +277,9 @@ def constrain_optimizer(optimizer: optax.GradientTransformation, mesh: Mesh) -> 
 
     The unroll carries ``(phi_t, s_t)`` through ``lax.scan``; pinning the optimizer's inputs
     and outputs fixes the carry's sharding (and that of the reverse-mode tape of
-    ``exact``) instead of leaving it to propagation. Numerically the identity.
+    ``exact``) instead of leaving it to propagation. Numerically the identity. An
+    :class:`bilevel.inner.ReversibleAdamW` stays one (its constants kept), so ``exact_reversible``
+    can still invert its steps.
     """
     if mesh.shape["fsdp"] <= 1:
         return optimizer
@@ -289,6 +292,8 @@ def constrain_optimizer(optimizer: optax.GradientTransformation, mesh: Mesh) -> 
         updates, state = optimizer.update(grads, state, params, **extra)
         return constrain(updates, mesh), constrain(state, mesh)
 
+    if isinstance(optimizer, ReversibleAdamW):
+        return ReversibleAdamW(init, update, optimizer.constants)
     return optax.GradientTransformation(init, update)
 
 
