@@ -35,8 +35,11 @@ def test_step_prefixes_are_the_training_meta_prefixes():
 
 
 def test_step_prefixes_malformed_chains():
-    # case-insensitive markers and "final answer"
-    assert cand.step_prefixes("STEP 1: a. step2: b. final answer: c") == ["STEP 1: a. ", "STEP 1: a. step2: b. "]
+    # case-insensitive step markers; the last step ends at "Final answer" as written (the
+    # reference's marker), so a lower-case "final answer" stays in the last prefix
+    assert cand.step_prefixes("STEP 1: a. step2: b. Final answer: c") == ["STEP 1: a. ", "STEP 1: a. step2: b. "]
+    assert cand.step_prefixes("STEP 1: a. step2: b. final answer: c") == ["STEP 1: a. ",
+                                                                         "STEP 1: a. step2: b. final answer: c"]
     # no "Final answer": the last prefix is the whole text
     assert cand.step_prefixes("Step 1: a. Step 2: b.") == ["Step 1: a. ", "Step 1: a. Step 2: b."]
     with pytest.raises(ValueError, match="missing"):

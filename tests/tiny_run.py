@@ -12,7 +12,7 @@ from dreamprm_jax.train import demo, loop
 
 
 def tiny_benchmark(out_dir) -> str:
-    """All six generated domains, 6 training chains each, 8 meta and 4 test chains."""
+    """Every generated domain, 6 training chains each, 8 meta and 4 test chains."""
     config = dataclasses.replace(synthetic.default_config(), train_per_domain=6, meta=8, test=4)
     synthetic.generate(out_dir, config)
     return str(out_dir)
