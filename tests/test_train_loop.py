@@ -29,7 +29,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory):
-    """A generated benchmark with a handful of chains per domain (all six domains)."""
+    """A generated benchmark with a handful of chains per domain."""
     return tiny_benchmark(tmp_path_factory.mktemp("synthetic"))
 
 
