@@ -100,3 +100,23 @@ def test_study_end_to_end_and_resume(tmp_path):
 def test_cli_rejects_partial_user_data(capsys):
     assert study_cli.main(["--train-json", "t.json"]) == 2
     assert "--train-json, --meta-json and --candidates together" in capsys.readouterr().err
+
+
+def test_train_options_parse_by_field_type():
+    assert configs.parse_override("meta-lr=0.1") == ("meta_lr", 0.1)
+    assert configs.parse_override("meta_loss=listwise") == ("meta_loss", "listwise")
+    assert configs.parse_override("pack_meta=off") == ("pack_meta", False)
+    assert configs.parse_override("seq_buckets=64, 128") == ("seq_buckets", (64, 128))
+    assert configs.parse_override("mesh=None") == ("mesh", None)
+    with pytest.raises(ValueError, match="expected FIELD=VALUE"):
+        configs.parse_override("meta_lrate=0.1")
+    with pytest.raises(ValueError, match="meta_lr expects a float"):
+        configs.parse_override("meta_lr=fast")
+
+
+def test_cli_train_options_reach_every_arm():
+    args = study_cli.build_parser().parse_args(["--quick", "--train-option", "meta_lr=0.1",
+                                                "--train-option", "unroll=3", "--iterations", "7"])
+    config = study_cli.config_from_args(args)
+    assert (config.train.meta_lr, config.train.unroll, config.train.iterations) == (0.1, 3, 7)
+    assert config.seeds == (0,)

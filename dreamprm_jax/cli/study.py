@@ -45,6 +45,9 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     p.add_argument("--out-dir", default=os.path.join("runs", "study"), help="where everything is written")
     p.add_argument("--iterations", type=int, default=None,
                    help="bi-level iterations per arm (default: the training default)")
+    p.add_argument("--train-option", action="append", default=[], metavar="FIELD=VALUE",
+                   help="set a training-config field for every arm (repeatable), e.g. --train-option meta_lr=0.1 "
+                        "--train-option unroll=10; the fields are those of dreamprm-train's flags, with underscores")
     p.add_argument("--test-questions", type=int, default=None,
                    help="best-of-N questions of the generated test set (default: the generator's, 2,000)")
     p.add_argument("--ns", type=int, nargs="+", default=[2, 4, 8], metavar="N", help="best-of-N sizes")
@@ -89,6 +92,7 @@ def config_from_args(args) -> "StudyConfig":
         if args.iterations < 1:
             raise ValueError(f"--iterations must be >= 1, got {args.iterations}")
         train = dataclasses.replace(train, iterations=args.iterations)
+    train = dataclasses.replace(train, **dict(configs.parse_override(o) for o in args.train_option))
     generated = None
     if user is None:
         generated = synthetic.default_config()

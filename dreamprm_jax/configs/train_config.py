@@ -229,6 +229,33 @@ def add_arguments(parser: argparse.ArgumentParser, defaults: TrainConfig) -> Non
             parser.add_argument(flag, type=base, default=None, help=help_text)
 
 
+def parse_override(text: str) -> tuple[str, Any]:
+    """``"FIELD=VALUE"`` -> ``(field, value)``, the value parsed by the field's type.
+
+    ``FIELD`` is a :class:`TrainConfig` field name (``meta_lr`` or ``meta-lr``); a tuple field
+    takes comma-separated values (``image_buckets=64,256``). Raises ``ValueError`` naming the
+    field and what was expected.
+    """
+    name, sep, raw = text.partition("=")
+    name = name.strip().replace("-", "_")
+    hints = typing.get_type_hints(TrainConfig)
+    if not sep or name not in hints:
+        raise ValueError(f"training option {text!r}: expected FIELD=VALUE with FIELD a training-config field, e.g. "
+                         f"meta_lr=0.1 (fields: {', '.join(sorted(hints))})")
+    annotation = hints[name]
+    base = _scalar_type(annotation)
+    if raw.strip().lower() == "none" and typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return name, None
+    convert = _parse_bool if base is bool else base
+    try:
+        if typing.get_origin(annotation) is tuple:
+            return name, tuple(convert(v.strip()) for v in raw.split(",") if v.strip())
+        return name, convert(raw.strip())
+    except (ValueError, argparse.ArgumentTypeError) as e:
+        raise ValueError(f"training option {text!r}: {name} expects a {getattr(base, '__name__', base)} value "
+                         f"({e})") from None
+
+
 def from_arguments(args: argparse.Namespace, defaults: TrainConfig) -> TrainConfig:
     overrides = {}
     for field in dataclasses.fields(TrainConfig):
