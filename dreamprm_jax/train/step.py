@@ -184,6 +184,7 @@ def make_bilevel_step(model_config, optimizer, meta_opt, *, method: str = "exact
             "inner_loss_last": inner_losses[-1],
             "meta_loss": meta_loss,
             "hypergrad_norm": jnp.linalg.norm(g_raw),
+            "hypergradient": g_raw,  # [K] d meta_loss / d raw weights (zeros without reweighting)
             "weights": bilevel.domain_weights(raw),
         }
         metrics["finite"] = jnp.isfinite(metrics["inner_loss"]) & jnp.isfinite(meta_loss) & jnp.all(jnp.isfinite(raw))
