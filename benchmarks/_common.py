@@ -27,6 +27,7 @@ same arrays.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import platform
 import statistics
@@ -93,6 +94,30 @@ def paired_ratio(numerator: dict, denominator: dict) -> float:
         raise ValueError(f"paired_ratio: {len(a)} and {len(b)} rounds; both timings must come from one "
                          "time_interleaved call")
     return float(statistics.median(x / y for x, y in zip(a, b)))
+
+
+def median_interval(values: list[float], level: float = 0.95) -> tuple[float, float, float]:
+    """``(lo, hi, coverage)``: a distribution-free confidence interval of the median of ``values``.
+
+    With the ``n`` values sorted, ``[x_(k), x_(n+1-k)]`` (1-based) covers the true median with
+    probability ``1 - 2 P(Bin(n, 1/2) < k)`` whatever the distribution (independent draws); ``k``
+    is the largest whose coverage is at least ``level``. Where even ``k = 1`` (the range) covers
+    less (``n < 6`` at 95 %), the range is returned with its smaller coverage. For per-round time
+    ratios this is the noise of :func:`paired_ratio`: two runs are equal within noise where the
+    interval contains 1.
+    """
+    if not values:
+        raise ValueError("median_interval: no values")
+    x = sorted(values)
+    n = len(x)
+
+    def coverage(k):
+        return 1.0 - 2.0 * sum(math.comb(n, i) for i in range(k)) / 2.0 ** n
+
+    k = 1
+    while k + 1 <= (n + 1) // 2 and coverage(k + 1) >= level:
+        k += 1
+    return x[k - 1], x[n - k], coverage(k)
 
 
 def versions() -> dict:
