@@ -139,7 +139,7 @@ def format_table(rows: dict[str, dict], compile_s: dict[str, dict] | None = None
                 f"{1e3 * r['new']['median_s']:9.1f} {r['new']['spread_pct']:8.1f} {r['ratio']:8.3f} "
                 f"{f'[{lo:.3f}, {hi:.3f}]':>15} {100 * r['coverage']:7.1f}%")
         if compile_s:
-            line += f" {compile_s['old'][m]:>8.1f} / {compile_s['new'][m]:<7.1f}"
+            line += f" {compile_s['old'][m]:>10.1f} / {compile_s['new'][m]:.1f}"
         lines.append(line)
     return "\n".join(lines)
 
