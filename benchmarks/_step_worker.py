@@ -10,7 +10,9 @@ the tree's own ``_prepare_method`` (trace + compile + a fresh state) on the tree
 Protocol (one JSON object per line; the worker's stdout and C-level writes go to stderr, the
 replies to the original stdout):
 
-* worker: ``{"ready": ..., "package": ..., "args": {...}, "records": {method: {...}}}`` once built;
+* worker: ``{"ready": ..., "package": ..., "args": {...}, "records": {method: {...}}}`` once built
+  (a record: ``trace_s``, ``compile_s``, ``program_sha256``, the hash of the step's lowered
+  program);
 * parent ``call METHOD`` -> worker ``{"s": seconds}`` (one iteration on the method's threaded
   state, ``block_until_ready``, timed here with ``time.perf_counter``);
 * parent ``report`` -> worker ``{"first_metrics": {method: {...}}}``; ``quit`` ends it.
@@ -21,6 +23,7 @@ once the tree is on the path.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sys
@@ -55,12 +58,34 @@ def _build(label, argv):
         records[method], calls[method] = record, call
         print(f"  [{label}] built {method} (compile {record['compile_s']:.1f}s)",
               file=sys.stderr, flush=True)
+    programs = _program_hashes(st, a, config, make_params, opt, meta_opt, inner, meta)
     dev = jax.devices()[0]
     ready = {"ready": True, "package": os.path.dirname(os.path.abspath(dreamprm_jax.__file__)),
              "args": {k: v for k, v in vars(a).items() if isinstance(v, (int, float, str, bool, list, type(None)))},
              "device": f"{dev.platform}:{getattr(dev, 'device_kind', dev)}",
-             "records": {m: {k: r.get(k) for k in ("trace_s", "compile_s")} for m, r in records.items()}}
+             "records": {m: {"trace_s": r.get("trace_s"), "compile_s": r.get("compile_s"),
+                             "program_sha256": programs.get(m)} for m, r in records.items()}}
     return ready, records, calls
+
+
+def _program_hashes(st, a, config, make_params, opt, meta_opt, inner, meta) -> dict:
+    """``{method: sha256 of the step's lowered StableHLO text}`` (no debug locations, so two trees
+    that build the same program give the same hash), traced again on an abstract state; ``{}``
+    where the tree lacks a piece this needs (``_make_step``, ``train.step.jit_bilevel_step``)."""
+    import jax
+
+    try:
+        from dreamprm_jax.train import step as step_lib
+
+        state = jax.eval_shape(lambda: step_lib.init_state(make_params(), a.num_domains, opt, meta_opt))
+        out = {}
+        for method in a.methods:
+            step = step_lib.jit_bilevel_step(st._make_step(a, config, method, opt, meta_opt))
+            out[method] = hashlib.sha256(step.lower(state, inner, meta).as_text().encode()).hexdigest()
+        return out
+    except (AttributeError, ImportError, TypeError) as e:
+        print(f"  programs not compared: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        return {}
 
 
 def main(label: str, argv: list[str]) -> int:

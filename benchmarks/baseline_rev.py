@@ -16,7 +16,17 @@ Reported per method: median and spread ((max - min) / median) of each tree's ite
 ratio new / old as the median of the per-round ratios (``_common.paired_ratio``) and a
 distribution-free confidence interval of that median (``_common.median_interval``, order
 statistics of the per-round ratios): the two are equal within noise where it contains 1. The
-first iteration's metrics of both trees (same weights, same batches) are printed beside them.
+first iteration's metrics of both trees (same weights, same batches) are printed beside them, and
+whether the two trees lowered each step to the same program (a hash of its StableHLO text): where
+they did, the times can differ only by noise, including a per-process offset of a few per cent
+that the per-round pairing does not remove and the interval does not hold.
+
+Limits: REV's ``benchmarks/step_throughput.py`` must have the pieces the worker calls
+(``_parser``, ``_defaults``, ``_model_config``, ``_spec``, ``_jax_setup``, ``_prepare_method``:
+the layout since step_throughput times its runs round-robin); an older one is refused by name.
+REV is its committed files; the new side is the working tree as it is, uncommitted changes
+included. Both processes hold their compiled steps and states at once (as ``--interleave`` does
+in one process).
 """
 
 from __future__ import annotations
@@ -129,15 +139,27 @@ def compare(timings: dict[str, dict], methods: list[str], level: float = 0.95) -
     return out
 
 
-def format_table(rows: dict[str, dict], compile_s: dict[str, dict] | None = None) -> str:
-    """The side-by-side table of :func:`compare`'s rows (``compile_s[tree][method]`` optional)."""
+def same_program(old: dict, new: dict) -> dict[str, bool | None]:
+    """Per method of the workers' records: whether both trees lowered the same program (``None``:
+    a tree gave no hash)."""
+    return {m: (None if not (old[m].get("program_sha256") and new.get(m, {}).get("program_sha256"))
+                else old[m]["program_sha256"] == new[m]["program_sha256"]) for m in old}
+
+
+def format_table(rows: dict[str, dict], compile_s: dict[str, dict] | None = None,
+                 same: dict[str, bool | None] | None = None) -> str:
+    """The side-by-side table of :func:`compare`'s rows (``compile_s[tree][method]`` and
+    :func:`same_program`'s answers optional)."""
     lines = [f"{'method':<14} {'old ms':>9} {'spread %':>8} {'new ms':>9} {'spread %':>8} {'new/old':>8} "
-             f"{'interval':>15} {'coverage':>8}" + (f" {'compile old/new s':>18}" if compile_s else "")]
+             f"{'interval':>15} {'coverage':>8}" + (f" {'same program':>12}" if same else "")
+             + (f" {'compile old/new s':>18}" if compile_s else "")]
     for m, r in rows.items():
         lo, hi = r["interval"]
         line = (f"{m:<14} {1e3 * r['old']['median_s']:9.1f} {r['old']['spread_pct']:8.1f} "
                 f"{1e3 * r['new']['median_s']:9.1f} {r['new']['spread_pct']:8.1f} {r['ratio']:8.3f} "
                 f"{f'[{lo:.3f}, {hi:.3f}]':>15} {100 * r['coverage']:7.1f}%")
+        if same:
+            line += f" {({True: 'yes', False: 'no', None: 'n/a'})[same.get(m)]:>12}"
         if compile_s:
             line += f" {compile_s['old'][m]:>10.1f} / {compile_s['new'][m]:.1f}"
         lines.append(line)
@@ -179,6 +201,9 @@ def main(a, rest: list[str]) -> dict:
         shutil.rmtree(tmp, ignore_errors=True)
 
     rows = compare(timings, a.methods)
+    same = same_program(workers["old"].ready["records"], workers["new"].ready["records"])
+    for m in rows:
+        rows[m]["same_program"] = same.get(m)
     compile_s = {tree: {m: r["compile_s"] for m, r in w.ready["records"].items()} for tree, w in workers.items()}
     ready = workers["new"].ready
     args = ready["args"]
@@ -186,11 +211,13 @@ def main(a, rest: list[str]) -> dict:
     print(f"{args['config']} on {ready['device']}: B={args['batch']} L={args['seq_len']} T={args['unroll']} "
           f"meta {args['meta_chains']}x{args['meta_steps']} image {args['image_side']}px, dtype {args['dtype']}; "
           f"old = {a.baseline_rev} ({commit[:12]}), new = {new_desc}; {a.repeats} interleaved rounds")
-    print(format_table(rows, compile_s))
+    print(format_table(rows, compile_s, same))
     coverage = {f"{100 * r['coverage']:.1f}%" for r in rows.values()}
     print(f"(ms: median of the rounds, spread: (max - min) / median; new/old: median of the per-round ratios; "
           f"interval: distribution-free confidence interval of that median ({', '.join(sorted(coverage))} "
-          "coverage, order statistics of the per-round ratios); equal within noise where it contains 1)")
+          "coverage, order statistics of the per-round ratios); equal within noise where it contains 1; same "
+          "program: both trees lowered the step to the same StableHLO text, so only noise can part their times, "
+          "including each process's own offset, which the interval does not hold)")
     for m in a.methods:
         print(f"  first iteration {m}: " + "; ".join(
             f"{k} old {first['old'][m][k]:.6g} new {first['new'][m][k]:.6g}"

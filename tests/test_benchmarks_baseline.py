@@ -59,6 +59,13 @@ def test_compare_pairs_rounds_and_the_table_shows_both_trees():
     exact = table[1].split()
     assert exact[0] == "exact" and exact[1] == "1000.0" and exact[3] == "1100.0" and exact[5] == "1.100"
     assert "[0.800, 1.250]" in table[2] and table[1].endswith("30.0 / 31.0")
+    same = baseline_rev.same_program({"exact": {"program_sha256": "a"}, "darts": {"program_sha256": "b"}},
+                                     {"exact": {"program_sha256": "a"}, "darts": {"program_sha256": "c"}})
+    assert same == {"exact": True, "darts": False}
+    assert baseline_rev.same_program({"none": {"program_sha256": None}}, {"none": {"program_sha256": "a"}}) == {
+        "none": None}
+    table = baseline_rev.format_table(rows, same={"exact": True, "darts": None}).splitlines()
+    assert "same program" in table[0] and table[1].endswith(" yes") and table[2].endswith(" n/a")
 
 
 def test_problem_mismatch_names_the_options_and_ignores_timing_ones():
@@ -156,6 +163,7 @@ def test_worker_builds_its_own_tree_and_answers_calls(tmp_path):
     try:
         assert os.path.realpath(w.ready["package"]) == os.path.realpath(os.path.join(root, "dreamprm_jax"))
         assert w.ready["args"]["batch"] == 8 and w.ready["records"]["none"]["compile_s"] == 0.5
+        assert w.ready["records"]["none"]["program_sha256"] is None  # the stand-in has no train.step
         assert w.call("darts") >= 0.0
         assert w.request("report")["first_metrics"] == {"darts": {"meta_loss": 0.25}, "none": {}}
         with pytest.raises(SystemExit, match="old tree .*unknown request"):
