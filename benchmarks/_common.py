@@ -59,7 +59,8 @@ def summarize_times(times: list[float]) -> dict:
 
 
 def time_interleaved(fns: dict[str, Callable[[], Any]], warmup: int, repeats: int,
-                     clock: Callable[[], float] = time.perf_counter) -> dict[str, dict]:
+                     clock: Callable[[], float] = time.perf_counter, shuffle_seed: int | None = None
+                     ) -> dict[str, dict]:
     """Time several runs round-robin: each round calls every ``fn`` once (each must block).
 
     On a shared machine the load changes over seconds; timing run A's repeats, then B's, lets
@@ -67,6 +68,10 @@ def time_interleaved(fns: dict[str, Callable[[], Any]], warmup: int, repeats: in
     ``r`` calls the runs in the given order rotated by ``r`` (no run always goes first, right
     after another's clean-up), so every run sees the same load, and ``times_s[r]`` of two
     runs are paired: :func:`paired_ratio` divides them round by round.
+
+    A rotation keeps every run behind the same other run; with ``shuffle_seed`` each timed round
+    takes a fresh random order instead (``numpy.random.default_rng(shuffle_seed)``), so neither a
+    position nor a predecessor (whose caches and threads a run inherits) stays with one run.
 
     ``warmup`` untimed rounds first (the first call of each run happens in the given order).
     Returns ``{name: summarize_times(...)}``.
@@ -77,9 +82,11 @@ def time_interleaved(fns: dict[str, Callable[[], Any]], warmup: int, repeats: in
         for name in names[k:] + names[:k]:
             fns[name]()
     times: dict[str, list[float]] = {name: [] for name in names}
+    rng = None if shuffle_seed is None else np.random.default_rng(shuffle_seed)
     for r in range(max(1, repeats)):
         k = r % len(names)
-        for name in names[k:] + names[:k]:
+        order = names[k:] + names[:k] if rng is None else [names[i] for i in rng.permutation(len(names))]
+        for name in order:
             t0 = clock()
             fns[name]()
             times[name].append(clock() - t0)

@@ -9,8 +9,10 @@ working tree, each import only their own tree and build every ``--methods`` step
 ``step_throughput._prepare_method`` on their own generated problem (the same options, parsed by
 each tree's own parser; a problem option that the two trees resolve differently is an error).
 They build one after the other, then the parent times the runs round-robin, one iteration of each
-per round with the order rotated every round (``_common.time_interleaved``), asking one worker at
-a time while the other waits idle on its pipe; each iteration is timed inside its worker.
+per round, every round in a fresh random order (``_common.time_interleaved(shuffle_seed=0)``: with
+a fixed rotation each run always follows the same other run, which moved identical programs'
+times apart by up to 10 %), asking one worker at a time while the other waits idle on its pipe;
+each iteration is timed inside its worker.
 
 Reported per method: median and spread ((max - min) / median) of each tree's iterations, the
 ratio new / old as the median of the per-round ratios (``_common.paired_ratio``) and a
@@ -192,8 +194,8 @@ def main(a, rest: list[str]) -> dict:
 
         fns = {f"{tree} {m}": timed(workers[tree], m) for m in a.methods for tree in ("old", "new")}
         print(f"  timing {len(fns)} runs round-robin across the two processes: {a.warmup} warm-up + {a.repeats} "
-              "timed rounds, the order rotated every round", flush=True)
-        timings = _common.time_interleaved(fns, a.warmup, a.repeats, clock=lambda: elapsed[0])
+              "timed rounds, each in a random order", flush=True)
+        timings = _common.time_interleaved(fns, a.warmup, a.repeats, clock=lambda: elapsed[0], shuffle_seed=0)
         first = {tree: w.request("report")["first_metrics"] for tree, w in workers.items()}
     finally:
         for w in workers.values():
