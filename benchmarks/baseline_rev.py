@@ -10,8 +10,7 @@ working tree, each import only their own tree and build every ``--methods`` step
 each tree's own parser; a problem option that the two trees resolve differently is an error).
 They build one after the other, then the parent times the runs round-robin, one iteration of each
 per round, every round in a fresh random order (``_common.time_interleaved(shuffle_seed=0)``: with
-a fixed rotation each run always follows the same other run, which moved identical programs'
-times apart by up to 10 %), asking one worker at a time while the other waits idle on its pipe;
+a fixed rotation each run always follows the same other run), asking one worker at a time while the other waits idle on its pipe;
 each iteration is timed inside its worker.
 
 Reported per method: median and spread ((max - min) / median) of each tree's iterations, the
@@ -20,8 +19,9 @@ distribution-free confidence interval of that median (``_common.median_interval`
 statistics of the per-round ratios): the two are equal within noise where it contains 1. The
 first iteration's metrics of both trees (same weights, same batches) are printed beside them, and
 whether the two trees lowered each step to the same program (a hash of its StableHLO text): where
-they did, the times can differ only by noise, including a per-process offset of a few per cent
-that the per-round pairing does not remove and the interval does not hold.
+they did, the times can differ only by noise, including a per-process offset (up to 10 % for
+``darts`` on a loaded 2-core CPU, docs/performance.md) that the per-round pairing does not remove
+and the interval does not hold.
 
 Limits: REV's ``benchmarks/step_throughput.py`` must have the pieces the worker calls
 (``_parser``, ``_defaults``, ``_model_config``, ``_spec``, ``_jax_setup``, ``_prepare_method``:
