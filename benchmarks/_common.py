@@ -27,6 +27,7 @@ same arrays.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import platform
 import statistics
@@ -58,7 +59,8 @@ def summarize_times(times: list[float]) -> dict:
 
 
 def time_interleaved(fns: dict[str, Callable[[], Any]], warmup: int, repeats: int,
-                     clock: Callable[[], float] = time.perf_counter) -> dict[str, dict]:
+                     clock: Callable[[], float] = time.perf_counter, shuffle_seed: int | None = None
+                     ) -> dict[str, dict]:
     """Time several runs round-robin: each round calls every ``fn`` once (each must block).
 
     On a shared machine the load changes over seconds; timing run A's repeats, then B's, lets
@@ -66,6 +68,10 @@ def time_interleaved(fns: dict[str, Callable[[], Any]], warmup: int, repeats: in
     ``r`` calls the runs in the given order rotated by ``r`` (no run always goes first, right
     after another's clean-up), so every run sees the same load, and ``times_s[r]`` of two
     runs are paired: :func:`paired_ratio` divides them round by round.
+
+    A rotation keeps every run behind the same other run; with ``shuffle_seed`` each timed round
+    takes a fresh random order instead (``numpy.random.default_rng(shuffle_seed)``), so neither a
+    position nor a predecessor (whose caches and threads a run inherits) stays with one run.
 
     ``warmup`` untimed rounds first (the first call of each run happens in the given order).
     Returns ``{name: summarize_times(...)}``.
@@ -76,9 +82,11 @@ def time_interleaved(fns: dict[str, Callable[[], Any]], warmup: int, repeats: in
         for name in names[k:] + names[:k]:
             fns[name]()
     times: dict[str, list[float]] = {name: [] for name in names}
+    rng = None if shuffle_seed is None else np.random.default_rng(shuffle_seed)
     for r in range(max(1, repeats)):
         k = r % len(names)
-        for name in names[k:] + names[:k]:
+        order = names[k:] + names[:k] if rng is None else [names[i] for i in rng.permutation(len(names))]
+        for name in order:
             t0 = clock()
             fns[name]()
             times[name].append(clock() - t0)
@@ -93,6 +101,30 @@ def paired_ratio(numerator: dict, denominator: dict) -> float:
         raise ValueError(f"paired_ratio: {len(a)} and {len(b)} rounds; both timings must come from one "
                          "time_interleaved call")
     return float(statistics.median(x / y for x, y in zip(a, b)))
+
+
+def median_interval(values: list[float], level: float = 0.95) -> tuple[float, float, float]:
+    """``(lo, hi, coverage)``: a distribution-free confidence interval of the median of ``values``.
+
+    With the ``n`` values sorted, ``[x_(k), x_(n+1-k)]`` (1-based) covers the true median with
+    probability ``1 - 2 P(Bin(n, 1/2) < k)`` whatever the distribution (independent draws); ``k``
+    is the largest whose coverage is at least ``level``. Where even ``k = 1`` (the range) covers
+    less (``n < 6`` at 95 %), the range is returned with its smaller coverage. For per-round time
+    ratios this is the noise of :func:`paired_ratio`: two runs are equal within noise where the
+    interval contains 1.
+    """
+    if not values:
+        raise ValueError("median_interval: no values")
+    x = sorted(values)
+    n = len(x)
+
+    def coverage(k):
+        return 1.0 - 2.0 * sum(math.comb(n, i) for i in range(k)) / 2.0 ** n
+
+    k = 1
+    while k + 1 <= (n + 1) // 2 and coverage(k + 1) >= level:
+        k += 1
+    return x[k - 1], x[n - k], coverage(k)
 
 
 def versions() -> dict:

@@ -9,7 +9,10 @@ in one process and interleaves their repetitions (old, new, [torch], old, new, .
 median / min / max. The old version is ``dreamprm_jax/models/qwen2_vl/{text,vision}.py`` read
 from ``git show REV:path`` and loaded as private modules; ``model.decoder`` and
 ``model.encode_images`` are pointed at them while the old programs are traced (everything
-else, prm / engine / trainer, is the working tree's). Problem: ``benchmarks._common``'s
+else, prm / engine / trainer, is the working tree's), so REV's decoder and image encoder must
+take the working tree's arguments; to time a whole revision beside the working tree (its own
+model, engine and trainer, e.g. across a change of the model's layout), use
+``python -m benchmarks.step_throughput --baseline-rev REV``. Problem: ``benchmarks._common``'s
 generated DreamPRM batches (left-padded rows, one image each).
 
 Targets: ``step`` (``train.step.make_bilevel_step`` per ``--methods``, ``none`` = no

@@ -3,6 +3,7 @@
     python -m benchmarks.step_throughput                          # demo-size PRM on this CPU, + torch
     python -m benchmarks.step_throughput --methods exact darts --repeats 10
     python -m benchmarks.step_throughput --config qwen2_vl_2b --device gpu --methods exact_lowmem darts
+    python -m benchmarks.step_throughput --baseline-rev 4ad48b9^1 --methods exact darts --repeats 10
 
 What is timed (everything the trainer runs, built from its own pieces):
 
@@ -39,6 +40,13 @@ included: they are in the jaxpr), loops multiplied out. ``model_flops`` (the MFU
 is that count traced without remat, and for ``exact_lowmem`` it is ``exact``'s (the same
 hypergradient; recomputation is not useful work); ``jaxpr_flops`` is the count of the program
 as run (remat recomputation included). Both are in the JSON.
+
+Another revision beside this one (``--baseline-rev REV``, :mod:`benchmarks.baseline_rev`): the
+JAX ``--methods`` steps of REV (exported by ``git archive``) and of the working tree, each built by
+its own tree's code in its own process, timed round-robin across the two processes in one run;
+printed side by side with the ratio new / old (median of per-round ratios) and a
+distribution-free confidence interval of it. The other options go to both trees' parsers; the
+torch reference and the inner step are not run.
 
 The first (untimed) iteration of JAX ``darts`` and of the torch reference start from the
 same state on the same batches: their meta losses and hypergradient norms are printed as a
@@ -114,7 +122,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--peak-tflops", type=float, default=None,
                    help=f"peak FLOP/s for MFU in TFLOP/s (default on GPU: {H100_BF16_DENSE_TFLOPS}, H100 SXM bf16 dense)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=os.path.join("benchmarks", "results", "step_throughput.json"))
+    p.add_argument("--baseline-rev", default=None, metavar="REV",
+                   help="time the --methods steps of git revision REV beside the working tree's, interleaved in "
+                        "one run (benchmarks.baseline_rev); REV's own step_throughput must parse the other options")
+    p.add_argument("--out", default=None,
+                   help="JSON path (default benchmarks/results/step_throughput.json, with --baseline-rev "
+                        "step_throughput_baseline.json)")
     return p
 
 
@@ -134,6 +147,9 @@ def _defaults(a):
         a.unroll_inner = big
     if a.repeats is None:
         a.repeats = 15 if a.interleave else 5
+    if a.out is None:
+        name = "step_throughput_baseline.json" if a.baseline_rev else "step_throughput.json"
+        a.out = os.path.join("benchmarks", "results", name)
     return a
 
 
@@ -413,7 +429,12 @@ def _rates(t, a, problem):
 
 
 def main(argv=None) -> dict:
+    argv = sys.argv[1:] if argv is None else list(argv)
     a = _defaults(_parser().parse_args(argv))
+    if a.baseline_rev:
+        from benchmarks import baseline_rev
+
+        return baseline_rev.main(a, baseline_rev.split_baseline_argv(argv)[1])
     import jax
 
     if a.device != "default":

@@ -39,6 +39,16 @@ def test_rounds_rotate_the_order_and_pair_the_times():
     assert _common.paired_ratio(out["a"], out["b"]) == pytest.approx(3.0)
 
 
+def test_shuffled_rounds_call_every_run_once_in_varying_orders():
+    clock = FakeClock()
+    fns = {n: clock.run(n, 1.0) for n in "abcd"}
+    out = _common.time_interleaved(fns, warmup=0, repeats=12, clock=clock, shuffle_seed=0)
+    rounds = ["".join(clock.calls[4 * r:4 * r + 4]) for r in range(12)]
+    assert all(sorted(r) == list("abcd") for r in rounds)
+    assert len(set(rounds)) > 4 and all(len(out[n]["times_s"]) == 12 for n in "abcd")
+    assert {r[r.index("b") - 1] for r in rounds if r[0] != "b"} == set("acd")  # b's predecessor varies
+
+
 def test_paired_ratio_is_exact_when_the_load_changes_between_rounds():
     clock = FakeClock()
     rounds = {"n": 0}
