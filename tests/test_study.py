@@ -89,6 +89,10 @@ def test_study_end_to_end_and_resume(tmp_path):
     oracle_w = seed0["arms"]["oracle_weights"]["weights"]
     assert oracle_w["misled_B"] < oracle_w["good_1"]                # trained under the manifest's oracle weights
     assert "spearman_vs_quality" in seed0["arms"]["dreamprm"]
+    signal = seed0["arms"]["dreamprm"]["hypergradient_signal"]     # logged every iteration, read back
+    assert set(signal) == set(oracle_w) and all(s["iterations"] >= 1 for s in signal.values())
+    assert "hypergradient_signal" not in seed0["arms"]["vanilla"]
+    assert "Hypergradient per domain" in text
     assert "Reweighting study" in text and os.path.isfile(paths["best_of_n_png"])
     assert os.path.isfile(paths["weights_png"])
     # a second run reuses every finished piece: nothing is trained or scored again
@@ -120,3 +124,19 @@ def test_cli_train_options_reach_every_arm():
     config = study_cli.config_from_args(args)
     assert (config.train.meta_lr, config.train.unroll, config.train.iterations) == (0.1, 3, 7)
     assert config.seeds == (0,)
+
+
+def test_hypergradient_signal_reads_the_second_half(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    rng = np.random.default_rng(0)
+    with open(path, "w") as f:
+        for step in range(1, 101):
+            # the first half is pushed the other way: only steps 51..100 count
+            a = -5.0 if step <= 50 else 1.0 + 0.1 * rng.standard_normal()
+            f.write(json.dumps({"step": step, "hypergradient": {"a": a, "b": 0.1 * rng.standard_normal()}}) + "\n")
+        f.write(json.dumps({"step": 101, "meta_loss": 0.2}) + "\n")    # no hypergradient: skipped
+    signal = analysis.hypergradient_signal(str(path))
+    assert signal["a"].iterations == 50 and signal["a"].mean == pytest.approx(1.0, abs=0.05)
+    assert signal["a"].t > 50                                         # consistent push
+    assert abs(signal["b"].t) < 4                                     # noise
+    assert analysis.hypergradient_signal(str(tmp_path / "missing.jsonl")) == {}

@@ -16,6 +16,12 @@ with every other arm's. For one arm on one seed:
 * ``score_std``: the standard deviation of the chain scores (a PRM that hedges towards
   0.5 everywhere has compressed scores).
 
+For an arm that learns its weights, :func:`hypergradient_signal` reads the per-domain
+hypergradient the trainer logged every iteration and reports, per domain, its mean over the
+second half of training and ``t = mean / standard error``: how consistently the meta loss
+pushed that weight (positive: down) rather than how far the weight happened to drift. A
+domain with ``|t|`` near 0 was moved by noise.
+
 Pooled over seeds, an arm's best-of-N difference to the baseline is
 :func:`dreamprm_jax.evaluation.statistics.paired_bootstrap` of the per-question hit
 differences.
@@ -24,6 +30,8 @@ differences.
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -31,7 +39,8 @@ import numpy as np
 from dreamprm_jax.evaluation import statistics
 from dreamprm_jax.evaluation.selection import SelectionInputs, Selector, sample_subsets
 
-__all__ = ["ArmOutcome", "best_of_n_hits", "step_auroc_by_error_type", "arm_outcome", "gap_closed"]
+__all__ = ["ArmOutcome", "DomainSignal", "best_of_n_hits", "step_auroc_by_error_type", "arm_outcome", "gap_closed",
+           "hypergradient_signal"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,3 +117,54 @@ def arm_outcome(inputs: SelectionInputs, chain_scores: np.ndarray, *, ns: Sequen
 def gap_closed(arm_diff: float, oracle_diff: float) -> float:
     """Share of the baseline-to-oracle gap an arm closes (NaN when the oracle gains nothing)."""
     return float(arm_diff / oracle_diff) if oracle_diff > 0 else float("nan")
+
+
+@dataclasses.dataclass(frozen=True)
+class DomainSignal:
+    """One domain's logged hypergradient ``d meta_loss / d r_k`` over the iterations read:
+    ``mean``, ``t = mean / (std / sqrt(iterations))`` and the number of ``iterations``."""
+
+    mean: float
+    t: float
+    iterations: int
+
+
+def hypergradient_signal(metrics_path: str, *, from_fraction: float = 0.5) -> dict[str, DomainSignal]:
+    """Per-domain hypergradient statistics from a run's ``metrics.jsonl``.
+
+    Args:
+      metrics_path: the file the trainer writes (one JSON object per logged iteration, with
+        ``"step"`` and ``"hypergradient": {domain: float}``; lines without it are skipped).
+      from_fraction: only iterations after this fraction of the last logged step are read
+        (0.5: the second half, where the weights have left their start).
+
+    Returns:
+      ``{domain: DomainSignal}``; empty when the file logs no hypergradient (an arm without
+      reweighting, or a run older than this log). ``t`` is 0 for a constant series.
+    """
+    if not os.path.isfile(metrics_path):
+        return {}
+    rows = []
+    with open(metrics_path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{metrics_path}:{line_no}: not valid JSON ({e})") from None
+            if isinstance(row.get("hypergradient"), dict) and isinstance(row.get("step"), int):
+                rows.append(row)
+    if not rows:
+        return {}
+    last = max(r["step"] for r in rows)
+    rows = [r for r in rows if r["step"] > from_fraction * last]
+    out = {}
+    for domain in rows[0]["hypergradient"]:
+        g = np.array([r["hypergradient"].get(domain, np.nan) for r in rows], np.float64)  # [iterations]
+        g = g[np.isfinite(g)]
+        if g.size == 0:
+            continue
+        se = float(np.std(g, ddof=1) / np.sqrt(g.size)) if g.size > 1 else 0.0
+        out[domain] = DomainSignal(float(np.mean(g)), float(np.mean(g) / se) if se > 0 else 0.0, int(g.size))
+    return out

@@ -9,6 +9,7 @@ quality (Spearman and its permutation p-value), AUROCs and wall times.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -70,6 +71,8 @@ def summarize(config: StudyConfig, results: Sequence[SeedResult], wall_seconds: 
                 "train_seconds": run.train_seconds,
                 "score_seconds": run.score_seconds,
             }
+            if run.hypergradient_signal:
+                entry["hypergradient_signal"] = {d: dataclasses.asdict(sig) for d, sig in run.hypergradient_signal.items()}
             if base is not None and name != BASELINE_ARM:
                 diffs = [run.outcome.hits[n_max] - base.outcome.hits[n_max]]
                 entry["paired"] = statistics.paired_bootstrap(diffs, num_resamples=config.resamples, seed=0).to_dict()
@@ -148,6 +151,15 @@ def format_report(summary: dict[str, Any]) -> str:
                          + f" | {rho_text} | {entry['within_question_auroc']:.3f} | {steps} | "
                            f"{entry['chain_score_std']:.3f} |")
         lines.append("")
+        signals = {a: e["hypergradient_signal"] for a, e in row["arms"].items() if e.get("hypergradient_signal")}
+        if signals:
+            lines += ["Hypergradient per domain over the second half of training: mean x 1e3 (t = mean / standard "
+                      "error; positive pushes the weight down, |t| < 2 is indistinguishable from noise):", "",
+                      "| arm | " + " | ".join(domains) + " |", "|---|" + "---|" * len(domains)]
+            for a, sig in signals.items():
+                lines.append(f"| {a} | " + " | ".join(
+                    f"{1e3 * sig[d]['mean']:+.2f} ({sig[d]['t']:+.1f})" if d in sig else "" for d in domains) + " |")
+            lines.append("")
     lines.append(f"Wall time: {summary['wall_seconds'] / 60:.1f} min "
                  f"({summary['config']['iterations']} iterations per arm, sampler `{summary['config']['sampler']}`).")
     return "\n".join(lines) + "\n"

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from dreamprm_jax.configs import TrainConfig
-from dreamprm_jax.study.analysis import ArmOutcome, arm_outcome, best_of_n_hits
+from dreamprm_jax.study.analysis import ArmOutcome, DomainSignal, arm_outcome, best_of_n_hits, hypergradient_signal
 from dreamprm_jax.study.arms import BASELINE_ARM, Arm, get_arms
 
 __all__ = ["StudyConfig", "UserData", "ArmRun", "SeedResult", "run_study", "read_oracle_weights"]
@@ -74,6 +74,7 @@ class ArmRun:
     train_seconds: float
     score_seconds: float
     run_dir: str
+    hypergradient_signal: dict[str, DomainSignal] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass
@@ -140,7 +141,7 @@ def _train_arm(config: StudyConfig, arm: Arm, seed: int, seed_dir: str, data, or
     # The run's saved config names its data, and its directory holds its tokenizer, so the run
     # stands alone (e.g. for dreamprm-compare-hypergradients --run-dir).
     cfg = dataclasses.replace(config.train, out_dir=run_dir, seed=seed, progress=config.progress,
-                              resume="auto", export=True, train_json=data.train_json, meta_json=data.meta_json,
+                              resume="auto", export=True, log_every=1, train_json=data.train_json, meta_json=data.meta_json,
                               image_root=data.image_root, **dict(arm.overrides))
     if cfg.model_dir is None:  # every arm of a seed reads the same demo tokenizer
         shared = demo.build_demo_tokenizer(data, os.path.join(seed_dir, "tokenizer"))
@@ -221,7 +222,8 @@ def run_seed(config: StudyConfig, seed: int, arms: Sequence[Arm]) -> SeedResult:
         chain_scores = aggregate(config.aggregation, logits, mask)             # [Q, N]
         outcome = arm_outcome(inputs, chain_scores, ns=config.ns, trials=config.trials, seed=seed,
                               step_logits=logits, step_labels=step_labels, step_error_types=error_types)
-        runs[arm.name] = ArmRun(arm.name, dict(weights), outcome, train_s, score_s, run_dir)
+        signal = hypergradient_signal(os.path.join(run_dir, "metrics.jsonl"))  # {} without reweighting
+        runs[arm.name] = ArmRun(arm.name, dict(weights), outcome, train_s, score_s, run_dir, signal)
         _say(config, f"[study] seed {seed}: {arm.name} best-of-{max(config.ns)} "
                      f"{outcome.accuracy(max(config.ns)):.3f}")
     baselines = {name: best_of_n_hits(inputs, selector, config.ns, trials=config.trials, seed=seed)

@@ -427,8 +427,9 @@ def train(cfg: TrainConfig, data: TrainData, model: PRMModel | str, *,
         weights = {d: float(w) for d, w in zip(domains, host["weights"])}
         last = {"inner_loss": float(host["inner_loss"]), "inner_loss_last": float(host["inner_loss_last"]),
                 "meta_loss": float(host["meta_loss"]), "hypergrad_norm": float(host["hypergrad_norm"]),
-                "domain_weights": weights,
-                "hypergradient": {d: float(g) for d, g in zip(domains, host["hypergradient"])}, **stats}
+                "domain_weights": weights, **stats}
+        if cfg.reweighting and iteration > cfg.meta_warmup:  # the iterations that computed one
+            last["hypergradient"] = {d: float(g) for d, g in zip(domains, host["hypergradient"])}
         if iteration % cfg.log_every == 0 or iteration == cfg.iterations:
             elapsed = time.perf_counter() - t_loop
             logger.log(iteration, last, iterations_per_s=(iteration - start) / max(elapsed, 1e-9))
