@@ -69,7 +69,8 @@ def _tiny_study(out_dir: str) -> runner.StudyConfig:
         configs.default(), cache_dir=os.path.join(out_dir, "cache"), model_hidden_size=32, model_layers=1,
         train_batch_size=4, meta_batch_size=2, unroll=2, iterations=2, checkpoint_every=100, log_every=1,
         meta_warmup=0, meta_lr_warmup=0, seq_buckets=(192,), patch_buckets=(256,))
-    return runner.StudyConfig(out_dir=out_dir, seeds=(0,), arms=("vanilla", "dreamprm", "oracle_weights"),
+    return runner.StudyConfig(out_dir=out_dir, seeds=(0,),
+                              arms=("vanilla", "dreamprm", "oracle_weights", "instance_table", "instance_net"),
                               train=train, synthetic=synthetic.tiny_config(), ns=(2, 8), trials=3, resamples=200,
                               progress=False)
 
@@ -79,7 +80,7 @@ def test_study_end_to_end_and_resume(tmp_path):
     results = runner.run_study(config)
     paths, text = report.write_study(config, results, wall_seconds=1.0)
     summary = json.load(open(paths["json"]))
-    assert set(summary["paired"]) == {"dreamprm", "oracle_weights"}
+    assert set(summary["paired"]) == {"dreamprm", "oracle_weights", "instance_table", "instance_net"}
     for row in summary["paired"].values():
         lo, hi = row["ci95"]
         assert -1.0 <= lo <= row["diff"] <= hi <= 1.0
@@ -93,6 +94,14 @@ def test_study_end_to_end_and_resume(tmp_path):
     assert set(signal) == set(oracle_w) and all(s["iterations"] >= 1 for s in signal.values())
     assert "hypergradient_signal" not in seed0["arms"]["vanilla"]
     assert "Hypergradient per domain" in text
+    # the instance arms: per domain, the AUROC of the record weights for "label correct"
+    for arm in ("instance_table", "instance_net"):
+        label_auroc = seed0["arms"][arm]["instance_weight_auroc"]
+        assert set(label_auroc) == set(oracle_w)
+        assert all(v is None or 0.0 <= v <= 1.0 for v in label_auroc.values())
+        assert any(v is not None for v in label_auroc.values())  # misled_B's defective labels
+    assert "instance_weight_auroc" not in seed0["arms"]["dreamprm"]
+    assert "AUROC of the learned instance weights" in text
     assert "Reweighting study" in text and os.path.isfile(paths["best_of_n_png"])
     assert os.path.isfile(paths["weights_png"])
     # a second run reuses every finished piece: nothing is trained or scored again
@@ -140,3 +149,21 @@ def test_hypergradient_signal_reads_the_second_half(tmp_path):
     assert signal["a"].t > 50                                         # consistent push
     assert abs(signal["b"].t) < 4                                     # noise
     assert analysis.hypergradient_signal(str(tmp_path / "missing.jsonl")) == {}
+
+
+def test_instance_weight_auroc_known_case(tmp_path):
+    records = [{"input": "q", "add": f"Step {k}", "image_path": None, "dataset": d, "accuracy": acc,
+                "id": f"{d}-0", "sid": k, "true_label": truth}
+               for d, rows in (("a", [(0.9, 1), (0.8, 1), (0.2, 1), (0.1, 1)]), ("b", [(1.0, 1), (0.9, 1)]))
+               for k, (acc, truth) in enumerate(rows, 1)]
+    path = tmp_path / "train.json"
+    path.write_text(json.dumps(records))
+    # domain a: the two correct labels weigh 1.5 and 1.2, the wrong ones 0.5 and 1.3 -> AUROC 3/4
+    weights = {"a-0/1": 1.5, "a-0/2": 1.2, "a-0/3": 0.5, "a-0/4": 1.3, "b-0/1": 1.0, "b-0/2": 0.9}
+    out = analysis.instance_weight_auroc(str(path), weights)
+    assert out["a"] == pytest.approx(0.75, abs=1e-12)
+    assert out["b"] is None                                           # every label of b is correct
+    for r in records:
+        del r["true_label"]
+    path.write_text(json.dumps(records))
+    assert analysis.instance_weight_auroc(str(path), weights) == {}   # real data: no true labels

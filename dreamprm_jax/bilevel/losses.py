@@ -5,7 +5,8 @@ Lower level (training data, Monte-Carlo accuracy labels ``y_i in [0, 1]``):
     L_tr = sum_i m_i w[d_i] (p_i - y_i)^2 / sum_i m_i                     (2)
 
 with ``w = softplus(r) / mean(softplus(r))`` (see :mod:`domain_weights`) and ``m`` a
-padding mask. Upper level (meta data, one chain of ``S`` step prefixes with pre-sigmoid
+padding mask; instance weighting puts a weight per record ``w_i`` in place of ``w[d_i]``
+(:func:`sample_weighted_mse` is the loss of both). Upper level (meta data, one chain of ``S`` step prefixes with pre-sigmoid
 logits ``z_s = log(p_s / (1 - p_s))`` and a 0/1 chain label):
 
     A = mean_s z_s  (reference code)   or   A = sum_s z_s  (paper)        (3)
@@ -34,7 +35,7 @@ import jax.numpy as jnp
 
 from dreamprm_jax.bilevel.domain_weights import sample_weights
 
-__all__ = ["weighted_mse", "aggregation_loss", "chain_scores", "listwise_loss", "pairwise_loss", "META_LOSSES",
+__all__ = ["weighted_mse", "sample_weighted_mse", "aggregation_loss", "chain_scores", "listwise_loss", "pairwise_loss", "META_LOSSES",
            "meta_loss"]
 
 #: Names of the upper-level losses :func:`meta_loss` computes.
@@ -47,6 +48,40 @@ def _safe_mean(num: jax.Array, den: jax.Array) -> jax.Array:
     return jnp.where(ok, num / jnp.where(ok, den, 1.0), 0.0)
 
 
+def sample_weighted_mse(
+    probs: jax.Array,
+    labels: jax.Array,
+    weights: jax.Array,
+    sample_mask: jax.Array | None = None,
+) -> jax.Array:
+    """Per-sample weighted squared error, the lower-level loss of every weighting:
+
+        L_tr = sum_i m_i w_i (p_i - y_i)^2 / sum_i m_i
+
+    (normalised by the number of real samples, not by the sum of weights: a weight scales a
+    sample's share of the inner step). Domain weighting passes ``w_i = w[d_i]``
+    (:func:`weighted_mse`); instance weighting a weight per record
+    (:mod:`~dreamprm_jax.bilevel.instance_weights`, :mod:`~dreamprm_jax.bilevel.instance_net`).
+
+    Args:
+      probs: ``[B]`` predicted probabilities ``p_i``.
+      labels: ``[B]`` targets ``y_i`` (Monte-Carlo accuracies).
+      weights: ``[B]`` per-sample weights ``w_i``.
+      sample_mask: ``[B]`` 1 for real samples, 0 for padding; ``None`` means all ones.
+
+    Returns:
+      Scalar loss (0 when the mask is empty).
+    """
+    if sample_mask is None:
+        sample_mask = jnp.ones_like(labels)
+    # Trace-time shape checks: a [B, 1] head output against [B] labels would broadcast to [B, B].
+    chex.assert_rank(probs, 1)
+    chex.assert_equal_shape([probs, labels, weights, sample_mask])
+    sq = jnp.square(probs - labels.astype(probs.dtype))  # [B]
+    m = sample_mask.astype(sq.dtype)  # [B]
+    return _safe_mean(jnp.sum(m * weights.astype(sq.dtype) * jnp.where(m > 0, sq, 0.0)), jnp.sum(m))
+
+
 def weighted_mse(
     probs: jax.Array,
     labels: jax.Array,
@@ -54,7 +89,8 @@ def weighted_mse(
     raw_weights: jax.Array,
     sample_mask: jax.Array | None = None,
 ) -> jax.Array:
-    """Domain-weighted squared error, equation (2).
+    """Domain-weighted squared error, equation (2): :func:`sample_weighted_mse` with
+    ``w_i = w[d_i]``, ``w = softplus(r) / mean(softplus(r))``.
 
     Args:
       probs: ``[B]`` predicted probabilities ``p_i``.
@@ -66,15 +102,9 @@ def weighted_mse(
     Returns:
       Scalar ``sum_i m_i w[d_i] (p_i - y_i)^2 / sum_i m_i`` (0 when the mask is empty).
     """
-    if sample_mask is None:
-        sample_mask = jnp.ones_like(labels)
-    # Trace-time shape checks: a [B, 1] head output against [B] labels would broadcast to [B, B].
-    chex.assert_rank([probs, raw_weights], 1)
-    chex.assert_equal_shape([probs, labels, domain_ids, sample_mask])
-    w = sample_weights(raw_weights, domain_ids)  # [B]
-    sq = jnp.square(probs - labels.astype(probs.dtype))  # [B]
-    m = sample_mask.astype(sq.dtype)  # [B]
-    return _safe_mean(jnp.sum(m * w.astype(sq.dtype) * jnp.where(m > 0, sq, 0.0)), jnp.sum(m))
+    chex.assert_rank(raw_weights, 1)
+    chex.assert_equal_shape([probs, domain_ids])
+    return sample_weighted_mse(probs, labels, sample_weights(raw_weights, domain_ids), sample_mask)
 
 
 def chain_scores(step_logits: jax.Array, step_mask: jax.Array, reduce: str = "mean") -> jax.Array:

@@ -8,6 +8,7 @@ DIR --train-json F --meta-json F`` the same command trains the real 2B model on 
     python -m experiments.train
     python -m experiments.train --hypergradient darts --out-dir runs/darts
     python -m experiments.train --no-reweighting --out-dir runs/vanilla
+    python -m experiments.train --weighting instance_table --out-dir runs/instance   # a weight per record
     python -m experiments.train --resume --out-dir runs/default --iterations 600
     python -m experiments.train --resume auto --out-dir runs/preemptible   # continue if there is a checkpoint
 
@@ -40,6 +41,7 @@ class TrainRun:
     planted_quality: dict[str, float] | None
     spearman: float | None
     reweighting: bool = True
+    weighting: str = "domain"
 
 
 def run(cfg, *, create_out_dir_parents: bool = True) -> TrainRun:
@@ -70,7 +72,7 @@ def run(cfg, *, create_out_dir_parents: bool = True) -> TrainRun:
     # Uniform weights (no reweighting) have no rank to correlate.
     rho = None if planted is None or not cfg.reweighting else spearman(result.weights,
                                                                          [planted[d] for d in result.domains])
-    return TrainRun(result, planted, rho, cfg.reweighting)
+    return TrainRun(result, planted, rho, cfg.reweighting, cfg.weighting)
 
 
 def format_table(header: list[str], rows: list[list[str]]) -> list[str]:
@@ -83,13 +85,26 @@ def format_table(header: list[str], rows: list[list[str]]) -> list[str]:
     return [line(header), *map(line, rows)]
 
 
+def format_extremes(record_weights, count: int = 3) -> list[str]:
+    """Per domain, the ``count`` highest- and lowest-weighted training records (key and weight)."""
+    lines = [f"Instance weights: the {count} highest and lowest per domain (record key = weight)"]
+    for domain, (top, bottom) in record_weights.extremes(count).items():
+        lines.append(f"  {domain}")
+        lines.append("    top:    " + ", ".join(f"{k} = {w:.4f}" for k, w in top))
+        lines.append("    bottom: " + ", ".join(f"{k} = {w:.4f}" for k, w in bottom))
+    return lines
+
+
 def format_run(run: TrainRun) -> str:
     """The closing table: domain, planted quality (generated benchmark only), the weight, and
-    the Spearman correlation when there is a planted quality and the weights were learned."""
+    the Spearman correlation when there is a planted quality and the weights were learned.
+    With instance weights the weight column is each domain's mean, and the highest- and
+    lowest-weighted records of each domain follow."""
     result = run.result
     planted = run.planted_quality
+    learned = "learned weight" if run.weighting == "domain" else "mean instance weight"
     header = ["domain"] + (["planted quality"] if planted is not None else []) + [
-        "learned weight" if run.reweighting else "weight (fixed)"]
+        learned if run.reweighting else "weight (fixed)"]
     rows = []
     for i in np.argsort(-result.weights, kind="stable"):
         d = result.domains[i]
@@ -97,7 +112,9 @@ def format_run(run: TrainRun) -> str:
         rows.append([d, *quality, f"{result.weights[i]:.4f}"])
     lines = format_table(header, rows)
     if run.spearman is not None and np.isfinite(run.spearman):
-        lines.append(f"Spearman(learned weight, planted quality) = {run.spearman:.3f}")
+        lines.append(f"Spearman({learned}, planted quality) = {run.spearman:.3f}")
+    if result.record_weights is not None:
+        lines += format_extremes(result.record_weights)
     lines.append(f"{result.step} iterations in {result.seconds:.1f} s ({result.compile_count} compiled programs)"
                  + (" [interrupted]" if result.interrupted else ""))
     return "\n".join(lines)

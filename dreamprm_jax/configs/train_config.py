@@ -19,6 +19,10 @@ def _field(default: Any, help: str, **kw) -> Any:  # noqa: A002 - mirrors argpar
     return dataclasses.field(default=default, metadata={"help": help, **kw})
 
 
+#: What the upper level learns (``TrainConfig.weighting``).
+WEIGHTINGS = ("domain", "instance_table", "instance_net")
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """Everything one DreamPRM training run needs; the defaults are the CPU demo."""
@@ -114,6 +118,14 @@ class TrainConfig:
         "from the start (the reference). The hypergradient separates domains mostly while the PRM is learning what "
         "they disagree on; once it predicts an error confidently, the sigmoid saturates and that signal fades.")
     reweighting: bool = _field(True, "Learn domain weights (off: the vanilla PRM baseline, uniform weights).")
+    weighting: str = _field(
+        "domain", "What the upper level learns: domain (one weight per domain, DreamPRM) | instance_table (one weight "
+        "per training record, w_i = w_max * sigmoid(r_i), DreamPRM-1.5's Instance Table) | instance_net (a small "
+        "network maps each record's loss at the start of the iteration and its domain to its weight, DreamPRM-1.5's "
+        "Instance Net). Instance weights start at 1 and stay in (0, --instance-max-weight); the run directory gets "
+        "instance_weights.json (record key -> weight).")
+    instance_max_weight: float = _field(2.0, "Upper bound w_max of an instance weight (> 1; weights start at 1).")
+    instance_net_hidden: int = _field(16, "Hidden units of the Instance Net (--weighting instance_net).")
 
     # --- run -----------------------------------------------------------------------------
     iterations: int = _field(240, "Bi-level iterations (each: --unroll inner steps + one meta step).")
@@ -152,6 +164,11 @@ class TrainConfig:
         object.__setattr__(self, "resume", resume_mode(self.resume))  # frozen: normalise True/False once
         if self.step_split not in ("strict", "reference"):
             raise ValueError(f"step_split: expected 'strict' or 'reference', got {self.step_split!r}")
+        if self.weighting not in WEIGHTINGS:
+            raise ValueError(f"weighting: expected one of {WEIGHTINGS}, got {self.weighting!r}")
+        if not self.instance_max_weight > 1.0 or self.instance_net_hidden < 1:
+            raise ValueError(f"instance_max_weight must be > 1 and instance_net_hidden >= 1, got "
+                             f"{self.instance_max_weight!r}, {self.instance_net_hidden!r}")
 
     def hypergradient_kwargs(self) -> dict[str, Any]:
         try:
@@ -218,6 +235,8 @@ def add_arguments(parser: argparse.ArgumentParser, defaults: TrainConfig) -> Non
 
             parser.add_argument(flag, nargs="?", const="always", default=None, choices=RESUME_MODES, metavar="MODE",
                                 help=help_text)
+        elif field.name == "weighting":
+            parser.add_argument(flag, default=None, choices=WEIGHTINGS, help=help_text)
         elif base is bool:
             parser.add_argument(flag, type=_parse_bool, nargs="?", const=True, default=None, metavar="BOOL", help=help_text)
             if field.name == "reweighting":

@@ -12,7 +12,8 @@ waste is reported per batch::
 Batches (:mod:`dreamprm_jax.data.types`):
 
 * train: :class:`TrainBatch`, the model inputs + ``labels`` [B] f32, ``domain_ids`` [B] i32,
-  ``sample_mask`` [B] f32;
+  ``sample_mask`` [B] f32, ``record_ids`` [B] i32 (the row of each sample's record in the
+  training table; 0 for dummy rows);
 * meta: :class:`MetaBatch`, the model inputs over M*S step-prefix rows, chain-major (row
   ``m * S + s`` is step ``s + 1`` of chain ``m``) + ``step_mask`` [M, S] f32, ``labels`` [M]
   f32, ``chain_mask`` [M] f32, ``question_index`` [M] i32 (the chain's question, -1 for a
@@ -214,17 +215,19 @@ def collate(rows: Sequence[Sample | None], spec: BatchSpec, prepare_fn: Callable
 
 
 def collate_train(samples: Sequence[Sample], labels: Sequence[float], domain_ids: Sequence[int], spec: BatchSpec,
-                  prepare_fn: Callable, *, seq_bucket: int | None = None,
-                  patch_bucket: int | None = None) -> tuple[TrainBatch, dict]:
+                  prepare_fn: Callable, *, seq_bucket: int | None = None, patch_bucket: int | None = None,
+                  record_ids: Sequence[int] | None = None) -> tuple[TrainBatch, dict]:
     """Training batch of ``spec.batch_size`` rows (dummy rows fill a short batch).
 
-    The model inputs with ``labels`` [B] f32, ``domain_ids`` [B] i32 and ``sample_mask`` [B]
-    f32 (1 real, 0 dummy).
+    The model inputs with ``labels`` [B] f32, ``domain_ids`` [B] i32, ``sample_mask`` [B]
+    f32 (1 real, 0 dummy) and ``record_ids`` [B] i32 (``record_ids[i]`` for sample i, 0 for
+    dummy rows; ``None``: the batch carries none).
     """
     n, size = len(samples), spec.batch_size
-    if n > size or len(labels) != n or len(domain_ids) != n:
-        raise ValueError(f"collate_train: expected at most {size} samples with one label and domain each; "
-                         f"got {n} samples, {len(labels)} labels, {len(domain_ids)} domain ids")
+    if n > size or len(labels) != n or len(domain_ids) != n or (record_ids is not None and len(record_ids) != n):
+        raise ValueError(f"collate_train: expected at most {size} samples with one label, domain (and record id) "
+                         f"each; got {n} samples, {len(labels)} labels, {len(domain_ids)} domain ids"
+                         + ("" if record_ids is None else f", {len(record_ids)} record ids"))
     rows = list(samples) + [None] * (size - n)
     inputs, stats = collate(rows, spec, prepare_fn, seq_bucket=seq_bucket, patch_bucket=patch_bucket)
     lab = np.zeros((size,), np.float32)
@@ -233,7 +236,11 @@ def collate_train(samples: Sequence[Sample], labels: Sequence[float], domain_ids
     dom[:n] = np.asarray(domain_ids, np.int32)
     mask = np.zeros((size,), np.float32)
     mask[:n] = 1.0
-    return TrainBatch(inputs, labels=lab, domain_ids=dom, sample_mask=mask), stats
+    rec = None
+    if record_ids is not None:
+        rec = np.zeros((size,), np.int32)  # [B]; dummy rows point at record 0, masked
+        rec[:n] = np.asarray(record_ids, np.int32)
+    return TrainBatch(inputs, labels=lab, domain_ids=dom, sample_mask=mask, record_ids=rec), stats
 
 
 def _meta_rows(chains: Sequence[Sequence[Sample]], spec: BatchSpec, num_steps: int):
@@ -419,12 +426,14 @@ def _merge_stats(stats: Sequence[dict]) -> dict:
 
 def stack_train(groups: Sequence[tuple[Sequence[Sample], Sequence[float], Sequence[int]]], spec: BatchSpec,
                 prepare_fn: Callable):
-    """T training batches ``[(samples, labels, domain_ids)] * T`` -> one :class:`TrainBatch` of [T, ...] arrays.
+    """T training batches ``[(samples, labels, domain_ids)] * T`` (or ``(samples, labels,
+    domain_ids, record_ids)``) -> one :class:`TrainBatch` of [T, ...] arrays.
 
     All T share the (L, N) buckets of the largest; stats' wastes are the mean over T.
     """
     seq_b, patch_b = _buckets_for([g[0] for g in groups], spec)
-    out = [collate_train(s, l, d, spec, prepare_fn, seq_bucket=seq_b, patch_bucket=patch_b) for s, l, d in groups]
+    out = [collate_train(g[0], g[1], g[2], spec, prepare_fn, seq_bucket=seq_b, patch_bucket=patch_b,
+                         record_ids=g[3] if len(g) > 3 else None) for g in groups]
     return stack([b for b, _ in out]), _merge_stats([s for _, s in out])
 
 
@@ -637,10 +646,13 @@ class BatchBuilder:
 
     def _train_group(self, indices):
         rows, cols = self._rows(indices)
-        return rows, np.asarray(cols["label"], np.float32), np.asarray(cols["domain_id"], np.int32)
+        # A training table holds one row per record: the row index is the record's index.
+        return (rows, np.asarray(cols["label"], np.float32), np.asarray(cols["domain_id"], np.int32),
+                np.asarray([int(i) for i in indices], np.int32))
 
     def train_batch(self, indices: Sequence[int]):
-        return collate_train(*self._train_group(indices), self.spec, self.prepare_fn)
+        rows, labels, domain_ids, record_ids = self._train_group(indices)
+        return collate_train(rows, labels, domain_ids, self.spec, self.prepare_fn, record_ids=record_ids)
 
     def stacked_train(self, index_lists: Sequence[Sequence[int]]):
         return stack_train([self._train_group(i) for i in index_lists], self.spec, self.prepare_fn)

@@ -11,6 +11,9 @@ sample --> two Hugging Face ``datasets.Dataset`` tables saved with ``save_to_dis
     ``label``       float32, accuracy (train) or the chain's true_false (meta)
     ``domain_id``   int32, index into ``info["domains"]`` (train; 0 for meta)
     ``record_index`` int32, index of the record in the validated list
+    train only: ``record_key`` string, the record's unique key
+    (:func:`~dreamprm_jax.data.records.record_keys`: ``"<id>/<sid>"`` where the records carry them).
+    A training table has one row per record, in record order.
     meta only: ``chain_index`` int32, ``step`` int32 (1-based), ``num_steps`` int32,
     ``question_index`` int32 (chains of one question share it, numbered in order of first
     appearance; :attr:`~dreamprm_jax.data.records.MetaRecord.question_key`).
@@ -56,11 +59,12 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from dreamprm_jax.data.records import Loaded, MetaRecord, TrainRecord, load_meta_records, load_train_records
+from dreamprm_jax.data.records import (Loaded, MetaRecord, TrainRecord, load_meta_records, load_train_records,
+                                       record_keys)
 
 __all__ = ["PreparedData", "build_train_dataset", "build_meta_dataset", "processor_fingerprint", "CACHE_VERSION"]
 
-CACHE_VERSION = "dreamprm-jax-data-v3"
+CACHE_VERSION = "dreamprm-jax-data-v4"
 
 
 @dataclasses.dataclass
@@ -103,6 +107,10 @@ class PreparedData:
     def chain_questions(self) -> np.ndarray:
         """Meta: ``[num_chains]`` int64, the question index of each chain."""
         return np.asarray(self.samples["question_index"], dtype=np.int64)[self.chain_rows()[:, 0]]
+
+    def record_keys(self) -> list[str]:
+        """Train: the unique key of each record (row), in row order."""
+        return [str(k) for k in self.samples["record_key"]]
 
 
 # ----------------------------------------------------------------------------- fingerprints
@@ -192,6 +200,8 @@ def _features(kind: str):
         "domain_id": Value("int32"),
         "record_index": Value("int32"),
     }
+    if kind == "train":
+        cols.update(record_key=Value("string"))
     if kind == "meta":
         cols.update(chain_index=Value("int32"), step=Value("int32"), num_steps=Value("int32"),
                     question_index=Value("int32"))
@@ -287,10 +297,11 @@ def _image_rows(encoder: _Encoder):
 
 def _train_rows(records: Sequence[TrainRecord], domains: Sequence[str], encoder: _Encoder):
     domain_id = {d: i for i, d in enumerate(domains)}
+    keys = record_keys(records)
     for i, rec in enumerate(records):
         ids, image_index, num_patches = encoder.encode(rec.text, rec.image_path, f"{rec.source[0]}, record {rec.source[1]}")
         yield {"input_ids": ids, "length": len(ids), "image_index": image_index, "num_patches": num_patches,
-               "label": rec.accuracy, "domain_id": domain_id[rec.dataset], "record_index": i}
+               "label": rec.accuracy, "domain_id": domain_id[rec.dataset], "record_index": i, "record_key": keys[i]}
 
 
 def _meta_rows(records: Sequence[MetaRecord], encoder: _Encoder):

@@ -93,6 +93,7 @@ __all__ = [
     "check_image",
     "format_skipped",
     "iter_texts",
+    "record_keys",
 ]
 
 # Reasons (Counter keys in skip mode); those shared with other records files live in jsonfiles.
@@ -590,3 +591,23 @@ def iter_texts(records: Iterable) -> Iterator[str]:
             yield rec.text
         else:
             yield from rec.steps
+
+
+def record_keys(records: Sequence[TrainRecord]) -> list[str]:
+    """One key per training record that names it uniquely (the keys of ``instance_weights.json``).
+
+    ``"<id>/<sid>"`` (the chain's ``id`` and the step's ``sid``, DreamPRM's own naming; the
+    generated benchmark's ``"train-00017/3"`` is step 3 of chain ``train-00017``) when the
+    record has both; ``"<id>"`` with an id alone; ``"record <n>"`` (``n``: the record's
+    0-based position in its file) without one. A key that would occur more than once gets
+    ``"#<i>"`` appended to every occurrence, ``i`` being the record's index among the
+    validated records (its row in the training table).
+    """
+    base = []
+    for rec in records:
+        if rec.id is not None:
+            base.append(rec.id if rec.sid is None else f"{rec.id}/{rec.sid}")
+        else:
+            base.append(f"record {rec.source[1]}")
+    counts = Counter(base)
+    return [k if counts[k] == 1 else f"{k}#{i}" for i, k in enumerate(base)]

@@ -26,12 +26,21 @@ __all__ = ["ModelInputs", "TrainBatch", "MetaBatch", "row_axis"]
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class TrainBatch:
-    """A training batch of ``B`` rows (dummy rows fill a short batch; ``sample_mask`` zeroes them)."""
+    """A training batch of ``B`` rows (dummy rows fill a short batch; ``sample_mask`` zeroes them).
+
+    ``record_ids`` index the training table (row ``i`` of a training table is record ``i`` of
+    its file's validated records), so the instance weights' table can be gathered per row;
+    dummy rows hold 0 and are masked. ``record_loss`` is each row's squared error under the
+    parameters at the start of a bi-level iteration, the Instance Net's feature: filled
+    inside the iteration (``None`` in the host batches).
+    """
 
     inputs: ModelInputs  # B rows
     labels: Any = rows_field(BATCH_ROWS)  # [B] float32, Monte-Carlo step accuracy in [0, 1]
     domain_ids: Any = rows_field(BATCH_ROWS)  # [B] int32, index into the domain weights
     sample_mask: Any = rows_field(BATCH_ROWS)  # [B] float32, 1 = real row, 0 = dummy row
+    record_ids: Any = rows_field(BATCH_ROWS, default=None)  # [B] int32, index into the training table | None
+    record_loss: Any = rows_field(BATCH_ROWS, default=None)  # [B] float32, (p_i - y_i)^2 at phi_0 | None
 
     def replace(self, **fields) -> "TrainBatch":
         return dataclasses.replace(self, **fields)

@@ -22,6 +22,13 @@ second half of training and ``t = mean / standard error``: how consistently the 
 pushed that weight (positive: down) rather than how far the weight happened to drift. A
 domain with ``|t|`` near 0 was moved by noise.
 
+For an arm that learns a weight per training record (``instance_table``, ``instance_net``),
+:func:`instance_weight_auroc` asks, per domain, whether the weights found the records with
+wrong labels: the AUROC of the learned weight for "the record's label is correct". On the
+generated benchmark a record's Monte-Carlo label ``accuracy`` is correct when it lies on the
+side of 0.5 of the step's true label, ``|accuracy - true_label| < 0.5``; records without a
+``true_label`` (real data) give no AUROC.
+
 Pooled over seeds, an arm's best-of-N difference to the baseline is
 :func:`dreamprm_jax.evaluation.statistics.paired_bootstrap` of the per-question hit
 differences.
@@ -40,7 +47,7 @@ from dreamprm_jax.evaluation import statistics
 from dreamprm_jax.evaluation.selection import SelectionInputs, Selector, sample_subsets
 
 __all__ = ["ArmOutcome", "DomainSignal", "best_of_n_hits", "step_auroc_by_error_type", "arm_outcome", "gap_closed",
-           "hypergradient_signal"]
+           "hypergradient_signal", "instance_weight_auroc"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,4 +174,39 @@ def hypergradient_signal(metrics_path: str, *, from_fraction: float = 0.5) -> di
             continue
         se = float(np.std(g, ddof=1) / np.sqrt(g.size)) if g.size > 1 else 0.0
         out[domain] = DomainSignal(float(np.mean(g)), float(np.mean(g) / se) if se > 0 else 0.0, int(g.size))
+    return out
+
+
+def instance_weight_auroc(train_json: str, weights: Mapping[str, float]) -> dict[str, float | None]:
+    """Per domain, the AUROC of the learned instance weight for "the record's label is correct".
+
+    Args:
+      train_json: the training records file (the generated benchmark's ``train.json``: every
+        record with ``accuracy`` and ``true_label``).
+      weights: ``{record key: weight}`` (a run's ``instance_weights.json``; keys as
+        :func:`dreamprm_jax.data.records.record_keys` names them).
+
+    Returns:
+      ``{domain: AUROC}`` over the domain's records found in ``weights``, ``None`` where the
+      domain's labels are all correct or all wrong; empty when the records carry no
+      ``true_label``.
+    """
+    from dreamprm_jax.data.jsonfiles import read_json_records
+    from dreamprm_jax.data.records import load_train_records, record_keys
+
+    raw = read_json_records(train_json)
+    loaded = load_train_records(train_json, check_images=False, on_bad_record="skip")
+    by_domain: dict[str, tuple[list[float], list[bool]]] = {}
+    for key, rec in zip(record_keys(loaded.records), loaded.records):
+        value = raw[rec.source[1]].value if 0 <= rec.source[1] < len(raw) else None
+        truth = value.get("true_label") if isinstance(value, dict) else None
+        if truth is None or key not in weights:
+            continue
+        scores, correct = by_domain.setdefault(rec.dataset, ([], []))
+        scores.append(float(weights[key]))
+        correct.append(abs(rec.accuracy - float(truth)) < 0.5)
+    out: dict[str, float | None] = {}
+    for domain, (scores, correct) in sorted(by_domain.items()):
+        value = statistics.auroc(scores, correct)
+        out[domain] = None if np.isnan(value) else value
     return out

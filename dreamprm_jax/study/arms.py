@@ -13,6 +13,10 @@ same sampler and iteration count; only the domain weights (and how they are lear
                          each meta question's candidates) instead of the chain MSE
 ``dreamprm_pairwise``    as ``dreamprm``, with the pairwise ranking meta loss (each correct
                          candidate of a meta question above each wrong one)
+``instance_table``       a learned weight per training record (DreamPRM-1.5's Instance Table), exact
+                         hypergradients
+``instance_net``         a small network from each record's loss and domain to its weight
+                         (DreamPRM-1.5's Instance Net), exact hypergradients
 ``oracle_weights``       weights fixed by hand from the planted (or user-given) domain quality: how
                          much room correct weights leave; an arm that needs them is skipped when
                          there are none
@@ -52,6 +56,10 @@ ARMS: dict[str, Arm] = {
                              {"reweighting": True, "hypergradient": "exact", "meta_loss": "listwise"}),
     "dreamprm_pairwise": Arm("dreamprm_pairwise", "learned weights, exact hypergradients, pairwise meta loss",
                              {"reweighting": True, "hypergradient": "exact", "meta_loss": "pairwise"}),
+    "instance_table": Arm("instance_table", "a learned weight per training record, exact hypergradients",
+                          {"reweighting": True, "hypergradient": "exact", "weighting": "instance_table"}),
+    "instance_net": Arm("instance_net", "record weights from a small net (loss, domain), exact hypergradients",
+                        {"reweighting": True, "hypergradient": "exact", "weighting": "instance_net"}),
     "oracle_weights": Arm("oracle_weights", "weights fixed from the planted quality", {"reweighting": False},
                           oracle_weights=True),
 }

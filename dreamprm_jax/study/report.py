@@ -4,7 +4,10 @@
 best-of-N accuracy (N = the largest of the study's ns) minus the baseline arm's, pooled over
 the seeds run (:func:`dreamprm_jax.evaluation.statistics.paired_bootstrap`), plus per-seed
 rows, best-of-n for every n, the untrained baselines, the learned weights beside the planted
-quality (Spearman and its permutation p-value), AUROCs and wall times.
+quality (Spearman and its permutation p-value), AUROCs and wall times. Arms with a weight per
+training record add ``instance_weight_auroc`` ``{domain: AUROC or null}``: how well the weights
+rank the records whose label is correct above the others
+(:func:`~dreamprm_jax.study.analysis.instance_weight_auroc`).
 """
 
 from __future__ import annotations
@@ -71,6 +74,8 @@ def summarize(config: StudyConfig, results: Sequence[SeedResult], wall_seconds: 
                 "train_seconds": run.train_seconds,
                 "score_seconds": run.score_seconds,
             }
+            if run.instance_weight_auroc:
+                entry["instance_weight_auroc"] = dict(run.instance_weight_auroc)
             if run.hypergradient_signal:
                 entry["hypergradient_signal"] = {d: dataclasses.asdict(sig) for d, sig in run.hypergradient_signal.items()}
             if base is not None and name != BASELINE_ARM:
@@ -160,6 +165,16 @@ def format_report(summary: dict[str, Any]) -> str:
                 lines.append(f"| {a} | " + " | ".join(
                     f"{1e3 * sig[d]['mean']:+.2f} ({sig[d]['t']:+.1f})" if d in sig else "" for d in domains) + " |")
             lines.append("")
+        label_auroc = {a: e["instance_weight_auroc"] for a, e in row["arms"].items() if e.get("instance_weight_auroc")}
+        if label_auroc:
+            lines += ["AUROC of the learned instance weights for \"the record's Monte-Carlo label is correct\" "
+                      "(|accuracy - true label| < 0.5), per domain (0.5: the weights do not tell them apart; blank: "
+                      "every label of the domain correct, or every one wrong):", "",
+                      "| arm | " + " | ".join(domains) + " |", "|---|" + "---|" * len(domains)]
+            for a, values in label_auroc.items():
+                lines.append(f"| {a} | " + " | ".join(
+                    "" if values.get(d) is None else f"{values[d]:.3f}" for d in domains) + " |")
+            lines.append("")
     lines.append(f"Wall time: {summary['wall_seconds'] / 60:.1f} min "
                  f"({summary['config']['iterations']} iterations per arm, sampler `{summary['config']['sampler']}`).")
     return "\n".join(lines) + "\n"
@@ -221,7 +236,8 @@ def plot_weights(results: Sequence[SeedResult], path: str) -> str | None:
         quality = r.planted_quality or r.oracle_weights or {}
         for d in run.weights:
             label = f"{d} ({quality[d]:.2f})" if d in quality else d
-            ax.plot(steps, [x["domain_weights"].get(d, np.nan) for x in records], label=label)
+            values = [x["domain_weights"].get(d) for x in records]  # null: no row of d that iteration
+            ax.plot(steps, [np.nan if v is None else v for v in values], label=label)
         ax.axhline(1.0, color="grey", linewidth=0.5)
         ax.set_title(f"seed {r.seed}: {run.arm}", fontsize=9)
         ax.set_xlabel("iteration")

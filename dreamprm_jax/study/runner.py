@@ -8,6 +8,7 @@ interrupted study continues where it stopped)::
     seed_<s>/tokenizer/       the demo tokenizer, shared by the seed's arms
     seed_<s>/<arm>/           the arm's training run (checkpoints, metrics.jsonl, export/)
     seed_<s>/<arm>/test_scores.npz   step logits of every test candidate
+    seed_<s>/<arm>/instance_weights.json   an instance-weighting arm's weight per training record
     study.json, report.md, best_of_n.png, weights.png      (:mod:`dreamprm_jax.study.report`)
 """
 
@@ -25,8 +26,10 @@ from typing import Any
 import numpy as np
 
 from dreamprm_jax.configs import TrainConfig
-from dreamprm_jax.study.analysis import ArmOutcome, DomainSignal, arm_outcome, best_of_n_hits, hypergradient_signal
+from dreamprm_jax.study.analysis import (ArmOutcome, DomainSignal, arm_outcome, best_of_n_hits, hypergradient_signal,
+                                         instance_weight_auroc)
 from dreamprm_jax.study.arms import BASELINE_ARM, Arm, get_arms
+from dreamprm_jax.train.instance_weights_file import WEIGHTS_FILE, read_record_weights
 
 __all__ = ["StudyConfig", "UserData", "ArmRun", "SeedResult", "run_study", "read_oracle_weights"]
 
@@ -75,6 +78,8 @@ class ArmRun:
     score_seconds: float
     run_dir: str
     hypergradient_signal: dict[str, DomainSignal] = dataclasses.field(default_factory=dict)
+    # instance weighting: per domain, AUROC of the record weights for "label correct" (None: one class)
+    instance_weight_auroc: dict[str, float | None] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass
@@ -223,7 +228,10 @@ def run_seed(config: StudyConfig, seed: int, arms: Sequence[Arm]) -> SeedResult:
         outcome = arm_outcome(inputs, chain_scores, ns=config.ns, trials=config.trials, seed=seed,
                               step_logits=logits, step_labels=step_labels, step_error_types=error_types)
         signal = hypergradient_signal(os.path.join(run_dir, "metrics.jsonl"))  # {} without reweighting
-        runs[arm.name] = ArmRun(arm.name, dict(weights), outcome, train_s, score_s, run_dir, signal)
+        record_weights = os.path.join(run_dir, WEIGHTS_FILE)  # instance weighting only
+        label_auroc = (instance_weight_auroc(data.train_json, read_record_weights(record_weights))
+                       if os.path.isfile(record_weights) else {})
+        runs[arm.name] = ArmRun(arm.name, dict(weights), outcome, train_s, score_s, run_dir, signal, label_auroc)
         _say(config, f"[study] seed {seed}: {arm.name} best-of-{max(config.ns)} "
                      f"{outcome.accuracy(max(config.ns)):.3f}")
     baselines = {name: best_of_n_hits(inputs, selector, config.ns, trials=config.trials, seed=seed)

@@ -55,6 +55,7 @@ from dreamprm_jax.models import prm, qwen2_vl
 from dreamprm_jax.train import distributed, sharding
 from dreamprm_jax.train import step as step_lib
 from dreamprm_jax.train.checkpointing import Checkpointer, abstract_like
+from dreamprm_jax.train.instance_weights_file import RecordWeights
 from dreamprm_jax.train.interrupts import GracefulInterrupt
 from dreamprm_jax.train.metrics import MetricsLogger, format_postfix
 from dreamprm_jax.train.run_dir import RunDirError, check_out_dir
@@ -97,7 +98,7 @@ class TrainResult:
     out_dir: str
     step: int
     domains: tuple[str, ...]
-    weights: np.ndarray  # [K] normalised domain weights w, in ``domains`` order
+    weights: np.ndarray  # [K] normalised domain weights w (instance weighting: each domain's mean), ``domains`` order
     interrupted: bool
     seconds: float
     compile_count: int
@@ -106,6 +107,8 @@ class TrainResult:
     checkpoint_dir: str
     export_dir: str | None
     weights_path: str | None  # domain_weights.json
+    record_weights: RecordWeights | None = None  # instance weighting: every training record's weight
+    record_weights_path: str | None = None  # instance_weights.json
 
     @property
     def domain_weights(self) -> dict[str, float]:
@@ -163,6 +166,9 @@ class _NoLogger:
     """Stands in for :class:`MetricsLogger` on processes other than process 0."""
 
     def log(self, *args, **kwargs) -> None:
+        pass
+
+    def histogram(self, *args, **kwargs) -> None:
         pass
 
     def close(self) -> None:
@@ -295,6 +301,39 @@ def export(out_dir: str, model_config, params, processor, tokenizer_dir: str, do
 
 
 # ----------------------------------------------------------------------------------------
+# Instance weights
+# ----------------------------------------------------------------------------------------
+
+def final_record_weights(cfg: TrainConfig, model_config, raw, params, train_table, train_builder,
+                         mesh) -> RecordWeights:
+    """Every training record's weight under the final upper-level variable ``raw``.
+
+    The table's weights are read off; the Instance Net needs each record's loss under the
+    final ``params``, so every record is scored once (batches of ``cfg.train_batch_size``)."""
+    domain_ids = np.asarray(train_table.samples["domain_id"], np.int64)  # [N]
+    host_raw = sharding.to_host(raw, mesh)
+    if cfg.weighting == "instance_table":
+        weights = np.asarray(bilevel.instance_weights(jnp.asarray(host_raw), cfg.instance_max_weight))
+    else:
+        @jax.jit
+        def squared_errors(p, batch):
+            probs, _ = prm.score(model_config, p, qwen2_vl.with_rope_tables(model_config, batch.inputs))  # [B]
+            return jnp.square(probs - batch.labels)  # [B]
+
+        n = len(train_table.samples)
+        losses = np.zeros((n,), np.float32)
+        for start in range(0, n, cfg.train_batch_size):
+            rows = np.arange(start, min(start + cfg.train_batch_size, n))
+            batch, _ = train_builder.train_batch(rows)
+            out = squared_errors(params, sharding.put_batch(batch, mesh, stacked=False))
+            losses[rows] = np.asarray(sharding.to_host(out, mesh))[: len(rows)]
+        weights = np.asarray(bilevel.instance_net_weights(jax.tree.map(jnp.asarray, host_raw), jnp.asarray(losses),
+                                                          jnp.asarray(domain_ids), cfg.instance_max_weight))
+    return RecordWeights(tuple(train_table.record_keys()), domain_ids, weights.astype(np.float64),
+                         tuple(train_table.domains))
+
+
+# ----------------------------------------------------------------------------------------
 # The loop
 # ----------------------------------------------------------------------------------------
 
@@ -311,7 +350,14 @@ def train(cfg: TrainConfig, data: TrainData, model: PRMModel | str, *,
         takes over ``model.params`` and donates its buffers: build a model per call.
       fixed_domain_weights: ``{domain: weight}`` for every domain of ``data``: the PRM trains
         under these weights (normalised to mean 1), held fixed (reweighting off). ``None``:
-        ``cfg.reweighting`` decides.
+        ``cfg.reweighting`` decides. Only with ``cfg.weighting == "domain"``.
+
+    ``cfg.weighting`` chooses the upper-level variable (:mod:`dreamprm_jax.train.step`). With
+    instance weights the table (``[N]``, 4 bytes a record) or the net is replicated on every
+    device like the domain weights: 100,000 records are 400 KB, nothing next to the model,
+    and a replicated table is gathered per row without communication. The export then also
+    writes ``instance_weights.json`` (record key -> weight, :mod:`~dreamprm_jax.train.instance_weights_file`)
+    and the result carries them (``record_weights``).
 
     Faults:
       - the run directory is checked first (:func:`check_run_dir`): not writable, a file, or
@@ -330,6 +376,9 @@ def train(cfg: TrainConfig, data: TrainData, model: PRMModel | str, *,
     metrics and the paths written. Raises :class:`TrainingDiverged` on a NaN/Inf loss or weight.
     """
     t_start = time.perf_counter()
+    if fixed_domain_weights is not None and cfg.weighting != "domain":
+        raise ValueError(f"train: fixed_domain_weights holds domain weights; expected weighting='domain', got "
+                         f"{cfg.weighting!r}")
     start_processes(cfg)  # before anything touches a device
     primary = distributed.is_primary()
     cfg = dataclasses.replace(cfg, progress=cfg.progress and primary,
@@ -365,8 +414,16 @@ def train(cfg: TrainConfig, data: TrainData, model: PRMModel | str, *,
         cfg.inner_lr, cfg.inner_lr_step_size, cfg.inner_lr_gamma, cfg.inner_weight_decay, cfg.inner_grad_clip), mesh)
     meta_opt = step_lib.meta_optimizer(cfg.meta_lr, cfg.meta_weight_decay, cfg.meta_lr_warmup, cfg.meta_grad_clip)
 
+    num_records = len(train_table.samples)
+    record_domains = np.asarray(train_table.samples["domain_id"], np.int32)  # [N]
+
     def init_state(params):
-        state = step_lib.init_state(params, len(domains), optimizer, meta_opt)
+        upper = None
+        if cfg.weighting != "domain":
+            upper = step_lib.init_upper(cfg.weighting, num_domains=len(domains), num_records=num_records,
+                                        max_weight=cfg.instance_max_weight, hidden=cfg.instance_net_hidden,
+                                        seed=cfg.seed)
+        state = step_lib.init_state(params, len(domains), optimizer, meta_opt, raw_weights=upper)
         if fixed_raw is not None:  # a [K] constant; the meta optimizer's state does not depend on r
             state["raw_weights"] = jnp.asarray(fixed_raw)
         return state
@@ -377,7 +434,9 @@ def train(cfg: TrainConfig, data: TrainData, model: PRMModel | str, *,
         return sharding.ShardedStep(step_lib.make_bilevel_step(
             model_config, optimizer, meta_opt, method=cfg.hypergradient, aggregation=cfg.aggregation,
             reweighting=reweighting, method_options=cfg.hypergradient_kwargs(),
-            unroll_inner=cfg.unroll_inner_scan, meta_loss=cfg.meta_loss), mesh)
+            unroll_inner=cfg.unroll_inner_scan, meta_loss=cfg.meta_loss, weighting=cfg.weighting,
+            max_weight=cfg.instance_max_weight, num_domains=len(domains),
+            record_domains=record_domains if cfg.weighting == "instance_table" else None), mesh)
 
     bilevel_step = make_step(cfg.reweighting)
     # Warm-up iterations train the PRM only (no hypergradient: about 5x cheaper on CPU).
@@ -386,6 +445,12 @@ def train(cfg: TrainConfig, data: TrainData, model: PRMModel | str, *,
     checkpointer = Checkpointer(checkpointer_dir, save_every=cfg.checkpoint_every, keep=cfg.keep_checkpoints)
     start = 0
     if cfg.resume != "never":
+        latest = checkpointer.latest_step()
+        if latest is not None:  # a checkpoint of another upper level would fail to restore with a shape error
+            saved = checkpointer.restore_extra(latest).get("config", {}).get("weighting", "domain")
+            if saved != cfg.weighting:
+                raise ValueError(f"--resume: the checkpoint of step {latest} in {checkpointer_dir} was trained with "
+                                 f"--weighting {saved}; expected the same weighting, got {cfg.weighting}")
         restored = checkpointer.restore_latest(abstract_like(state))  # lands in the live state's shards
         if restored is None:  # "auto" (checked above for "always")
             _note(f"[resume] no checkpoint in {checkpointer_dir}; starting from step 0")
@@ -428,11 +493,15 @@ def train(cfg: TrainConfig, data: TrainData, model: PRMModel | str, *,
         last = {"inner_loss": float(host["inner_loss"]), "inner_loss_last": float(host["inner_loss_last"]),
                 "meta_loss": float(host["meta_loss"]), "hypergrad_norm": float(host["hypergrad_norm"]),
                 "domain_weights": weights, **stats}
-        if cfg.reweighting and iteration > cfg.meta_warmup:  # the iterations that computed one
+        # the iterations that computed one (the Instance Net logs none per domain)
+        if cfg.reweighting and iteration > cfg.meta_warmup and "hypergradient" in host:
             last["hypergradient"] = {d: float(g) for d, g in zip(domains, host["hypergradient"])}
         if iteration % cfg.log_every == 0 or iteration == cfg.iterations:
             elapsed = time.perf_counter() - t_loop
             logger.log(iteration, last, iterations_per_s=(iteration - start) / max(elapsed, 1e-9))
+            if "instance_weights" in host:  # the table's [N] weights, or the net's [T, B] rows (NaN: padding)
+                values = np.asarray(host["instance_weights"]).reshape(-1)
+                logger.histogram("instance_weights", values[np.isfinite(values)], iteration)
             bar.set_postfix(format_postfix({k: last[k] for k in ("inner_loss", "meta_loss")}), refresh=False)
 
     # The guard covers the final checkpoint and the export too: a signal there lets them finish.
@@ -478,7 +547,15 @@ def train(cfg: TrainConfig, data: TrainData, model: PRMModel | str, *,
             _note(f"[interrupt] final checkpoint written at step {step}; --resume writes the export")
 
         # --- export (process 0; every process joins the gathers) ---------------------------
-        weights = np.asarray(jax.device_get(bilevel.domain_weights(sharding.to_host(state["raw_weights"], mesh))))
+        record_weights = record_weights_path = None
+        if cfg.weighting == "domain":
+            weights = np.asarray(jax.device_get(bilevel.domain_weights(sharding.to_host(state["raw_weights"], mesh))))
+        elif cfg.weighting == "instance_table" or not interrupted:  # the net scores every record: not when stopping
+            record_weights = final_record_weights(cfg, model_config, state["raw_weights"], state["params"],
+                                                  train_table, train_builder, mesh)
+            weights = record_weights.domain_means()
+        else:
+            weights = np.asarray([last.get("domain_weights", {}).get(d, np.nan) for d in domains])
         log_path = os.path.join(cfg.out_dir, "metrics.jsonl")
         metrics_path = log_path if primary and os.path.isfile(log_path) and os.path.getsize(log_path) > 0 else None
         export_dir = weights_path = None
@@ -487,8 +564,11 @@ def train(cfg: TrainConfig, data: TrainData, model: PRMModel | str, *,
             if primary:
                 export_dir, weights_path = export(cfg.out_dir, model_config, host_params, processor,
                                                   model.tokenizer_dir, domains, weights)
+                if record_weights is not None:
+                    record_weights_path = record_weights.write(cfg.out_dir)
     compile_count = bilevel_step.compile_count() + (warmup_step.compile_count() if warmup_step is not bilevel_step else 0)
     return TrainResult(out_dir=cfg.out_dir, step=step, domains=domains, weights=weights, interrupted=interrupted,
                        seconds=time.perf_counter() - t_start, compile_count=compile_count, final_metrics=last,
                        metrics_path=metrics_path, checkpoint_dir=checkpointer_dir, export_dir=export_dir,
-                       weights_path=weights_path)
+                       weights_path=weights_path, record_weights=record_weights,
+                       record_weights_path=record_weights_path)

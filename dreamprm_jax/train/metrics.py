@@ -19,7 +19,7 @@ again describes exactly one trajectory. The rewrite goes through a temporary fil
 
 TensorBoard (``out_dir/tb``) uses tensorboardX; if it cannot be imported, the logger warns
 once and writes JSONL only. Vectors become ``key/0``, ``key/1``, ... and mappings
-``key/name`` tags.
+``key/name`` tags; :meth:`MetricsLogger.histogram` adds distributions (TensorBoard only).
 """
 
 from __future__ import annotations
@@ -163,6 +163,13 @@ class MetricsLogger:
             for tag, value in _flatten_scalars({k: v for k, v in record.items() if k not in ("step", "time")}):
                 self._tb.add_scalar(tag, value, global_step=record["step"])
         return record
+
+    def histogram(self, tag: str, values, step: int) -> None:
+        """A TensorBoard histogram of ``values`` (e.g. the instance weights) at ``step``; TensorBoard
+        only (a distribution does not fit a JSON line), nothing without tensorboardX or values."""
+        values = np.asarray(values, np.float64).reshape(-1)
+        if self._tb is not None and values.size:
+            self._tb.add_histogram(tag, values, global_step=int(step))
 
     def flush(self) -> None:
         if self._file is not None:

@@ -19,7 +19,9 @@ Rules
   kernel); a leaf with no such dimension (scalars, step counts, small biases) is
   replicated. Parameters are replicated over ``data`` (hybrid sharded data parallelism).
 * **Domain weights** ``raw_weights [K]``, their meta optimizer state and the step counter:
-  replicated.
+  replicated. So is an instance-weight table ``raw_weights [N]`` (one float32 per training
+  record: 100,000 records are 400 KB, and a replicated table is gathered per batch row with
+  no communication) or the Instance Net's parameters.
 * **Batches**: the batch axis is sharded over ``("data", "fsdp")`` (every device holds
   ``B / (data * fsdp)`` rows); if ``B`` is not divisible by ``data * fsdp`` then over
   ``data`` alone if divisible, else replicated. Each field of the typed batches

@@ -1,8 +1,17 @@
 """One DreamPRM bi-level iteration as a pure function of the training state.
 
     state = {params, opt_state, raw_weights, meta_opt_state, step}
-    T inner AdamW steps on the PRM (domain-weighted MSE, weights w = softplus(r)/mean softplus(r))
-    -> hypergradient dL_meta/dr by the chosen method -> one meta AdamW step on r.
+    T inner AdamW steps on the PRM (weighted MSE) -> hypergradient dL_meta/dr by the chosen
+    method -> one meta AdamW step on r.
+
+``raw_weights`` is the upper-level variable, a pytree whose form ``weighting`` chooses:
+
+* ``"domain"``: ``[K]``, weights ``w = softplus(r) / mean softplus(r)`` per domain (DreamPRM);
+* ``"instance_table"``: ``[N]``, one per training record, ``w_i = w_max sigmoid(r_i)``
+  (:mod:`dreamprm_jax.bilevel.instance_weights`);
+* ``"instance_net"``: the parameters of a small network from a record's loss and domain to
+  its weight (:mod:`dreamprm_jax.bilevel.instance_net`); the losses are taken at the
+  parameters the iteration starts from, before the unroll.
 
 The engine (:mod:`dreamprm_jax.bilevel`) sees only the two losses defined here; the model
 sees nothing of the engine. The iteration is jitted once per batch shape bucket with the
@@ -19,16 +28,49 @@ import optax
 
 from dreamprm_jax import bilevel
 from dreamprm_jax.bilevel import _common
+from dreamprm_jax.bilevel.instance_net import DEFAULT_HIDDEN
+from dreamprm_jax.configs.train_config import WEIGHTINGS
 from dreamprm_jax.data.types import MetaBatch, TrainBatch
 from dreamprm_jax.models import prm, qwen2_vl
 
 State = dict[str, Any]
 
 
-def make_losses(model_config, aggregation: str, meta_loss: str = "chain_mse") -> tuple[Callable, Callable]:
+def row_weights(weighting: str, upper, batch: TrainBatch, max_weight: float = bilevel.DEFAULT_MAX_WEIGHT):
+    """``[..., B]`` weight of each row of ``batch`` under the upper-level variable ``upper``
+    (``weighting``: one of :data:`WEIGHTINGS`)."""
+    if weighting == "domain":
+        return bilevel.sample_weights(upper, batch.domain_ids)
+    if weighting == "instance_table":
+        if batch.record_ids is None:
+            raise ValueError("instance_table weighting: the training batch carries no record_ids; expected batches "
+                             "from BatchBuilder (or collate_train(record_ids=...))")
+        return bilevel.record_weights(upper, batch.record_ids, max_weight)
+    if weighting == "instance_net":
+        if batch.record_loss is None:
+            raise ValueError("instance_net weighting: the training batch carries no record_loss; expected the "
+                             "bi-level step to fill it (with_record_loss)")
+        return bilevel.instance_net_weights(upper, batch.record_loss, batch.domain_ids, max_weight)
+    raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
+
+
+def with_record_loss(model_config, params, inner_batches: TrainBatch) -> TrainBatch:
+    """``inner_batches [T, B]`` with ``record_loss``: each row's ``(p_i - y_i)^2`` under ``params``
+    (the Instance Net's feature; no gradient flows through it)."""
+
+    def one(batch: TrainBatch):
+        probs, _ = prm.score(model_config, params, batch.inputs)  # [B]
+        return jnp.square(probs - batch.labels.astype(probs.dtype))  # [B]
+
+    return inner_batches.replace(record_loss=jax.lax.stop_gradient(jax.lax.map(one, inner_batches)))  # [T, B]
+
+
+def make_losses(model_config, aggregation: str, meta_loss: str = "chain_mse", weighting: str = "domain",
+                max_weight: float = bilevel.DEFAULT_MAX_WEIGHT) -> tuple[Callable, Callable]:
     """The lower- and upper-level losses of DreamPRM over typed batches.
 
-    inner_loss(params, r, batch: TrainBatch) = sum_i m_i w[d_i] (p_i - y_i)^2 / sum_i m_i
+    inner_loss(params, r, batch: TrainBatch) = sum_i m_i w_i (p_i - y_i)^2 / sum_i m_i,
+        w_i = w[d_i] (``weighting="domain"``) or the record's instance weight (:func:`row_weights`)
     outer_loss(params, batch: MetaBatch)     = mean_chains (sigmoid(A) - label)^2  (``chain_mse``),
         A = mean (or sum) over the chain's steps of the step logit z_s = log(p_s / (1 - p_s));
         or a ranking of A within each question (``listwise`` / ``pairwise``,
@@ -36,10 +78,15 @@ def make_losses(model_config, aggregation: str, meta_loss: str = "chain_mse") ->
     """
     if meta_loss not in bilevel.META_LOSSES:
         raise ValueError(f"make_losses: meta_loss must be one of {bilevel.META_LOSSES}, got {meta_loss!r}")
+    if weighting not in WEIGHTINGS:
+        raise ValueError(f"make_losses: weighting must be one of {WEIGHTINGS}, got {weighting!r}")
 
     def inner_loss(params, raw_weights, batch: TrainBatch):
         probs, _ = prm.score(model_config, params, batch.inputs)  # [B]
-        return bilevel.weighted_mse(probs, batch.labels, batch.domain_ids, raw_weights, batch.sample_mask)
+        if weighting == "domain":
+            return bilevel.weighted_mse(probs, batch.labels, batch.domain_ids, raw_weights, batch.sample_mask)
+        w = row_weights(weighting, raw_weights, batch, max_weight)  # [B]
+        return bilevel.sample_weighted_mse(probs, batch.labels, w, batch.sample_mask)
 
     def outer_loss(params, batch: MetaBatch):
         _, step_logits = prm.score(model_config, params, batch.inputs)  # [M * S]
@@ -109,8 +156,23 @@ def meta_optimizer(lr: float, weight_decay: float, warmup: int = 0, clip: float 
     return optax.chain(clip_by_recent_median(clip), adamw) if clip > 0 else adamw
 
 
-def init_state(params, num_domains: int, optimizer, meta_opt) -> State:
-    raw_weights = jnp.zeros((num_domains,), jnp.float32)  # r = 0: all domains weigh 1
+def init_upper(weighting: str, *, num_domains: int, num_records: int = 0,
+               max_weight: float = bilevel.DEFAULT_MAX_WEIGHT, hidden: int = DEFAULT_HIDDEN, seed: int = 0):
+    """The upper-level variable at its cold start (every weight 1) for ``weighting``."""
+    if weighting == "domain":
+        return jnp.zeros((num_domains,), jnp.float32)  # r = 0: all domains weigh 1
+    if weighting == "instance_table":
+        return bilevel.init_raw_instance_weights(num_records, max_weight)
+    if weighting == "instance_net":
+        return bilevel.init_instance_net(jax.random.fold_in(jax.random.key(seed), 1), num_domains, hidden, max_weight)
+    raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
+
+
+def init_state(params, num_domains: int, optimizer, meta_opt, *, raw_weights=None) -> State:
+    """The training state; ``raw_weights``: the upper-level variable (default ``[K]`` zeros,
+    uniform domain weights; :func:`init_upper` for the other weightings)."""
+    if raw_weights is None:
+        raw_weights = jnp.zeros((num_domains,), jnp.float32)  # r = 0: all domains weigh 1
     return {
         "params": params,
         "opt_state": optimizer.init(params),
@@ -138,7 +200,9 @@ def inner_scan_unrolled(method: str, unroll_inner: bool, reweighting: bool = Tru
 
 def make_bilevel_step(model_config, optimizer, meta_opt, *, method: str = "exact", aggregation: str = "mean",
                       reweighting: bool = True, method_options: dict | None = None,
-                      unroll_inner: bool = False, meta_loss: str = "chain_mse") -> Callable:
+                      unroll_inner: bool = False, meta_loss: str = "chain_mse", weighting: str = "domain",
+                      max_weight: float = bilevel.DEFAULT_MAX_WEIGHT, record_domains=None,
+                      num_domains: int | None = None) -> Callable:
     """Returns ``step(state, inner_batches, meta_batch) -> (state, metrics)`` (not jitted).
 
     ``inner_batches`` carries a leading axis of length T. With ``reweighting=False`` the
@@ -149,8 +213,26 @@ def make_bilevel_step(model_config, optimizer, meta_opt, *, method: str = "exact
     (``bilevel.hypergradient``), which ``method_options`` must then leave unset. ``meta_loss``:
     the upper-level loss (:data:`dreamprm_jax.bilevel.META_LOSSES`; ranking losses need meta
     batches with ``question_index``).
+
+    ``weighting`` (:data:`WEIGHTINGS`) chooses the upper-level variable ``state["raw_weights"]``
+    (module docstring; ``max_weight``: the instance weights' bound). With instance weights the
+    metrics' ``weights`` are ``[K]`` per-domain means: over the whole table
+    (``instance_table``; ``record_domains`` [N] int, each record's domain, is then required)
+    or over the iteration's real training rows (``instance_net``; NaN for a domain with none);
+    ``instance_weights`` holds the table's ``[N]`` weights or the rows' ``[T, B]`` weights, and
+    ``hypergradient`` is ``[K]`` per domain for the table (the sum over its records: the
+    derivative for one shift of all of them) and absent for the net.
     """
-    inner_loss, outer_loss = make_losses(model_config, aggregation, meta_loss)
+    inner_loss, outer_loss = make_losses(model_config, aggregation, meta_loss, weighting, max_weight)
+    if weighting == "instance_table" and record_domains is None:
+        raise ValueError("make_bilevel_step: weighting='instance_table' needs record_domains ([N] int, each "
+                         "training record's domain)")
+    if weighting != "domain" and num_domains is None:
+        raise ValueError(f"make_bilevel_step: weighting={weighting!r} needs num_domains")
+    if record_domains is not None:
+        record_domains = jnp.asarray(record_domains, jnp.int32)  # [N]
+        domain_sizes = jax.ops.segment_sum(jnp.ones_like(record_domains, jnp.float32), record_domains,
+                                           num_domains)  # [K]
     options = dict(method_options or {})
     if inner_scan_unrolled(method, unroll_inner, reweighting):
         if "scan_unroll" in options:
@@ -162,6 +244,8 @@ def make_bilevel_step(model_config, optimizer, meta_opt, *, method: str = "exact
         # The rotary tables once per iteration, outside the unroll (see qwen2_vl.with_rope_tables).
         inner_batches = inner_batches.replace(inputs=qwen2_vl.with_rope_tables(model_config, inner_batches.inputs))
         meta_batch = meta_batch.replace(inputs=qwen2_vl.with_rope_tables(model_config, meta_batch.inputs))
+        if weighting == "instance_net":  # the net's feature: each row's loss at phi_0, fixed through the unroll
+            inner_batches = with_record_loss(model_config, state["params"], inner_batches)
         raw = state["raw_weights"]
         if reweighting:
             g_raw, aux = bilevel.hypergradient(
@@ -176,19 +260,39 @@ def make_bilevel_step(model_config, optimizer, meta_opt, *, method: str = "exact
                 inner_loss, optimizer, state["params"], state["opt_state"], raw, inner_batches)
             inner_losses = inner_metrics["loss"]
             meta_loss = outer_loss(params, meta_batch)
-            g_raw, meta_opt_state = jnp.zeros_like(raw), state["meta_opt_state"]
+            g_raw, meta_opt_state = jax.tree.map(jnp.zeros_like, raw), state["meta_opt_state"]
         new_state = {"params": params, "opt_state": opt_state, "raw_weights": raw,
                      "meta_opt_state": meta_opt_state, "step": state["step"] + 1}
         metrics = {
             "inner_loss": jnp.mean(inner_losses),
             "inner_loss_last": inner_losses[-1],
             "meta_loss": meta_loss,
-            "hypergrad_norm": jnp.linalg.norm(g_raw),
-            "hypergradient": g_raw,  # [K] d meta_loss / d raw weights (zeros without reweighting)
-            "weights": bilevel.domain_weights(raw),
         }
-        metrics["finite"] = jnp.isfinite(metrics["inner_loss"]) & jnp.isfinite(meta_loss) & jnp.all(jnp.isfinite(raw))
+        if weighting == "domain":
+            metrics["hypergrad_norm"] = jnp.linalg.norm(g_raw)
+            metrics["hypergradient"] = g_raw  # [K] d meta_loss / d raw weights (zeros without reweighting)
+            metrics["weights"] = bilevel.domain_weights(raw)
+            raw_finite = jnp.all(jnp.isfinite(raw))
+        else:
+            metrics["hypergrad_norm"] = _common.tree_norm(g_raw)
+            metrics.update(_instance_metrics(weighting, raw, g_raw, inner_batches))
+            raw_finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(raw)]))
+        metrics["finite"] = jnp.isfinite(metrics["inner_loss"]) & jnp.isfinite(meta_loss) & raw_finite
         return new_state, metrics
+
+    def _instance_metrics(weighting, raw, g_raw, inner_batches):
+        if weighting == "instance_table":
+            w = bilevel.instance_weights(raw, max_weight)  # [N]
+            by_domain = jax.ops.segment_sum(w, record_domains, num_domains) / domain_sizes  # [K]
+            g_domain = jax.ops.segment_sum(g_raw, record_domains, num_domains)  # [K]
+            return {"weights": by_domain, "hypergradient": g_domain, "instance_weights": w}
+        w = row_weights(weighting, raw, inner_batches, max_weight)  # [T, B]
+        m = inner_batches.sample_mask.astype(w.dtype)  # [T, B]
+        d = inner_batches.domain_ids.reshape(-1)  # [T * B]
+        total = jax.ops.segment_sum((m * w).reshape(-1), d, num_domains)  # [K]
+        count = jax.ops.segment_sum(m.reshape(-1), d, num_domains)  # [K]
+        by_domain = jnp.where(count > 0, total / jnp.where(count > 0, count, 1.0), jnp.nan)  # [K]
+        return {"weights": by_domain, "instance_weights": jnp.where(m > 0, w, jnp.nan)}
 
     return step
 
