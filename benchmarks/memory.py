@@ -302,7 +302,8 @@ def main(argv=None) -> int:
                    "method_options": extra, "error": f"{type(e).__name__}: {e}"}
         records.append(rec)
         if "error" in rec:
-            print(f"[memory] {method_label(rec)} ({so}, {sc}) T={T} remat={remat} devices={d}: {rec['error'][:200]}", flush=True)
+            print(f"[memory] {method_label(rec)} ({so}, {sc}) T={T} remat={remat} devices={d}: {rec['error'][:200]}",
+                  flush=True)
         else:
             print(f"[memory] {method_label(rec):<14} {so:<7} {sc:<8} T={T} remat={remat:<14} devices={d}: "
                   f"peak {rec['peak_bytes'] / GIB:.2f} GiB "

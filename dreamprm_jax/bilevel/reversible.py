@@ -240,7 +240,7 @@ def exact_reversible(
     Each reversed step costs one inner gradient and one Hessian-vector product (``exact``'s
     VJP); step 1's VJP is taken after the loop, for ``alpha`` only (``exact``'s ``peel_first``).
     Memory: the walking state, its adjoint and one step's VJP, whatever ``T`` (2B, one device,
-    ``benchmarks.memory``: 89.1 GiB at ``T`` = 3, 5 and 8).
+    ``benchmarks.memory``: 89.1 GiB at ``T`` = 3, 5 and 8; 71.7 with ``in_place``).
 
     Options:
       second_order: :func:`unrolled.exact`'s option (``"mixed"``: forward-over-reverse
@@ -252,6 +252,12 @@ def exact_reversible(
         reconstruction's rounding. ``False``: ``z_T`` of the first unroll, bitwise ``exact``'s,
         kept live through the sweep (one more copy of parameters and moments).
       scan_unroll: :func:`unrolled.exact`'s option, for the forward unrolls.
+      in_place: ``False`` (default): the sweep above. ``True``: the same adjoints in an order XLA
+        can run in place (2B, one device: 71.7 GiB at ``T`` = 3, 5 and 8 against 89.1,
+        ``docs/reversible.md``): the moment cotangents carried divided by ``b1``, ``b2``
+        (:func:`adamw_vjp_scaled`), the Hessian-vector product in a conditional of its own, and
+        step 1 in the loop like the others (about one inner gradient more than the peeled step).
+        The same numbers to rounding (float64 tests: 1e-8).
 
     Requires :func:`inner.inner_adamw` as ``optimizer`` (:func:`adamw_constants`).
     """
