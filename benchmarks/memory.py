@@ -4,6 +4,7 @@
     python -m benchmarks.memory --methods exact,exact_lowmem --unroll 1,2,3,4,5,6,7,8 --remat full --devices 1,8
     python -m benchmarks.memory --layers 4                        # fewer decoder / vision layers (see below)
     python -m benchmarks.memory --methods exact,exact_lowmem --second-order reverse,mixed --append
+    python -m benchmarks.memory --methods exact_reversible --options '{"in_place": true}' --devices 1 --append
 
 What is measured: the jitted bi-level iteration of training
 (:func:`dreamprm_jax.train.step.make_bilevel_step`: ``T`` inner AdamW steps + hypergradient +
@@ -77,6 +78,10 @@ def _parser() -> argparse.ArgumentParser:
                         "residuals in [T, ...] buffers; the other methods always loop (train.step.UNROLL_PAYS_METHODS)")
     p.add_argument("--forward-chunk", type=int, default=1, help="exact_forward chunk_size (tangents per pass)")
     p.add_argument("--truncated-k", type=int, default=1, help="truncated: steps kept")
+    p.add_argument("--options", default="{}",
+                   help="JSON object of further method options for every method of --methods (as the trainer's "
+                        "--hypergradient-options), e.g. '{\"in_place\": true}' for exact_reversible; a record's "
+                        "method is then named with them, exact_reversible[in_place=true]")
     p.add_argument("--budget-gb", type=float, default=80.0, help="device memory to compare against (GB = 1e9 B)")
     p.add_argument("--time-limit", type=float, default=540.0, help="stop starting new compiles after this many s")
     p.add_argument("--out", default=os.path.join("benchmarks", "results", "memory.json"))
@@ -90,6 +95,33 @@ def _ints(s: str) -> list[int]:
 
 def _strs(s: str) -> list[str]:
     return [x.strip() for x in s.split(",") if x.strip()]
+
+
+#: Options that other flags set (--second-order, --forward-chunk, --truncated-k, --inner-scan).
+FLAG_OPTIONS = ("second_order", "chunk_size", "k", "scan_unroll")
+
+
+def parse_options(text: str) -> dict:
+    """``--options``: a JSON object whose keys no other flag sets."""
+    try:
+        options = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"benchmarks.memory: --options must be a JSON object, got {text!r} ({e})") from e
+    if not isinstance(options, dict):
+        raise ValueError(f"benchmarks.memory: --options must be a JSON object, got {text!r}")
+    taken = sorted(set(options) & set(FLAG_OPTIONS))
+    if taken:
+        raise ValueError(f"benchmarks.memory: --options sets {taken}, which other flags set (--second-order, "
+                         "--forward-chunk, --truncated-k, --inner-scan)")
+    return options
+
+
+def method_label(r: dict) -> str:
+    """The method of a record with its ``--options``: ``exact_reversible[in_place=true]``."""
+    extra = r.get("method_options") or {}
+    if not extra:
+        return r["method"]
+    return r["method"] + "[" + ",".join(f"{k}={json.dumps(v)}" for k, v in sorted(extra.items())) + "]"
 
 
 def _ensure_devices(n: int) -> None:
@@ -149,7 +181,7 @@ INNER_SCANS = ("unrolled", "loop")
 
 
 def measure(args, method: str, T: int, remat: str, devices: int, second_order: str = "mixed",
-            inner_scan: str = "unrolled") -> dict:
+            inner_scan: str = "unrolled", extra_options: dict | None = None) -> dict:
     import jax
 
     from dreamprm_jax.models import prm, qwen2_vl
@@ -168,7 +200,7 @@ def measure(args, method: str, T: int, remat: str, devices: int, second_order: s
 
     state = jax.eval_shape(init)
     inner, meta, patches = abstract_batches(config, args, T)
-    options = {}
+    options = dict(extra_options or {})
     if method == "exact_forward":
         options["chunk_size"] = args.forward_chunk
     if method == "truncated":
@@ -191,6 +223,7 @@ def measure(args, method: str, T: int, remat: str, devices: int, second_order: s
         raise RuntimeError("this backend has no compiled.memory_analysis()")
     n_params = sum(int(x.size) for x in jax.tree.leaves(state["params"]))
     rec = {"method": method, "T": T, "remat": remat, "devices": devices, "options": options,
+           "method_options": dict(extra_options or {}),
            "second_order": options.get("second_order", "-"), "inner_scan": inner_scan,
            "layers": config.text.num_hidden_layers, "vision_depth": config.vision.depth,
            "layers_overridden": bool(args.layers), "params": n_params, "patches_per_image": patches,
@@ -205,7 +238,7 @@ def _key(r: dict) -> tuple:
     """A setting's identity (records written before --second-order existed were all "reverse";
     before --inner-scan, the scan's form was not recorded: "?")."""
     so = r.get("second_order", "reverse") if r["method"] in SECOND_ORDER_METHODS else "-"
-    return r["method"], r["T"], r["remat"], r["devices"], so, r.get("inner_scan", "?")
+    return method_label(r), r["T"], r["remat"], r["devices"], so, r.get("inner_scan", "?")
 
 
 def format_table(records: list[dict], budget_gb: float) -> str:
@@ -215,11 +248,11 @@ def format_table(records: list[dict], budget_gb: float) -> str:
     lines = [head, "-" * len(head)]
     for r in records:
         if "error" in r:
-            lines.append(f"{r['method']:<14} {_key(r)[4]:<7} {_key(r)[5]:<8} {r['T']:>2} {r['remat']:<14} "
+            lines.append(f"{method_label(r):<14} {_key(r)[4]:<7} {_key(r)[5]:<8} {r['T']:>2} {r['remat']:<14} "
                          f"{r['devices']:>3}  error: {r['error'][:80]}")
             continue
         lines.append(
-            f"{r['method']:<14} {_key(r)[4]:<7} {_key(r)[5]:<8} {r['T']:>2} {r['remat']:<14} {r['devices']:>3} "
+            f"{method_label(r):<14} {_key(r)[4]:<7} {_key(r)[5]:<8} {r['T']:>2} {r['remat']:<14} {r['devices']:>3} "
             f"{r['argument_bytes'] / GIB:>9.2f} "
             f"{r['output_bytes'] / GIB:>8.2f} {r['alias_bytes'] / GIB:>9.2f} {r['temp_bytes'] / GIB:>9.2f} "
             f"{r['peak_bytes'] / GIB:>9.2f} {'yes' if r['fits'] else 'no':>10} {r['compile_s']:>9.1f}")
@@ -242,6 +275,7 @@ def main(argv=None) -> int:
         raise SystemExit(f"benchmarks.memory: {jax.device_count()} devices visible, --devices asks for {max(devices)}")
     methods, unrolls, remats = _strs(args.methods), _ints(args.unroll), _strs(args.remat)
     second_orders, scans = _strs(args.second_order), _strs(args.inner_scan)
+    extra = parse_options(args.options)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     meta = {"command": "python -m benchmarks.memory " + " ".join(sys.argv[1:] if argv is None else argv),
             "machine": platform.platform(), "processor": platform.processor(), "jax": jax.__version__,
@@ -252,7 +286,7 @@ def main(argv=None) -> int:
             for sc in (scans if m in step_lib.UNROLL_PAYS_METHODS else ["loop"]) for T in unrolls for d in devices]
     if args.append and os.path.isfile(args.out):
         with open(args.out) as f:
-            replaced = set(grid)
+            replaced = {(method_label({"method": m, "method_options": extra}), *rest) for m, *rest in grid}
             records = [r for r in json.load(f).get("records", []) if _key(r) not in replaced]
     t_start = time.perf_counter()
     for i, (method, T, remat, d, so, sc) in enumerate(grid):
@@ -262,15 +296,16 @@ def main(argv=None) -> int:
                                for m, t, r, dd, o, c in grid[i:]]
             break
         try:
-            rec = measure(args, method, T, remat, d, so if so != "-" else "mixed", sc)
+            rec = measure(args, method, T, remat, d, so if so != "-" else "mixed", sc, extra)
         except Exception as e:  # noqa: BLE001 - record and go on (one bad setting must not end the sweep)
             rec = {"method": method, "T": T, "remat": remat, "devices": d, "second_order": so, "inner_scan": sc,
-                   "error": f"{type(e).__name__}: {e}"}
+                   "method_options": extra, "error": f"{type(e).__name__}: {e}"}
         records.append(rec)
         if "error" in rec:
-            print(f"[memory] {method} ({so}, {sc}) T={T} remat={remat} devices={d}: {rec['error'][:200]}", flush=True)
+            print(f"[memory] {method_label(rec)} ({so}, {sc}) T={T} remat={remat} devices={d}: {rec['error'][:200]}",
+                  flush=True)
         else:
-            print(f"[memory] {method:<14} {so:<7} {sc:<8} T={T} remat={remat:<14} devices={d}: "
+            print(f"[memory] {method_label(rec):<14} {so:<7} {sc:<8} T={T} remat={remat:<14} devices={d}: "
                   f"peak {rec['peak_bytes'] / GIB:.2f} GiB "
                   f"per device (compile {rec['compile_s']} s)", flush=True)
         _common.write_json(args.out, {"meta": meta, "records": records})  # after every record: a crash keeps them

@@ -3,6 +3,8 @@
 (The compiles themselves are minutes of the full 2B config: a benchmark, not a test.)
 """
 
+import pytest
+
 from benchmarks import memory
 
 
@@ -42,3 +44,15 @@ def test_parser_takes_lists_and_defaults_to_what_the_2b_preset_trains():
     assert memory._strs(args.inner_scan) == ["loop", "unrolled"]
     defaults = memory._parser().parse_args([])
     assert (defaults.second_order, defaults.inner_scan) == ("mixed", "unrolled")
+
+
+def test_options_name_the_method_and_refuse_what_other_flags_set():
+    assert memory.parse_options('{"in_place": true}') == {"in_place": True}
+    rec = _record("exact_reversible", "mixed", inner_scan="loop", method_options={"in_place": True})
+    assert memory.method_label(rec) == "exact_reversible[in_place=true]"
+    assert memory._key(rec)[0] == "exact_reversible[in_place=true]"
+    assert memory.format_table([rec], 80.0).splitlines()[2].split()[0] == "exact_reversible[in_place=true]"
+    assert memory.method_label(_record("exact_reversible", method_options={})) == "exact_reversible"
+    for bad in ('{"second_order": "reverse"}', "[1]", "{"):
+        with pytest.raises(ValueError, match="--options"):
+            memory.parse_options(bad)

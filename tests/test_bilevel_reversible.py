@@ -73,10 +73,11 @@ def mlp_exact(mlp):
     return hypergradient("exact", prob, batches)
 
 
-@pytest.mark.parametrize("options", [{}, {"second_order": "reverse"}, {"reforward": False}])
+@pytest.mark.parametrize("options", [{}, {"second_order": "reverse"}, {"reforward": False}, {"in_place": True},
+                                     {"in_place": True, "second_order": "reverse", "reforward": False}])
 def test_exact_reversible_matches_exact_float64(mlp, mlp_exact, options):
-    """Same hypergradient as ``exact`` (rel err <= 1e-8, float64); the state after the unroll is
-    ``exact``'s bitwise without ``reforward``, to 1e-10 relative with it."""
+    """Same hypergradient as ``exact`` (rel err <= 1e-8, float64), with and without ``in_place``; the
+    state after the unroll is ``exact``'s bitwise without ``reforward``, to 1e-10 relative with it."""
     prob, batches = mlp
     g_ref, aux_ref = mlp_exact
     g, aux = hypergradient("exact_reversible", prob, batches, **options)
@@ -110,8 +111,33 @@ def test_exact_reversible_matches_exact_tiny_transformer(x64, warm_steps, tolera
         prob = dataclasses.replace(prob, params=params, opt_state=opt_state)
     batches = prob.sample_batches(jax.random.PRNGKey(3))
     g_ref, _ = hypergradient("exact", prob, batches)
-    g, _ = hypergradient("exact_reversible", prob, batches)
-    assert rel_err(g, g_ref) <= tolerance, (g, g_ref)
+    for in_place in (False, True):
+        g, _ = hypergradient("exact_reversible", prob, batches, in_place=in_place)
+        assert rel_err(g, g_ref) <= tolerance, (in_place, g, g_ref)
+
+
+def test_adamw_vjp_scaled_is_adamw_vjp(x64):
+    """The scaled recursion gives adamw_vjp's gbar and its moment cotangents times (1 / b1, 1 / b2)
+    (float64, a weight-decay mask, a StepLR boundary; rel err <= 1e-13)."""
+    opt = bilevel.inner_adamw(bilevel.step_lr(3e-2, step_size=1, gamma=0.5), weight_decay=0.1,
+                              mask=lambda params: jax.tree.map(lambda x: x.ndim > 1, params))
+    prob = problems.mlp_regression(seed=2, dtype=jnp.float64, num_domains=3, inner_steps=2, batch_size=8,
+                                   in_dim=4, hidden=8, optimizer=opt)
+    inner, _ = prob.sample_batches(jax.random.PRNGKey(0))
+    alpha = jnp.array([0.3, -0.2, 0.1])
+    p, s, _ = bilevel.unroll(prob.inner_loss, opt, prob.params, prob.opt_state, alpha, inner)
+    g = jax.grad(prob.inner_loss)(p, alpha, inner_lib.batch_at(inner, 1))
+    keys = iter(jax.random.split(jax.random.PRNGKey(5), 3 * len(jax.tree.leaves(p))))
+    p_bar, m_bar, v_bar = (jax.tree.map(lambda x: jax.random.normal(next(keys), x.shape, x.dtype), p)
+                           for _ in range(3))
+    constants = reversible.adamw_constants(opt, s)
+    b1, b2 = constants.b1, constants.b2
+    g_bar, (m_prev, v_prev), _ = reversible.adamw_vjp(constants, s, g, p_bar, (m_bar, v_bar))
+    scaled = (jax.tree.map(lambda x: x / b1, m_bar), jax.tree.map(lambda x: x / b2, v_bar))
+    g_bar2, (m_c, v_c) = reversible.adamw_vjp_scaled(constants, s, g, p_bar, scaled)
+    assert tree_rel_err(g_bar2, g_bar) <= 1e-13
+    assert tree_rel_err(jax.tree.map(lambda x: b1 * x, m_c), m_prev) <= 1e-13
+    assert tree_rel_err(jax.tree.map(lambda x: b2 * x, v_c), v_prev) <= 1e-13
 
 
 @pytest.mark.parametrize("learning_rate,mask", [

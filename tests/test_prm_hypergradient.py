@@ -144,16 +144,18 @@ def test_exact_reverse_second_order_matches_mixed(prob, exact):
     np.testing.assert_allclose(float(aux["outer_loss"]), float(aux_ref["outer_loss"]), rtol=1e-12)
 
 
-def test_exact_reversible_matches_exact(prob):
+@pytest.mark.parametrize("in_place", [False, True])
+def test_exact_reversible_matches_exact(prob, in_place):
     """Reverse mode over the inverted AdamW steps (z_{t-1} reconstructed from z_t) = reverse mode
     through the stored unroll, through the real model, from a warm optimizer state (one unroll on
     the same batches first, as in training: a cold v_0 = 0 loses small early gradients to the
-    reconstruction's rounding, tests/test_bilevel_reversible.py), rel err <= 1e-8 (float64)."""
+    reconstruction's rounding, tests/test_bilevel_reversible.py), rel err <= 1e-8 (float64), with
+    and without ``in_place``."""
     p, batches = prob
     params, opt_state, _ = bilevel.unroll(p.inner_loss, p.optimizer, p.params, p.opt_state, p.alpha, batches[0])
     p = dataclasses.replace(p, params=params, opt_state=opt_state)
     g_ref, aux_ref = hypergradient("exact", p, batches)
-    g, aux = hypergradient("exact_reversible", p, batches)
+    g, aux = hypergradient("exact_reversible", p, batches, in_place=in_place)
     assert rel_err(g, g_ref) <= 1e-8, (g, g_ref)
     np.testing.assert_allclose(float(aux["outer_loss"]), float(aux_ref["outer_loss"]), rtol=1e-12)
     for a, b in zip(jax.tree.leaves(aux["params"]), jax.tree.leaves(aux_ref["params"])):

@@ -30,6 +30,8 @@ second moment of an element whose gradient grows between steps holds the earlier
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -39,7 +41,8 @@ from dreamprm_jax.bilevel import _common
 from dreamprm_jax.bilevel.inner import (AdamWConstants, ReversibleAdamW, _value_and_grad, batch_at, num_steps,
                                         unroll)
 
-__all__ = ["adamw_constants", "undo_update", "undo_moments", "adamw_vjp", "reverse_unroll", "exact_reversible"]
+__all__ = ["adamw_constants", "undo_update", "undo_moments", "adamw_vjp", "adamw_vjp_scaled", "reverse_unroll",
+           "exact_reversible"]
 
 
 def _is_node(x) -> bool:
@@ -162,6 +165,40 @@ def adamw_vjp(constants: AdamWConstants, opt_state, grads, p_bar, s_bar):
     return pick(0), (pick(1), pick(2)), pick(3)
 
 
+def adamw_vjp_scaled(constants: AdamWConstants, opt_state, grads, p_bar, s_bar_scaled):
+    """:func:`adamw_vjp` with the moment cotangents carried divided by ``b1``, ``b2``.
+
+    With ``(M, V) = (mbar / b1, vbar / b2)`` the recursion of :func:`adamw_vjp` reads
+
+        M' = b1 M - pbar lr / ((1 - b1^c) den)                           (mtilde)
+        V' = b2 V + pbar lr m_hat / (2 (1 - b2^c) den^2 sqrt(v_hat + eps_root))   (vtilde)
+        gbar = (1 - b1) M' + 2 (1 - b2) g V'
+
+    so the carried adjoints are the new ``(M', V')`` themselves and ``gbar`` is computed from
+    them: each is one elementwise update of its own buffer, and nothing but ``gbar`` is new
+    (:func:`adamw_vjp` materialises ``mtilde`` and ``vtilde`` beside the old and the new
+    cotangents). ``pbar' = (1 - lr wd) pbar`` is left to the caller (it adds the Hessian-vector
+    product to it). Returns ``(gbar, (M', V'))``.
+    """
+    lr, bc1, bc2, adam = _step_constants(constants, _next_counts(opt_state))
+    b1, b2 = constants.b1, constants.b2
+    m_c, v_c = s_bar_scaled
+
+    def one(g, m, v, pb, mc, vc):
+        m, v = b1 * m + (1 - b1) * g, b2 * v + (1 - b2) * (g * g)  # the step's m_t, v_t
+        lr_ = jnp.asarray(lr, g.dtype)
+        c1, c2 = bc1.astype(g.dtype), bc2.astype(g.dtype)
+        root = jnp.sqrt(v / c2 + constants.eps_root)
+        den = root + constants.eps
+        mc = b1 * mc - pb * lr_ / (c1 * den)
+        vc = b2 * vc + pb * lr_ * (m / c1) / (2 * c2 * den * den * root)
+        return (1 - b1) * mc + 2 * (1 - b2) * g * vc, mc, vc
+
+    out = jax.tree.map(one, grads, adam.mu, adam.nu, p_bar, m_c, v_c)
+    pick = lambda i: jax.tree.map(lambda _, o: o[i], grads, out)  # noqa: E731
+    return pick(0), (pick(1), pick(2))
+
+
 def reverse_unroll(inner_loss, optimizer, params, opt_state, alpha, inner_batches):
     """``(phi_0, s_0)`` reconstructed from ``(phi_T, s_T)`` by ``T`` inverted steps (no adjoints).
 
@@ -180,9 +217,14 @@ def reverse_unroll(inner_loss, optimizer, params, opt_state, alpha, inner_batche
     return lax.fori_loop(0, T, body, (params, opt_state))
 
 
+def _zeros_of(fn, *args):
+    """Zeros shaped like ``fn(*args)`` (``fn`` traced for its shapes only)."""
+    return jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), jax.eval_shape(fn, *args))
+
+
 def exact_reversible(
     inner_loss, outer_loss, optimizer, params, opt_state, alpha, inner_batches, outer_batch, *, second_order="mixed",
-    reforward=True, scan_unroll=1,
+    reforward=True, scan_unroll=1, in_place=False,
 ):
     """Exact hypergradient (5) by reverse mode over the reversed AdamW unroll (module docstring).
 
@@ -198,7 +240,7 @@ def exact_reversible(
     Each reversed step costs one inner gradient and one Hessian-vector product (``exact``'s
     VJP); step 1's VJP is taken after the loop, for ``alpha`` only (``exact``'s ``peel_first``).
     Memory: the walking state, its adjoint and one step's VJP, whatever ``T`` (2B, one device,
-    ``benchmarks.memory``: 89.1 GiB at ``T`` = 3, 5 and 8).
+    ``benchmarks.memory``: 89.1 GiB at ``T`` = 3, 5 and 8; 71.7 with ``in_place``).
 
     Options:
       second_order: :func:`unrolled.exact`'s option (``"mixed"``: forward-over-reverse
@@ -210,6 +252,12 @@ def exact_reversible(
         reconstruction's rounding. ``False``: ``z_T`` of the first unroll, bitwise ``exact``'s,
         kept live through the sweep (one more copy of parameters and moments).
       scan_unroll: :func:`unrolled.exact`'s option, for the forward unrolls.
+      in_place: ``False`` (default): the sweep above. ``True``: the same adjoints in an order XLA
+        can run in place (2B, one device: 71.7 GiB at ``T`` = 3, 5 and 8 against 89.1,
+        ``docs/reversible.md``): the moment cotangents carried divided by ``b1``, ``b2``
+        (:func:`adamw_vjp_scaled`), the Hessian-vector product in a conditional of its own, and
+        step 1 in the loop like the others (about one inner gradient more than the peeled step).
+        The same numbers to rounding (float64 tests: 1e-8).
 
     Requires :func:`inner.inner_adamw` as ``optimizer`` (:func:`adamw_constants`).
     """
@@ -218,7 +266,7 @@ def exact_reversible(
     value_and_grad = _value_and_grad(inner_loss, second_order)
     p_T, s_T, metrics = unroll(inner_loss, optimizer, params, opt_state, alpha, inner_batches, scan_unroll=scan_unroll)
     lo, p_bar = jax.value_and_grad(outer_loss)(p_T, outer_batch)
-    s_bar = (jax.tree.map(jnp.zeros_like, p_bar), jax.tree.map(jnp.zeros_like, p_bar))  # (mbar_T, vbar_T)
+    s_bar = (jax.tree.map(jnp.zeros_like, p_bar), jax.tree.map(jnp.zeros_like, p_bar))  # (mbar_T, vbar_T): 0
     a_bar = jax.tree.map(jnp.zeros_like, alpha)
 
     def reverse_step(t, p, s, p_bar, s_bar):
@@ -238,10 +286,34 @@ def exact_reversible(
         hv_p, hv_a = grad_vjp(g_bar)
         return p_prev, s_prev, jax.tree.map(jnp.add, p_bar_prev, hv_p), s_bar_prev, hv_a
 
+    def reverse_step_in_place(t, p, s, p_bar, s_bar):
+        """``reverse_step`` with ``s_bar = (mbar / b1, vbar / b2)`` (``in_place=True``)."""
+        batch = batch_at(inner_batches, t)
+        lr = _step_constants(constants, s)[0]
+        p_prev = undo_update(constants, p, s)
+        g, grad_vjp = jax.vjp(lambda q, a: value_and_grad(q, a, batch)[::-1], p_prev, alpha, has_aux=True)[:2]
+        s_prev = undo_moments(constants, s, g)
+        g_bar, s_bar = adamw_vjp_scaled(constants, s_prev, g, p_bar, s_bar)
+        # The Hessian-vector product in a conditional that always runs (t >= 0): a branch is an XLA
+        # computation of its own, so the zero-filled buffers its scans write their outputs into are
+        # allocated there, when it runs, instead of at the top of the loop body, shared with the
+        # gradient's scans (2B, one device: 71.7 GiB against 80.0 without it, benchmarks.memory).
+        hv_p, hv_a = lax.cond(t >= 0, grad_vjp, functools.partial(_zeros_of, grad_vjp), g_bar)
+        p_bar = jax.tree.map(lambda pb, h, wd: (1 - jnp.asarray(lr, pb.dtype) * wd) * pb + h, p_bar, hv_p,
+                             _weight_decay_tree(constants, p_bar))
+        return p_prev, s_prev, p_bar, s_bar, hv_a
+
     def backward(i, carry):
         p, s, p_bar, s_bar, a_bar = carry
-        p, s, p_bar, s_bar, ab = reverse_step(T - 1 - i, p, s, p_bar, s_bar)
+        step = reverse_step_in_place if in_place else reverse_step
+        p, s, p_bar, s_bar, ab = step(T - 1 - i, p, s, p_bar, s_bar)
         return p, s, p_bar, s_bar, jax.tree.map(jnp.add, a_bar, ab)
+
+    if in_place:
+        p_0, s_0, _, _, g = lax.fori_loop(0, T, backward, (p_T, s_T, p_bar, s_bar, a_bar))
+        if reforward:
+            p_T, s_T, _ = unroll(inner_loss, optimizer, p_0, s_0, alpha, inner_batches, scan_unroll=scan_unroll)
+        return g, _common.make_aux(p_T, s_T, metrics, lo)
 
     # Steps T..2 in the loop; step 1 after it, where only its alpha part (and z_0) is used, so XLA
     # drops the phi part of its VJP.

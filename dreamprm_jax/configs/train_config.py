@@ -106,7 +106,8 @@ class TrainConfig:
     hypergradient_options: str = _field(
         "{}", "JSON dict of method options, e.g. '{\"k\": 2}' (truncated) or '{\"second_order\": \"reverse\"}' "
         "(exact, exact_lowmem, exact_reversible, truncated: reverse-over-reverse instead of the default "
-        "forward-over-reverse Hessian-vector products; same numbers, more memory).")
+        "forward-over-reverse Hessian-vector products; same numbers, more memory) or '{\"in_place\": true}' "
+        "(exact_reversible: the same numbers in 71.7 GiB on one device for the 2B model, against 89.1).")
     unroll_inner_scan: bool = _field(
         False, "Unroll the T-step inner scan of the exact method into straight-line code instead of a loop (same "
         "maths; the other methods keep the loop, which is their smaller program: 2B darts 50 GiB looped, 81 "
