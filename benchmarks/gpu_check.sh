@@ -11,7 +11,7 @@
 # `pip install`). torch is not needed (the PyTorch reference is a CPU/small-config
 # comparison: python -m benchmarks.step_throughput).
 #
-# What it runs (at most ~11 minutes): for each of exact_reversible, exact_lowmem, darts, exact a separate
+# What it runs (at most ~11 minutes): for each of exact_reversible:in_place=true, darts, exact_lowmem, exact a separate
 # process (so an out-of-memory in one does not stop the others, each with a time limit)
 #     python -m benchmarks.step_throughput --config qwen2_vl_2b --device gpu --methods <m>
 # i.e. bfloat16 compute, float32 master weights and AdamW state, per-block remat "full",
@@ -28,11 +28,12 @@
 # scan) and `exact_lowmem` (133.5 GiB) to fail with RESOURCE_EXHAUSTED on one 80 GB card:
 # that is a result, recorded as such (`darts`: 50.0 GiB). A 141 GB H200 is just short for
 # `exact_lowmem` too (133.5 GiB = 143 GB), by XLA:CPU's estimate. `exact_reversible` (the same
-# hypergradient over the inverted AdamW steps, flat in T) is estimated at 89.1 GiB: over an 80 GB
-# card, within an H200.
+# hypergradient over the inverted AdamW steps, flat in T) is estimated at 71.6 GiB with its option
+# in_place=true (within an 80 GB card) and 89.1 GiB without it (within an H200).
 #
 # Knobs (environment): OUT, PEAK_TFLOPS, PER_METHOD_S (time limit per method, default 155),
-# METHODS (default "exact_reversible exact_lowmem darts exact"), EXTRA_ARGS (appended to every
+# METHODS (default "exact_reversible:in_place=true darts exact_lowmem exact"; NAME:KEY=VALUE sets a
+# method option), EXTRA_ARGS (appended to every
 # step_throughput call; the last occurrence of a flag wins, e.g. "--text-layers 14"),
 # exact's T = 5 inner steps are unrolled, as the qwen2_vl_2b preset trains (its loop's residual
 # stacks cost memory; the other methods loop, their smaller program); EXTRA_ARGS="--no-unroll-inner"
@@ -44,7 +45,7 @@ cd "$(dirname "$0")/.."
 OUT="${OUT:-benchmarks/results/gpu}"
 PEAK_TFLOPS="${PEAK_TFLOPS:-989.4}"
 PER_METHOD_S="${PER_METHOD_S:-155}"
-METHODS="${METHODS:-exact_reversible exact_lowmem darts exact}"
+METHODS="${METHODS:-exact_reversible:in_place=true darts exact_lowmem exact}"
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export XLA_PYTHON_CLIENT_MEM_FRACTION="${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.95}"

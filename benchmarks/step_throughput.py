@@ -81,7 +81,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="JAX platform (default: JAX's choice)")
     p.add_argument("--methods", nargs="+", default=list(METHODS),
                    help=f"subset of {METHODS} (or any hypergradient method); NAME:mixed / NAME:reverse sets the "
-                        "second_order option of exact, exact_lowmem and truncated (e.g. exact:mixed)")
+                        "second_order option of exact, exact_lowmem and truncated (e.g. exact:mixed), "
+                        "NAME:KEY=VALUE any method option (e.g. exact_reversible:in_place=true); options "
+                        "are separated by commas")
     p.add_argument("--hidden", type=int, default=64, help="demo: text hidden size")
     p.add_argument("--layers", type=int, default=2, help="demo: decoder layers")
     p.add_argument("--text-layers", type=int, default=None, help="override the config's decoder layers (any config)")
@@ -231,10 +233,33 @@ def _fresh_state(make_params, num_domains, opt, meta_opt):
     return init(make_params())
 
 
+def _option_value(text: str):
+    """``true`` / ``false`` / an integer / a float, else the text itself."""
+    lowered = text.lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
 def _split_method(method: str) -> tuple[str, dict]:
-    """``"exact:mixed"`` -> ``("exact", {"second_order": "mixed"})``; ``"darts"`` -> ``("darts", {})``."""
-    name, _, second_order = method.partition(":")
-    return name, ({"second_order": second_order} if second_order else {})
+    """A method spec ``NAME[:OPTION[,OPTION...]]`` -> ``(NAME, options)``; an ``OPTION`` is
+    ``KEY=VALUE`` or a bare second-order mode: ``"exact:mixed"`` -> ``("exact", {"second_order":
+    "mixed"})``, ``"exact_reversible:in_place=true"`` -> ``("exact_reversible", {"in_place": True})``,
+    ``"darts"`` -> ``("darts", {})``."""
+    name, _, rest = method.partition(":")
+    options = {}
+    for item in filter(None, rest.split(",")):
+        key, eq, value = item.partition("=")
+        if eq:
+            options[key] = _option_value(value)
+        else:
+            options["second_order"] = item
+    return name, options
 
 
 def _make_step(a, config, method, opt, meta_opt):
@@ -256,7 +281,7 @@ def _model_flops(a, config, method, opt, meta_opt, state, inner, meta) -> float:
 
     name, options = _split_method(method)
     if name in ("exact_lowmem", "exact_reversible"):
-        method = ":".join(["exact", *options.values()])
+        method = ":".join(["exact", *([options["second_order"]] if "second_order" in options else [])])
     fn = _make_step(a, config.replace(remat="none"), method, opt, meta_opt)
     return _common.jaxpr_flops(jax.make_jaxpr(fn)(state, inner, meta))["flops"]
 

@@ -19,6 +19,15 @@ def test_split_baseline_argv_keeps_the_other_options_in_order():
     assert baseline_rev.split_baseline_argv(["--hidden", "16"]) == (None, ["--hidden", "16"])
 
 
+def test_method_specs_carry_options():
+    from benchmarks.step_throughput import _split_method
+
+    assert _split_method("darts") == ("darts", {})
+    assert _split_method("exact:mixed") == ("exact", {"second_order": "mixed"})
+    assert _split_method("exact_reversible:in_place=true") == ("exact_reversible", {"in_place": True})
+    assert _split_method("truncated:reverse,k=2") == ("truncated", {"second_order": "reverse", "k": 2})
+
+
 def test_step_throughput_parses_the_option_and_names_its_own_output():
     from benchmarks import step_throughput as st
 
