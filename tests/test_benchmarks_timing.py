@@ -96,7 +96,8 @@ def test_step_throughput_weighting_options_and_ratios_over_the_domain_run():
 
     parse = step_throughput._parser().parse_args
     assert parse([]).weighting == ["domain"] and parse([]).num_records == 100_000
-    assert parse(["--weighting", "domain", "instance_net", "--num-records", "7"]).weighting == ["domain", "instance_net"]
+    several = parse(["--weighting", "domain", "instance_net", "--num-records", "7"])
+    assert (several.weighting, several.num_records) == (["domain", "instance_net"], 7)
     with pytest.raises(SystemExit):
         parse(["--weighting", "per_step"])
     assert step_throughput.run_name("exact:mixed", "domain") == "exact:mixed"
@@ -105,7 +106,8 @@ def test_step_throughput_weighting_options_and_ratios_over_the_domain_run():
     result = {"interleaved": True, "torch": {},
               "jax": {"darts": run, "exact": {"median_s": 2.0, "times_s": [2.0, 4.0]},
                       "exact/instance_table": {"median_s": 3.0, "times_s": [3.0, 6.0]}}}
-    ratios = step_throughput._ratios(result, Namespace(methods=["exact", "darts"], weighting=["domain", "instance_table"]))
+    a = Namespace(methods=["exact", "darts"], weighting=["domain", "instance_table"])
+    ratios = step_throughput._ratios(result, a)
     assert ratios["time_ratio_jax_exact/instance_table_over_jax_exact"] == pytest.approx(1.5)
     assert ratios["time_ratio_jax_exact_over_jax_darts"] == pytest.approx(2.0)
     assert not any("instance_table_over_jax_darts" in k for k in ratios)
