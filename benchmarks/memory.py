@@ -5,6 +5,7 @@
     python -m benchmarks.memory --layers 4                        # fewer decoder / vision layers (see below)
     python -m benchmarks.memory --methods exact,exact_lowmem --second-order reverse,mixed --append
     python -m benchmarks.memory --methods exact_reversible --options '{"in_place": true}' --devices 1 --append
+    python -m benchmarks.memory --methods darts --devices 1 --weighting domain,instance_table,instance_net
 
 What is measured: the jitted bi-level iteration of training
 (:func:`dreamprm_jax.train.step.make_bilevel_step`: ``T`` inner AdamW steps + hypergradient +
@@ -19,7 +20,11 @@ trainer's rules (:mod:`dreamprm_jax.train.sharding`: FSDP over ``d`` devices, me
 The sample (DreamPRM's, batch 1): one 448x448 image = 32x32 = 1024 patches -> 256 image
 tokens, 1024 tokens per sequence; inner batches ``[T, 1, 1024]``; the meta batch is one
 chain of 5 step prefixes (5 sequences of 1024 tokens, each with the image: 5120 patches).
-``--domains`` (default 15) sets ``K``. Compute dtype ``--dtype`` (default bfloat16; the
+``--domains`` (default 15) sets ``K``. ``--weighting`` chooses the upper-level variable as the
+trainer's flag does: the ``[K]`` domain weights, a table of ``--num-records`` instance weights
+(replicated on every device; the inner batches then carry ``record_ids [T, 1]``), or the
+Instance Net (its feature, each row's loss at the starting parameters, computed in the
+iteration). Compute dtype ``--dtype`` (default bfloat16; the
 parameters and both optimizer states are float32 regardless, see DESIGN.md).
 
 Caveats, said plainly:
@@ -50,6 +55,7 @@ import platform
 import sys
 import time
 
+from dreamprm_jax.configs.train_config import WEIGHTINGS
 from dreamprm_jax.utils.xla_memory import compiled_memory
 
 GIB = 1024 ** 3
@@ -68,6 +74,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--image-side", type=int, default=448, help="image side in pixels (multiple of 28)")
     p.add_argument("--meta-steps", type=int, default=5, help="step prefixes of the one meta chain")
     p.add_argument("--domains", type=int, default=15, help="number of domains K")
+    p.add_argument("--weighting", default="domain",
+                   help="comma-separated upper-level variables: domain, instance_table, instance_net")
+    p.add_argument("--num-records", type=int, default=100_000, help="instance_table: training records N")
     p.add_argument("--dtype", default="bfloat16", help="compute dtype (parameters stay float32)")
     p.add_argument("--second-order", default="mixed",
                    help="comma-separated: reverse, mixed (how exact / exact_lowmem / truncated differentiate "
@@ -117,11 +126,14 @@ def parse_options(text: str) -> dict:
 
 
 def method_label(r: dict) -> str:
-    """The method of a record with its ``--options``: ``exact_reversible[in_place=true]``."""
+    """The method of a record with its ``--options`` and, unless ``domain`` (also a record written
+    before ``--weighting``), its weighting: ``exact_reversible[in_place=true]/instance_table``."""
     extra = r.get("method_options") or {}
-    if not extra:
-        return r["method"]
-    return r["method"] + "[" + ",".join(f"{k}={json.dumps(v)}" for k, v in sorted(extra.items())) + "]"
+    label = r["method"]
+    if extra:
+        label += "[" + ",".join(f"{k}={json.dumps(v)}" for k, v in sorted(extra.items())) + "]"
+    weighting = r.get("weighting", "domain")
+    return label if weighting == "domain" else f"{label}/{weighting}"
 
 
 def _ensure_devices(n: int) -> None:
@@ -145,8 +157,9 @@ def model_config(args, remat: str):
     return config
 
 
-def abstract_batches(config, args, T: int):
-    """``jax.ShapeDtypeStruct`` inner batches ``[T, 1, L]`` and the meta batch (1 chain x S)."""
+def abstract_batches(config, args, T: int, weighting: str = "domain"):
+    """``jax.ShapeDtypeStruct`` inner batches ``[T, 1, L]`` (with ``record_ids`` for ``instance_table``)
+    and the meta batch (1 chain x S)."""
     import jax
     import numpy as np
 
@@ -170,7 +183,8 @@ def abstract_batches(config, args, T: int):
             vision_segment_ids=sd(lead + (n_images * patches,), np.int32))
 
     inner = TrainBatch(model(1, 1, (T,)), labels=sd((T, 1), np.float32), domain_ids=sd((T, 1), np.int32),
-                       sample_mask=sd((T, 1), np.float32))
+                       sample_mask=sd((T, 1), np.float32),
+                       record_ids=sd((T, 1), np.int32) if weighting == "instance_table" else None)
     meta = MetaBatch(model(S, S), step_mask=sd((1, S), np.float32), labels=sd((1,), np.float32),
                      chain_mask=sd((1,), np.float32))
     return inner, meta, patches
@@ -181,8 +195,9 @@ INNER_SCANS = ("unrolled", "loop")
 
 
 def measure(args, method: str, T: int, remat: str, devices: int, second_order: str = "mixed",
-            inner_scan: str = "unrolled", extra_options: dict | None = None) -> dict:
+            inner_scan: str = "unrolled", extra_options: dict | None = None, weighting: str = "domain") -> dict:
     import jax
+    import numpy as np
 
     from dreamprm_jax.models import prm, qwen2_vl
     from dreamprm_jax.train import sharding
@@ -196,10 +211,12 @@ def measure(args, method: str, T: int, remat: str, devices: int, second_order: s
     def init():
         key = jax.random.key(0)
         params = prm.init(config, key, qwen2_vl.init_params(config, key))
-        return step_lib.init_state(params, args.domains, optimizer, meta_opt)
+        upper = None if weighting == "domain" else step_lib.init_upper(weighting, num_domains=args.domains,
+                                                                        num_records=args.num_records)
+        return step_lib.init_state(params, args.domains, optimizer, meta_opt, raw_weights=upper)
 
     state = jax.eval_shape(init)
-    inner, meta, patches = abstract_batches(config, args, T)
+    inner, meta, patches = abstract_batches(config, args, T, weighting)
     options = dict(extra_options or {})
     if method == "exact_forward":
         options["chunk_size"] = args.forward_chunk
@@ -211,8 +228,11 @@ def measure(args, method: str, T: int, remat: str, devices: int, second_order: s
         raise ValueError(f"benchmarks.memory: --inner-scan {inner_scan!r}; expected one of {INNER_SCANS}")
     if inner_scan == "unrolled" and not step_lib.inner_scan_unrolled(method, True):
         raise ValueError(f"benchmarks.memory: {method} keeps the inner scan a loop (make_bilevel_step)")
+    record_domains = np.arange(args.num_records, dtype=np.int32) % args.domains  # [N]
     step_fn = step_lib.make_bilevel_step(config, optimizer, meta_opt, method=method, method_options=options,
-                                         unroll_inner=inner_scan == "unrolled")
+                                         unroll_inner=inner_scan == "unrolled", weighting=weighting,
+                                         record_domains=record_domains if weighting == "instance_table" else None,
+                                         num_domains=None if weighting == "domain" else args.domains)
     jitted = sharding.shard_bilevel_step(step_fn, state, inner, meta, mesh)
     t0 = time.perf_counter()
     lowered = jitted.lower(state, inner, meta)
@@ -223,7 +243,8 @@ def measure(args, method: str, T: int, remat: str, devices: int, second_order: s
         raise RuntimeError("this backend has no compiled.memory_analysis()")
     n_params = sum(int(x.size) for x in jax.tree.leaves(state["params"]))
     rec = {"method": method, "T": T, "remat": remat, "devices": devices, "options": options,
-           "method_options": dict(extra_options or {}),
+           "method_options": dict(extra_options or {}), "weighting": weighting,
+           "num_records": args.num_records if weighting == "instance_table" else None,
            "second_order": options.get("second_order", "-"), "inner_scan": inner_scan,
            "layers": config.text.num_hidden_layers, "vision_depth": config.vision.depth,
            "layers_overridden": bool(args.layers), "params": n_params, "patches_per_image": patches,
@@ -276,30 +297,36 @@ def main(argv=None) -> int:
     methods, unrolls, remats = _strs(args.methods), _ints(args.unroll), _strs(args.remat)
     second_orders, scans = _strs(args.second_order), _strs(args.inner_scan)
     extra = parse_options(args.options)
+    weightings = _strs(args.weighting)
+    unknown = sorted(set(weightings) - set(WEIGHTINGS))
+    if unknown:
+        raise SystemExit(f"benchmarks.memory: --weighting {unknown}; expected some of {WEIGHTINGS}")
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     meta = {"command": "python -m benchmarks.memory " + " ".join(sys.argv[1:] if argv is None else argv),
             "machine": platform.platform(), "processor": platform.processor(), "jax": jax.__version__,
             "backend": jax.default_backend(), "budget_gb": args.budget_gb}
     records: list[dict] = []
-    grid = [(m, T, r, d, so, sc) for r in remats for m in methods for so in
+    grid = [(m, T, r, d, so, sc, w) for r in remats for m in methods for so in
             (second_orders if m in SECOND_ORDER_METHODS else ["-"])
-            for sc in (scans if m in step_lib.UNROLL_PAYS_METHODS else ["loop"]) for T in unrolls for d in devices]
+            for sc in (scans if m in step_lib.UNROLL_PAYS_METHODS else ["loop"]) for T in unrolls for d in devices
+            for w in weightings]
     if args.append and os.path.isfile(args.out):
         with open(args.out) as f:
-            replaced = {(method_label({"method": m, "method_options": extra}), *rest) for m, *rest in grid}
+            replaced = {(method_label({"method": m, "method_options": extra, "weighting": w}), *rest)
+                        for m, *rest, w in grid}
             records = [r for r in json.load(f).get("records", []) if _key(r) not in replaced]
     t_start = time.perf_counter()
-    for i, (method, T, remat, d, so, sc) in enumerate(grid):
+    for i, (method, T, remat, d, so, sc, w) in enumerate(grid):
         if time.perf_counter() - t_start > args.time_limit:
             print(f"[memory] time limit {args.time_limit:g} s reached; {len(grid) - i} settings skipped", flush=True)
-            meta["skipped"] = [dict(method=m, T=t, remat=r, devices=dd, second_order=o, inner_scan=c)
-                               for m, t, r, dd, o, c in grid[i:]]
+            meta["skipped"] = [dict(method=m, T=t, remat=r, devices=dd, second_order=o, inner_scan=c, weighting=ww)
+                               for m, t, r, dd, o, c, ww in grid[i:]]
             break
         try:
-            rec = measure(args, method, T, remat, d, so if so != "-" else "mixed", sc, extra)
+            rec = measure(args, method, T, remat, d, so if so != "-" else "mixed", sc, extra, w)
         except Exception as e:  # noqa: BLE001 - record and go on (one bad setting must not end the sweep)
             rec = {"method": method, "T": T, "remat": remat, "devices": d, "second_order": so, "inner_scan": sc,
-                   "method_options": extra, "error": f"{type(e).__name__}: {e}"}
+                   "method_options": extra, "weighting": w, "error": f"{type(e).__name__}: {e}"}
         records.append(rec)
         if "error" in rec:
             print(f"[memory] {method_label(rec)} ({so}, {sc}) T={T} remat={remat} devices={d}: {rec['error'][:200]}",

@@ -4,6 +4,7 @@
     python -m benchmarks.step_throughput --methods exact darts --repeats 10
     python -m benchmarks.step_throughput --config qwen2_vl_2b --device gpu --methods exact_lowmem darts
     python -m benchmarks.step_throughput --baseline-rev 4ad48b9^1 --methods exact darts --repeats 10
+    python -m benchmarks.step_throughput --methods exact darts --weighting domain instance_table instance_net
 
 What is timed (everything the trainer runs, built from its own pieces):
 
@@ -13,6 +14,12 @@ What is timed (everything the trainer runs, built from its own pieces):
   ("compile"; tracing apart as "trace"); then ``--warmup`` untimed iterations and ``--repeats`` timed ones, each
   ``block_until_ready``; the state is threaded from call to call as in training.
   Batches are on the device before timing (the trainer prefetches them too).
+* Per weighting (``--weighting``, the trainer's upper-level variable): every method runs once per
+  weighting, the run named ``METHOD/WEIGHTING`` (``METHOD`` alone for ``domain``). The instance
+  table holds ``--num-records`` weights (replicated, gathered per row by random ``record_ids``
+  in ``[0, N)`` added to the inner batches); the Instance Net computes its feature (each row's
+  loss at the starting parameters) inside the step. Each such run's time is also given over its
+  method's domain-weighted run.
 * JAX inner step alone: one ``bilevel.inner_step`` (PRM forward + backward + AdamW), jitted.
 * PyTorch (``benchmarks.reference_torch``): DreamPRM's iteration with Betty's DARTS on the same
   initial weights and batches, per ``--torch-threads`` value; its inner step alone too.
@@ -65,6 +72,7 @@ import time
 import numpy as np
 
 from benchmarks import _common
+from dreamprm_jax.configs.train_config import WEIGHTINGS
 from dreamprm_jax.utils.xla_memory import compiled_memory
 
 METHODS = ("exact", "exact_lowmem", "darts", "none")
@@ -97,6 +105,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--meta-chains", type=int, default=None, help="M meta chains (8 demo, 1 2B)")
     p.add_argument("--meta-steps", type=int, default=None, help="S step prefixes per chain (5 demo, 4 2B)")
     p.add_argument("--num-domains", type=int, default=4)
+    p.add_argument("--weighting", nargs="+", choices=WEIGHTINGS, default=["domain"],
+                   help="upper-level variables (the trainer's --weighting), one run of every method each; a "
+                        "non-domain run is also reported over its method's domain run")
+    p.add_argument("--num-records", type=int, default=100_000,
+                   help="instance_table: training records N (weights in the table, record_ids drawn in [0, N))")
     p.add_argument("--unroll-inner", action=argparse.BooleanOptionalAction, default=None,
                    help="unroll exact's T-step inner scan into straight-line code instead of the loop (the "
                         "trainer's --unroll-inner-scan, make_bilevel_step(unroll_inner=); the other methods keep "
@@ -224,13 +237,35 @@ def _jax_setup(a, config):
     return make_params, opt, meta_opt, n_params, time.perf_counter() - t0
 
 
-def _fresh_state(make_params, num_domains, opt, meta_opt):
+def _fresh_state(make_params, num_domains, opt, meta_opt, weighting="domain", num_records=0):
     import jax
 
     from dreamprm_jax.train import step as step_lib
 
-    init = jax.jit(lambda p: step_lib.init_state(p, num_domains, opt, meta_opt), donate_argnums=(0,))
-    return init(make_params())
+    def init(p):
+        upper = None if weighting == "domain" else step_lib.init_upper(weighting, num_domains=num_domains,
+                                                                        num_records=num_records)
+        return step_lib.init_state(p, num_domains, opt, meta_opt, raw_weights=upper)
+
+    return jax.jit(init, donate_argnums=(0,))(make_params())
+
+
+def run_name(method: str, weighting: str) -> str:
+    """A timed run: the method spec, with ``/WEIGHTING`` unless the weighting is ``domain``."""
+    return method if weighting == "domain" else f"{method}/{weighting}"
+
+
+def _with_record_ids(a, inner):
+    """``(inner, record_domains)``: ``inner [T, B]`` with random ``record_ids`` in ``[0, N)`` and every
+    record's domain ``[N]`` (random, the rows' own domains at their ids), for the instance table."""
+    import jax
+
+    rng = np.random.default_rng(a.seed + 2)
+    domain_ids = np.asarray(inner.domain_ids)  # [T, B]
+    record_ids = rng.integers(0, a.num_records, size=domain_ids.shape).astype(np.int32)  # [T, B]
+    record_domains = rng.integers(0, a.num_domains, size=a.num_records).astype(np.int32)  # [N]
+    record_domains[record_ids] = domain_ids
+    return inner.replace(record_ids=jax.device_put(record_ids)), record_domains
 
 
 def _option_value(text: str):
@@ -262,7 +297,7 @@ def _split_method(method: str) -> tuple[str, dict]:
     return name, options
 
 
-def _make_step(a, config, method, opt, meta_opt):
+def _make_step(a, config, method, opt, meta_opt, weighting="domain", record_domains=None):
     from dreamprm_jax.train import step as step_lib
 
     name, options = _split_method(method)
@@ -270,10 +305,13 @@ def _make_step(a, config, method, opt, meta_opt):
         options["R"] = a.R
     return step_lib.make_bilevel_step(config, opt, meta_opt, method="exact" if name == "none" else name,
                                       reweighting=name != "none", method_options=options,
-                                      unroll_inner=a.unroll_inner)
+                                      unroll_inner=a.unroll_inner, weighting=weighting,
+                                      record_domains=record_domains,
+                                      num_domains=None if weighting == "domain" else a.num_domains)
 
 
-def _model_flops(a, config, method, opt, meta_opt, state, inner, meta) -> float:
+def _model_flops(a, config, method, opt, meta_opt, state, inner, meta, weighting="domain",
+                 record_domains=None) -> float:
     """Matmul FLOPs of the useful work: the method's jaxpr without remat (``exact_lowmem``,
     ``exact_reversible``: ``exact``'s, the same hypergradient without the recomputation). Traced only,
     never compiled."""
@@ -282,25 +320,29 @@ def _model_flops(a, config, method, opt, meta_opt, state, inner, meta) -> float:
     name, options = _split_method(method)
     if name in ("exact_lowmem", "exact_reversible"):
         method = ":".join(["exact", *([options["second_order"]] if "second_order" in options else [])])
-    fn = _make_step(a, config.replace(remat="none"), method, opt, meta_opt)
+    fn = _make_step(a, config.replace(remat="none"), method, opt, meta_opt, weighting, record_domains)
     return _common.jaxpr_flops(jax.make_jaxpr(fn)(state, inner, meta))["flops"]
 
 
-def _prepare_method(a, config, method, make_params, opt, meta_opt, inner, meta):
-    """``(record, call)``: the method's step traced, counted and compiled (times in ``record``),
-    and ``call()``, one iteration on its own threaded state (the first one records the metrics)."""
+def _prepare_method(a, config, method, make_params, opt, meta_opt, inner, meta, weighting="domain"):
+    """``(record, call)``: the method's step under ``weighting`` traced, counted and compiled (times in
+    ``record``), and ``call()``, one iteration on its own threaded state (the first one records the
+    metrics, all but the instance weights themselves)."""
     import jax
 
     from dreamprm_jax.train import step as step_lib
 
-    fn = _make_step(a, config, method, opt, meta_opt)
+    record_domains = None
+    if weighting == "instance_table":
+        inner, record_domains = _with_record_ids(a, inner)
+    fn = _make_step(a, config, method, opt, meta_opt, weighting, record_domains)
     step = step_lib.jit_bilevel_step(fn)
-    state = _fresh_state(make_params, a.num_domains, opt, meta_opt)
+    state = _fresh_state(make_params, a.num_domains, opt, meta_opt, weighting, a.num_records)
     t0 = time.perf_counter()
     traced = step.trace(state, inner, meta)  # one trace: its jaxpr is counted, then lowered
     trace_s = time.perf_counter() - t0
     hw = _common.jaxpr_flops(traced.jaxpr)
-    model_flops = _model_flops(a, config, method, opt, meta_opt, state, inner, meta)
+    model_flops = _model_flops(a, config, method, opt, meta_opt, state, inner, meta, weighting, record_domains)
     t0 = time.perf_counter()
     compiled = traced.lower().compile()
     compile_s = time.perf_counter() - t0
@@ -311,7 +353,7 @@ def _prepare_method(a, config, method, make_params, opt, meta_opt, inner, meta):
         holder["state"], metrics = compiled(holder["state"], inner, meta)
         jax.block_until_ready(metrics)
         if not first:
-            first.update({k: np.asarray(v).tolist() for k, v in metrics.items()})
+            first.update({k: np.asarray(v).tolist() for k, v in metrics.items() if k != "instance_weights"})
 
     record = {"trace_s": trace_s, "compile_s": compile_s, "xla_cost_analysis_flops": _cost_flops(compiled),
               "jaxpr_flops": hw["flops"], "jaxpr_dynamic_while_loops": hw["dynamic_while_loops"],
@@ -497,9 +539,11 @@ def main(argv=None) -> dict:
         jobs.append((lambda: _with_calls(_prepare_inner_step(a, config, make_params, opt, inner), "jax inner step"),
                      lambda rec, t: _finish_inner_step(result, a, tok_per_step, rec, t)))
     for method in a.methods:
-        jobs.append((lambda m=method: _with_calls(_prepare_method(a, config, m, make_params, opt, meta_opt, inner,
-                                                                  meta), f"jax {m}"),
-                     lambda rec, t, m=method: _finish_method(result, a, problem, peak, m, rec, t)))
+        for weighting in a.weighting:
+            run = run_name(method, weighting)
+            jobs.append((lambda m=method, w=weighting, n=run: _with_calls(
+                _prepare_method(a, config, m, make_params, opt, meta_opt, inner, meta, w), f"jax {n}"),
+                lambda rec, t, n=run: _finish_method(result, a, problem, peak, n, rec, t)))
     if a.torch:
         params_host = jax.device_get(make_params())
         for threads in a.torch_threads:
@@ -534,7 +578,7 @@ def main(argv=None) -> dict:
             gc.collect()
     result["interleaved"] = bool(a.interleave)
 
-    result["ratios"] = _ratios(result)
+    result["ratios"] = _ratios(result, a)
     _print_table(result, a)
     _common.write_json(a.out, result)
     load = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
@@ -546,11 +590,12 @@ def main(argv=None) -> dict:
     return result
 
 
-def _ratios(result) -> dict:
-    """Speed-ups against the fastest torch run and time ratios between JAX methods: with
-    ``--interleave`` the median of the per-round ratios (``_common.paired_ratio``), otherwise the
-    ratio of the medians."""
-    jx = {k: v for k, v in result["jax"].items() if "median_s" in v}
+def _ratios(result, a) -> dict:
+    """Speed-ups against the fastest torch run, time ratios between JAX methods (domain-weighted runs)
+    and of each other weighting over its method's domain run: with ``--interleave`` the median of the
+    per-round ratios (``_common.paired_ratio``), otherwise the ratio of the medians."""
+    timed = {k: v for k, v in result["jax"].items() if "median_s" in v}
+    jx = {k: v for k, v in timed.items() if "/" not in k}  # domain-weighted runs
     paired = result.get("interleaved", False)
 
     def ratio(num, den):
@@ -569,6 +614,10 @@ def _ratios(result) -> dict:
             for m in jx:
                 if m not in not_over:
                     out[f"time_ratio_jax_{m}_over_jax_{base}"] = ratio(jx[m], jx[base])
+    for m in a.methods:
+        for w in a.weighting:
+            if w != "domain" and m in jx and run_name(m, w) in timed:
+                out[f"time_ratio_jax_{run_name(m, w)}_over_jax_{m}"] = ratio(timed[run_name(m, w)], jx[m])
     if "darts" in jx and result["torch"]:
         fj = jx["darts"]["first_metrics"]
         ft = next(iter(result["torch"].values()))["first_metrics"]
@@ -604,9 +653,10 @@ def _print_table(result, a):
         if r["inner_step"]:
             row(f"torch inner step (t={r['threads']})", r["inner_step"], per_step=True)
     for m in a.methods:
-        if m in result["jax"]:
-            r = result["jax"][m]
-            row(f"jax {m}", r, r.get("compile_s"))
+        for w in a.weighting:
+            if run_name(m, w) in result["jax"]:
+                r = result["jax"][run_name(m, w)]
+                row(f"jax {run_name(m, w)}", r, r.get("compile_s"))
     for k, r in result["torch"].items():
         row(f"torch darts (t={r['threads']})", r["iteration"])
     print("(bi-level rows: samples/s and tokens/s are training rows / real tokens through the T inner steps per "

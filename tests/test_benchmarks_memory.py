@@ -1,6 +1,7 @@
 """benchmarks.memory's bookkeeping: which settings a record is, and how the table names them.
 
-(The compiles themselves are minutes of the full 2B config: a benchmark, not a test.)
+(The compiles themselves are minutes of the full 2B config: a benchmark, not a test; one
+setting is compiled here on a tiny model.)
 """
 
 import pytest
@@ -56,3 +57,18 @@ def test_options_name_the_method_and_refuse_what_other_flags_set():
     for bad in ('{"second_order": "reverse"}', "[1]", "{"):
         with pytest.raises(ValueError, match="--options"):
             memory.parse_options(bad)
+
+
+def test_weighting_names_the_record_and_an_instance_table_setting_compiles(monkeypatch):
+    from dreamprm_jax.models import qwen2_vl
+
+    args = memory._parser().parse_args(["--weighting", "instance_table", "--num-records", "50", "--seq-len", "32",
+                                        "--image-side", "28", "--meta-steps", "2", "--domains", "3"])
+    assert memory._strs(args.weighting) == ["instance_table"] and memory._parser().parse_args([]).weighting == "domain"
+    monkeypatch.setattr(memory, "model_config", lambda a, remat: qwen2_vl.demo(
+        hidden_size=16, num_hidden_layers=1, vision_depth=1, remat=remat))
+    rec = memory.measure(args, "darts", 1, "none", 1, inner_scan="loop", weighting="instance_table")
+    assert (rec["weighting"], rec["num_records"]) == ("instance_table", 50) and rec["peak_bytes"] > 0
+    assert memory.method_label(rec) == "darts/instance_table" and memory._key(rec)[0] == "darts/instance_table"
+    assert memory.method_label(_record("darts")) == "darts"  # written before --weighting: domain
+    assert memory.format_table([rec], 80.0).splitlines()[2].split()[0] == "darts/instance_table"

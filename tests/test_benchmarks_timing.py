@@ -87,3 +87,42 @@ def test_step_throughput_cli_times_every_run(tmp_path, interleave):
     assert ratios["ratio_statistic"] == ("median of per-round ratios" if interleave else "ratio of medians")
     assert ratios["speedup_jax_none_vs_torch_darts"] > 0
     assert saved["jax"]["none"]["first_metrics"]["meta_loss"] > 0
+
+
+def test_step_throughput_weighting_options_and_ratios_over_the_domain_run():
+    from argparse import Namespace
+
+    from benchmarks import step_throughput
+
+    parse = step_throughput._parser().parse_args
+    assert parse([]).weighting == ["domain"] and parse([]).num_records == 100_000
+    several = parse(["--weighting", "domain", "instance_net", "--num-records", "7"])
+    assert (several.weighting, several.num_records) == (["domain", "instance_net"], 7)
+    with pytest.raises(SystemExit):
+        parse(["--weighting", "per_step"])
+    assert step_throughput.run_name("exact:mixed", "domain") == "exact:mixed"
+    assert step_throughput.run_name("darts", "instance_table") == "darts/instance_table"
+    run = {"median_s": 1.0, "times_s": [1.0, 2.0]}
+    result = {"interleaved": True, "torch": {},
+              "jax": {"darts": run, "exact": {"median_s": 2.0, "times_s": [2.0, 4.0]},
+                      "exact/instance_table": {"median_s": 3.0, "times_s": [3.0, 6.0]}}}
+    a = Namespace(methods=["exact", "darts"], weighting=["domain", "instance_table"])
+    ratios = step_throughput._ratios(result, a)
+    assert ratios["time_ratio_jax_exact/instance_table_over_jax_exact"] == pytest.approx(1.5)
+    assert ratios["time_ratio_jax_exact_over_jax_darts"] == pytest.approx(2.0)
+    assert not any("instance_table_over_jax_darts" in k for k in ratios)
+
+
+def test_step_throughput_cli_times_an_instance_table_run(tmp_path):
+    from benchmarks import step_throughput
+
+    out = tmp_path / "st.json"
+    step_throughput.main(["--hidden", "16", "--layers", "1", "--batch", "2", "--seq-len", "40", "--unroll", "2",
+                          "--meta-chains", "2", "--meta-steps", "2", "--methods", "none", "--no-torch",
+                          "--no-inner-step", "--weighting", "instance_table", "--num-records", "50", "--warmup", "0",
+                          "--repeats", "2", "--out", str(out)])
+    saved = json.loads(out.read_text())
+    run = saved["jax"]["none/instance_table"]
+    assert len(run["times_s"]) == 2 and run["median_s"] > 0
+    assert run["first_metrics"]["meta_loss"] > 0 and "instance_weights" not in run["first_metrics"]
+    assert list(saved["jax"]) == ["none/instance_table"]
