@@ -17,10 +17,12 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
+from jax.flatten_util import ravel_pytree
 
 from dreamprm_jax.bilevel.domain_weights import init_raw_weights
-from dreamprm_jax.bilevel.inner import inner_adamw, step_lr
+from dreamprm_jax.bilevel.inner import inner_adamw, step_lr, unroll
 from dreamprm_jax.bilevel.losses import aggregation_loss, weighted_mse
 
 
@@ -225,3 +227,24 @@ def quadratic_closed_form(problem: Problem, params) -> jax.Array:
     mixed = jax.jacfwd(jax.grad(problem.inner_loss), argnums=1)(params, problem.alpha, jnp.zeros(()))  # [D, K] = -B
     v = jax.grad(problem.outer_loss)(params, jnp.zeros(()))
     return -mixed.T @ jnp.linalg.solve(A, v)
+
+
+def central_fd(prob: Problem, batches, h: float = 1e-5) -> np.ndarray:
+    """Central finite differences of the unrolled objective ``alpha -> L_out(unroll(alpha))``
+    over every coordinate of ``prob.alpha`` (any pytree; flattened in ``ravel_pytree`` order).
+    Meant for float64 problems."""
+    inner, outer = batches
+    flat, unravel = ravel_pytree(prob.alpha)
+
+    @jax.jit
+    def objective(a):
+        params, _, _ = unroll(prob.inner_loss, prob.optimizer, prob.params, prob.opt_state, unravel(a), inner)
+        return prob.outer_loss(params, outer)
+
+    a0 = np.asarray(flat)
+    out = np.zeros_like(a0)  # [num alpha coordinates]
+    for i in range(a0.size):
+        e = np.zeros_like(a0)
+        e[i] = h
+        out[i] = (float(objective(a0 + e)) - float(objective(a0 - e))) / (2 * h)
+    return out

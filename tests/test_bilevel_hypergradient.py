@@ -39,24 +39,6 @@ def call(fn, prob, batches):
     return fn(prob.params, prob.opt_state, prob.alpha, inner, outer)
 
 
-def central_fd(prob, batches, h=1e-5):
-    """Central finite differences of ``alpha -> L_out(unroll(alpha))`` (float64)."""
-    inner, outer = batches
-
-    @jax.jit
-    def f(a):
-        p, _, _ = bilevel.unroll(prob.inner_loss, prob.optimizer, prob.params, prob.opt_state, a, inner)
-        return prob.outer_loss(p, outer)
-
-    a0 = np.asarray(prob.alpha)
-    out = np.zeros_like(a0)
-    for i in range(a0.size):
-        e = np.zeros_like(a0)
-        e[i] = h
-        out[i] = (float(f(a0 + e)) - float(f(a0 - e))) / (2 * h)
-    return out
-
-
 @pytest.fixture(scope="module")
 def mlp(x64):
     # AdamW (eps_root = eps^2) with a StepLR schedule whose step boundary falls inside the unroll
@@ -81,7 +63,7 @@ def mlp_exact(mlp):
 def test_exact_matches_finite_differences_mlp(mlp, mlp_exact):
     prob, batches = mlp
     g, aux = mlp_exact
-    fd = central_fd(prob, batches)
+    fd = problems.central_fd(prob, batches)
     assert rel_err(g, fd) <= 1e-5, (g, fd)
     assert aux["inner_losses"].shape == (4,) and aux["params"]["fc1"]["kernel"].dtype == jnp.float64
 
@@ -94,7 +76,7 @@ def test_exact_matches_finite_differences_tiny_transformer(x64):
     prob = _with_alpha(prob, jnp.array([0.2, -0.1, 0.0]))
     batches = prob.sample_batches(jax.random.PRNGKey(3))
     g, _ = call(jitted("exact", prob), prob, batches)
-    fd = central_fd(prob, batches)
+    fd = problems.central_fd(prob, batches)
     assert rel_err(g, fd) <= 1e-5, (g, fd)
 
 

@@ -134,23 +134,6 @@ def x64():
         yield
 
 
-def _central_fd(prob, batches, h=1e-5):
-    inner, outer = batches
-
-    @jax.jit
-    def f(a):
-        p, _, _ = bilevel.unroll(prob.inner_loss, prob.optimizer, prob.params, prob.opt_state, a, inner)
-        return prob.outer_loss(p, outer)
-
-    a0 = np.asarray(prob.alpha)
-    out = np.zeros_like(a0)
-    for i in range(a0.size):
-        e = np.zeros_like(a0)
-        e[i] = h
-        out[i] = (float(f(a0 + e)) - float(f(a0 - e))) / (2 * h)
-    return out
-
-
 @pytest.mark.parametrize("name", ["chain_mse", "listwise", "pairwise"])
 def test_exact_hypergradient_through_each_meta_loss_matches_finite_differences(x64, name):
     """The engine sees only ``outer_loss(params, batch)``: a tiny transformer PRM whose six meta
@@ -171,7 +154,7 @@ def test_exact_hypergradient_through_each_meta_loss_matches_finite_differences(x
                  question_index=jnp.array([0, 0, 0, 1, 1, 1], jnp.int32))
     g, aux = jax.jit(functools.partial(bilevel.hypergradient, "exact", prob.inner_loss, prob.outer_loss,
                                        prob.optimizer))(prob.params, prob.opt_state, prob.alpha, inner, outer)
-    fd = _central_fd(prob, (inner, outer))
+    fd = problems.central_fd(prob, (inner, outer))
     assert np.linalg.norm(fd) > 1e-6, fd  # a hypergradient worth comparing
     rel = float(np.linalg.norm(np.asarray(g) - fd) / np.linalg.norm(fd))
     assert rel <= 1e-5, (name, g, fd)

@@ -97,16 +97,7 @@ def test_exact_reversible_matches_exact_float64(mlp, mlp_exact, options):
 def test_exact_reversible_matches_finite_differences(mlp, options):
     """Central differences (h = 1e-5, float64) of the unrolled objective ``alpha -> L_out(unroll(alpha))``."""
     prob, batches = mlp
-    inner, outer = batches
-
-    @jax.jit
-    def objective(alpha):
-        params, _, _ = bilevel.unroll(prob.inner_loss, prob.optimizer, prob.params, prob.opt_state, alpha, inner)
-        return prob.outer_loss(params, outer)
-
-    alpha, h = np.asarray(prob.alpha), 1e-5
-    steps = np.eye(alpha.size) * h  # [K, K]
-    fd = np.array([(float(objective(alpha + e)) - float(objective(alpha - e))) / (2 * h) for e in steps])  # [K]
+    fd = problems.central_fd(prob, batches)
     g, _ = hypergradient("exact_reversible", prob, batches, **options)
     assert rel_err(g, fd) <= 1e-5, (options, g, fd)
 

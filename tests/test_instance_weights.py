@@ -20,7 +20,7 @@ from jax.flatten_util import ravel_pytree
 from dreamprm_jax import bilevel
 from dreamprm_jax.bilevel.instance_weights import uniform_logit
 from tests import problems
-from tests.tiny_run import tiny_benchmark, tiny_config, train
+from tests.tiny_run import final_state, tiny_config, train
 
 NUM_RECORDS = 12  # records of the MLP problem; its T * B = 16 rows repeat some and miss others
 
@@ -121,25 +121,6 @@ def hypergradient(method, prob, batches, **options):
     return fn(prob.params, prob.opt_state, prob.alpha, inner, outer)
 
 
-def central_fd(prob, batches, h=1e-5):
-    """Central finite differences of ``alpha -> L_out(unroll(alpha))`` over every coordinate (float64)."""
-    inner, outer = batches
-    flat, unravel = ravel_pytree(prob.alpha)
-
-    @jax.jit
-    def f(a):
-        p, _, _ = bilevel.unroll(prob.inner_loss, prob.optimizer, prob.params, prob.opt_state, unravel(a), inner)
-        return prob.outer_loss(p, outer)
-
-    a0 = np.asarray(flat)
-    out = np.zeros_like(a0)
-    for i in range(a0.size):
-        e = np.zeros_like(a0)
-        e[i] = h
-        out[i] = (float(f(a0 + e)) - float(f(a0 - e))) / (2 * h)
-    return out
-
-
 def rel_err(a, b):
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
@@ -156,7 +137,7 @@ def test_exact_matches_finite_differences(problem):
     prob, batches, g = problem
     assert jax.tree.structure(g) == jax.tree.structure(prob.alpha)
     flat_g = ravel_pytree(g)[0]
-    fd = central_fd(prob, batches)
+    fd = problems.central_fd(prob, batches)
     assert rel_err(flat_g, fd) <= 1e-5, (flat_g, fd)
     if prob.name == "instance_table":
         inner, _ = batches
@@ -192,19 +173,6 @@ def test_approximate_methods_take_the_instance_pytree(problem, method):
 
 
 # ----------------------------------------------------------------------------- the trainer
-
-
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory):
-    return tiny_benchmark(tmp_path_factory.mktemp("synthetic"))
-
-
-def final_state(out_dir: str):
-    from dreamprm_jax.train.checkpointing import Checkpointer
-
-    with Checkpointer(os.path.join(out_dir, "checkpoints")) as ckpt:
-        step, state, extra = ckpt.restore_latest()
-    return step, jax.tree.map(np.asarray, state), extra
 
 
 def test_resume_continues_bit_for_bit(tiny_data, tmp_path):

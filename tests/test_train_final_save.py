@@ -8,19 +8,11 @@ import os
 import subprocess
 import sys
 
-import pytest
-
 from dreamprm_jax.cli import train as train_cli
 from dreamprm_jax.train.checkpointing import Checkpointer
-from tests.tiny_run import tiny_benchmark
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(REPO, "tests", "_final_save_worker.py")
-
-
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory):
-    return tiny_benchmark(tmp_path_factory.mktemp("synthetic"))
 
 
 def train_args(data_dir: str, out_dir: str, *, iterations: int = 3, checkpoint_every: int = 2) -> list[str]:

@@ -15,28 +15,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dreamprm_jax import bilevel, configs
+from dreamprm_jax import bilevel
 from dreamprm_jax import data as data_lib
 from dreamprm_jax.cli import train as train_cli
-from dreamprm_jax.data import synthetic
 from dreamprm_jax.train import demo, loop
 from dreamprm_jax.train import step as step_lib
-from dreamprm_jax.train.checkpointing import Checkpointer
-from tests.tiny_run import tiny_benchmark, tiny_config, train
+from tests.tiny_run import final_state, tiny_config, train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory):
-    """A generated benchmark with a handful of chains per domain."""
-    return tiny_benchmark(tmp_path_factory.mktemp("synthetic"))
-
-
-def final_state(out_dir: str):
-    with Checkpointer(os.path.join(out_dir, "checkpoints")) as ckpt:
-        step, state, extra = ckpt.restore_latest()
-    return step, jax.tree.map(np.asarray, state), extra
 
 
 def assert_trees_equal(a, b):

@@ -44,7 +44,7 @@ REPO = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 
 from processes import free_port, wait_all  # noqa: E402
-from test_train_loop import tiny_config, tiny_data, train  # noqa: E402,F401 - tiny_data is a fixture
+from tests.tiny_run import tiny_config, train  # noqa: E402 - tiny_data is a conftest fixture
 
 FAST_XLA = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 ITERATIONS = 3

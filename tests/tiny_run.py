@@ -33,3 +33,15 @@ def train(cfg: configs.TrainConfig, **kwargs) -> loop.TrainResult:
     """``loop.train`` on the config's record files and a fresh demo model."""
     source = demo.resolve_data(cfg)
     return loop.train(cfg, source.data, demo.resolve_model(cfg, source.data), **kwargs)
+
+
+def final_state(out_dir: str):
+    """``(step, state as numpy, extra)`` of the newest checkpoint in ``out_dir/checkpoints``."""
+    import jax
+    import numpy as np
+
+    from dreamprm_jax.train.checkpointing import Checkpointer
+
+    with Checkpointer(os.path.join(out_dir, "checkpoints")) as ckpt:
+        step, state, extra = ckpt.restore_latest()
+    return step, jax.tree.map(np.asarray, state), extra
