@@ -257,7 +257,7 @@ def exact_reversible(
         ``docs/reversible.md``): the moment cotangents carried divided by ``b1``, ``b2``
         (:func:`adamw_vjp_scaled`), the Hessian-vector product in a conditional of its own, and
         step 1 in the loop like the others (about one inner gradient more than the peeled step).
-        The same numbers to rounding (float64 tests: 1e-8).
+        The same numbers to rounding (float64 tests: 1e-10 relative to ``exact``).
 
     Requires :func:`inner.inner_adamw` as ``optimizer`` (:func:`adamw_constants`).
     """
