@@ -233,10 +233,10 @@ def test_float32_drift_grows_as_inverse_b1_powers(x64):
     assert drifts[0.9] <= 1e-6 and not drifts[0.5] <= 1e-3, drifts
 
 
-def test_trainer_runs_exact_reversible(tmp_path):
+def test_trainer_runs_exact_reversible(tmp_path, capsys):
     """``--hypergradient exact_reversible`` in the training loop (tiny model, float32, 2 iterations):
     trains, and its last hypergradient norm is ``exact``'s to 5e-2 relative (the first iteration
-    starts from a cold optimizer state, see test_float32_error)."""
+    starts from a cold optimizer state, see test_float32_error, and the trainer says so)."""
     from tests.tiny_run import tiny_benchmark, tiny_config, train
 
     data = tiny_benchmark(tmp_path / "synthetic")
@@ -245,3 +245,4 @@ def test_trainer_runs_exact_reversible(tmp_path):
     norms = {m: r.final_metrics["hypergrad_norm"] for m, r in runs.items()}
     assert runs["exact_reversible"].step == 2 and np.isfinite(norms["exact_reversible"]), norms
     np.testing.assert_allclose(norms["exact_reversible"], norms["exact"], rtol=5e-2)
+    assert capsys.readouterr().err.count("[note] --hypergradient exact_reversible with --meta-warmup 0") == 1

@@ -462,6 +462,11 @@ def train(cfg: TrainConfig, data: TrainData, model: PRMModel | str, *,
             train_sampler.load_state_dict(extra["train_sampler"])
             meta_sampler.load_state_dict(extra["meta_sampler"])
             _note(f"[resume] resuming from step {start}")
+    if start == 0 and cfg.reweighting and cfg.hypergradient == "exact_reversible" and cfg.meta_warmup == 0:
+        # Reversing AdamW from m = v = 0 turns the gradients below eps into noise in float32 (docs/reversible.md).
+        _note("[note] --hypergradient exact_reversible with --meta-warmup 0: the first iteration reverses AdamW from "
+              "m = v = 0, where a float32 hypergradient can be wrong by orders of magnitude; --meta-warmup 1 starts "
+              "every hypergradient from a warm optimizer state")
 
     def save(step: int, force: bool = False) -> None:
         extra = {"domains": list(domains), "train_sampler": train_sampler.state_dict(),
