@@ -1,7 +1,8 @@
-"""The ranking meta losses of dreamprm_jax/bilevel/losses.py (listwise, pairwise) beside the chain MSE.
+"""The ranking meta losses of dreamprm_jax/bilevel/losses.py (listwise, pairwise,
+pairwise_normalized) beside the chain MSE.
 
 Each loss against a direct numpy computation, invariance to a per-question shift of the
-chain scores, finite gradients at saturated logits, and the exact hypergradient through each
+chain scores (and, for pairwise_normalized, to their scale), finite gradients at saturated logits, and the exact hypergradient through each
 loss against float64 central finite differences. Every tolerance is stated in its assertion.
 """
 
@@ -48,11 +49,23 @@ def numpy_pairwise(a, y, q, m):
     return np.mean(losses) if losses else 0.0
 
 
-NUMPY = {"listwise": numpy_listwise, "pairwise": numpy_pairwise}
-JAX = {"listwise": bilevel.listwise_loss, "pairwise": bilevel.pairwise_loss}
+def numpy_normalized_pairwise(a, y, q, m, eps=1e-2):
+    deviations = []
+    for question in np.unique(q[m > 0]):
+        sel = (q == question) & (m > 0)
+        if sel.sum() >= 2:
+            deviations.extend(a[sel].astype(np.float64) - a[sel].astype(np.float64).mean())
+    sigma = np.sqrt(np.mean(np.square(deviations)) + eps ** 2) if deviations else eps
+    return numpy_pairwise(np.where(m > 0, a.astype(np.float64), 0.0) / sigma, y, q, m)
 
 
-@pytest.mark.parametrize("name", ["listwise", "pairwise"])
+NUMPY = {"listwise": numpy_listwise, "pairwise": numpy_pairwise, "pairwise_normalized": numpy_normalized_pairwise}
+JAX = {"listwise": bilevel.listwise_loss, "pairwise": bilevel.pairwise_loss,
+       "pairwise_normalized": bilevel.normalized_pairwise_loss}
+RANKING = ["listwise", "pairwise", "pairwise_normalized"]
+
+
+@pytest.mark.parametrize("name", RANKING)
 @pytest.mark.parametrize("questions", [QUESTIONS, QUESTIONS_WITH_DUMMY])
 def test_ranking_losses_match_numpy(name, questions):
     got = JAX[name](SCORES, LABELS, questions, MASK)
@@ -64,7 +77,7 @@ def test_ranking_losses_match_numpy(name, questions):
         np.testing.assert_allclose(got, expected, rtol=1e-6, atol=0)
 
 
-@pytest.mark.parametrize("name", ["listwise", "pairwise"])
+@pytest.mark.parametrize("name", RANKING)
 def test_ranking_losses_without_any_usable_question_are_zero(name):
     one_class = np.array([1, 1, 1, 1], np.float32)  # every chain correct: no pair; listwise loss 0
     q = np.array([0, 0, 1, 1], np.int32)
@@ -73,7 +86,7 @@ def test_ranking_losses_without_any_usable_question_are_zero(name):
     assert float(JAX[name](SCORES[:4], LABELS[:4], q, np.zeros(4, np.float32))) == 0.0  # all dummy
 
 
-@pytest.mark.parametrize("name", ["listwise", "pairwise"])
+@pytest.mark.parametrize("name", RANKING)
 def test_ranking_losses_ignore_a_constant_added_to_a_question(name):
     shift = np.array([5.0, -30.0, 0.0, 80.0, 0.0, 0.0, 0.0, 0.0, 0.0], np.float32)  # per question id
     shifted = SCORES + shift[np.maximum(QUESTIONS, 0)]
@@ -85,8 +98,20 @@ def test_ranking_losses_ignore_a_constant_added_to_a_question(name):
     assert abs(float(JAX[name](moved, LABELS, QUESTIONS, MASK)) - float(JAX[name](SCORES, LABELS, QUESTIONS, MASK))) > 1e-3
 
 
+def test_normalized_pairwise_ignores_the_scale_of_the_scores_and_pairwise_does_not():
+    for factor in (0.25, 4.0, 40.0):
+        np.testing.assert_allclose(bilevel.normalized_pairwise_loss(SCORES * factor, LABELS, QUESTIONS, MASK),
+                                   bilevel.normalized_pairwise_loss(SCORES, LABELS, QUESTIONS, MASK),
+                                   rtol=2e-3, atol=0)  # eps = 1e-2 against sigma ~ 1: within 1e-4 relative
+        assert abs(float(bilevel.pairwise_loss(SCORES * factor, LABELS, QUESTIONS, MASK))
+                   - float(bilevel.pairwise_loss(SCORES, LABELS, QUESTIONS, MASK))) > 0.05
+    # so its gradient along the scores themselves (d/dc L(c A) at c = 1) vanishes
+    along = jax.grad(lambda c: bilevel.normalized_pairwise_loss(c * SCORES, LABELS, QUESTIONS, MASK))(1.0)
+    assert abs(float(along)) < 1e-3, along
+
+
 @pytest.mark.parametrize("reduce", ["mean", "sum"])
-@pytest.mark.parametrize("name", ["listwise", "pairwise"])
+@pytest.mark.parametrize("name", RANKING)
 def test_meta_loss_ranks_aggregated_step_logits(name, reduce):
     rng = np.random.default_rng(0)
     z = rng.normal(size=(9, 4)).astype(np.float32)  # [M, S]
@@ -101,14 +126,14 @@ def test_meta_loss_chain_mse_is_the_aggregation_loss_and_names_are_checked():
     z = np.array([[0.5, -1.0], [2.0, 1.0]], np.float32)
     sm, lab, cm = np.ones((2, 2), np.float32), np.array([1.0, 0.0], np.float32), np.ones(2, np.float32)
     assert float(bilevel.meta_loss("chain_mse", z, sm, lab, cm)) == float(bilevel.aggregation_loss(z, sm, lab, cm))
-    assert bilevel.META_LOSSES == ("chain_mse", "listwise", "pairwise")
+    assert bilevel.META_LOSSES == ("chain_mse", "listwise", "pairwise", "pairwise_normalized")
     with pytest.raises(ValueError, match="question_index"):
         bilevel.meta_loss("pairwise", z, sm, lab, cm)
     with pytest.raises(ValueError, match="expected a name among"):
         bilevel.meta_loss("hinge", z, sm, lab, cm, np.zeros(2, np.int32))
 
 
-@pytest.mark.parametrize("name", ["chain_mse", "listwise", "pairwise"])
+@pytest.mark.parametrize("name", ["chain_mse"] + RANKING)
 def test_saturated_logits_give_finite_losses_and_gradients(name):
     # [M=6, S=2]; inf in a padded step, scores of +-200 (sigmoid and exp overflow float32 there)
     z = jnp.array([[200.0, 180.0], [-200.0, -190.0], [150.0, jnp.inf], [-300.0, 0.0], [90.0, 95.0], [-95.0, -99.0]])
@@ -120,8 +145,10 @@ def test_saturated_logits_give_finite_losses_and_gradients(name):
         lambda x: bilevel.meta_loss(name, x, step_mask, labels, chain_mask, questions))(z)
     assert bool(jnp.isfinite(loss)) and bool(jnp.all(jnp.isfinite(grad))), (loss, grad)
     assert float(grad[2, 1]) == 0.0  # the padded step gets no gradient
-    if name != "chain_mse":  # the ranking losses keep a gradient where the sigmoid has saturated
+    if name in ("listwise", "pairwise"):  # the ranking losses keep a gradient where the sigmoid has saturated
         assert float(loss) > 100.0 and float(jnp.max(jnp.abs(grad))) > 0.1, (loss, grad)
+    if name == "pairwise_normalized":  # every pair misranked by about one sigma; gradients ~ 1 / sigma
+        assert float(loss) > 1.0 and float(jnp.max(jnp.abs(grad))) > 1e-4, (loss, grad)
 
 
 # ----------------------------------------------------------------------------------------
@@ -134,7 +161,7 @@ def x64():
         yield
 
 
-@pytest.mark.parametrize("name", ["chain_mse", "listwise", "pairwise"])
+@pytest.mark.parametrize("name", ["chain_mse"] + RANKING)
 def test_exact_hypergradient_through_each_meta_loss_matches_finite_differences(x64, name):
     """The engine sees only ``outer_loss(params, batch)``: a tiny transformer PRM whose six meta
     chains form two questions of three, each with a correct and a wrong chain."""

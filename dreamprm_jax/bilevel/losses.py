@@ -25,6 +25,17 @@ question's correct candidates ranked above its wrong ones. With chains grouped b
 
 Both are invariant to adding a constant to the scores of a question, and a question whose
 candidates are all correct or all wrong gives no pair to (6) (and zero loss to (5)).
+
+Neither is invariant to the *scale* of the scores: (6) falls when every margin grows, so its
+hypergradient also rewards a domain that makes the PRM more confident without ordering the
+candidates any better. The normalised pairwise loss removes that incentive by dividing the
+scores by their pooled within-question standard deviation over the batch,
+
+    sigma = sqrt(mean over chains c of questions with >= 2 chains of (A_c - mean_{q(c)} A)^2 + eps^2)
+    pairwise_normalized:  (6) on A / sigma                                                (7)
+
+so it is unchanged when all scores are multiplied by a positive constant (up to ``eps``) as
+well as when a constant is added to a question's scores.
 """
 
 from __future__ import annotations
@@ -35,11 +46,15 @@ import jax.numpy as jnp
 
 from dreamprm_jax.bilevel.domain_weights import sample_weights
 
-__all__ = ["weighted_mse", "sample_weighted_mse", "aggregation_loss", "chain_scores", "listwise_loss", "pairwise_loss", "META_LOSSES",
-           "meta_loss"]
+__all__ = ["weighted_mse", "sample_weighted_mse", "aggregation_loss", "chain_scores", "listwise_loss", "pairwise_loss",
+           "normalized_pairwise_loss", "META_LOSSES", "meta_loss"]
 
 #: Names of the upper-level losses :func:`meta_loss` computes.
-META_LOSSES = ("chain_mse", "listwise", "pairwise")
+META_LOSSES = ("chain_mse", "listwise", "pairwise", "pairwise_normalized")
+
+#: ``eps`` of equation (7), in chain-score (log-odds) units: keeps ``sigma > 0`` when a batch's
+#: candidates all score alike; trained PRMs here have ``sigma`` of order 0.3 to 1.
+NORMALIZED_PAIRWISE_EPS = 1e-2
 
 
 def _safe_mean(num: jax.Array, den: jax.Array) -> jax.Array:
@@ -236,6 +251,28 @@ def pairwise_loss(scores: jax.Array, labels: jax.Array, question_index: jax.Arra
     return _safe_mean(jnp.sum(per_pair), jnp.sum(pairs.astype(scores.dtype)))
 
 
+def normalized_pairwise_loss(scores: jax.Array, labels: jax.Array, question_index: jax.Array,
+                             chain_mask: jax.Array, eps: float = NORMALIZED_PAIRWISE_EPS) -> jax.Array:
+    """Scale-free pairwise ranking meta loss, equation (7): :func:`pairwise_loss` on ``A / sigma``.
+
+    ``sigma`` is the pooled within-question standard deviation of the real chains' scores of
+    the batch (chains of one-chain questions excluded), with ``eps`` added in quadrature. The
+    gradient flows through ``sigma`` too, so a meta step cannot lower the loss by scaling the
+    scores up.
+
+    Args: as :func:`listwise_loss`; ``eps`` in score units.
+    """
+    _check_grouped(scores, labels, question_index, chain_mask)
+    same = _same_question(question_index, chain_mask).astype(scores.dtype)  # [M, M]
+    size = jnp.sum(same, axis=-1)  # [M]: chains of i's question (0 for a dummy slot)
+    a = jnp.where(chain_mask > 0, scores, 0.0)  # [M]; a dummy slot may hold anything
+    question_mean = _safe_mean(same @ a, size)  # [M]
+    counted = (size >= 2).astype(scores.dtype)  # [M]
+    variance = _safe_mean(jnp.sum(counted * jnp.square(a - question_mean)), jnp.sum(counted))
+    sigma = jnp.sqrt(variance + eps ** 2)
+    return pairwise_loss(a / sigma, labels, question_index, chain_mask)
+
+
 def meta_loss(
     name: str,
     step_logits: jax.Array,
@@ -247,8 +284,9 @@ def meta_loss(
 ) -> jax.Array:
     """The upper-level loss ``name`` (one of :data:`META_LOSSES`) of a meta batch.
 
-    ``chain_mse`` is DreamPRM's :func:`aggregation_loss`; ``listwise`` and ``pairwise``
-    (:func:`listwise_loss`, :func:`pairwise_loss`) rank the chain scores ``A`` (equation (3),
+    ``chain_mse`` is DreamPRM's :func:`aggregation_loss`; ``listwise``, ``pairwise`` and
+    ``pairwise_normalized`` (:func:`listwise_loss`, :func:`pairwise_loss`,
+    :func:`normalized_pairwise_loss`) rank the chain scores ``A`` (equation (3),
     ``reduce``) within each question and need ``question_index`` ``[M]``.
     """
     if name == "chain_mse":
@@ -261,5 +299,6 @@ def meta_loss(
     a = chain_scores(step_logits, step_mask, reduce)  # [M]
     if chain_mask is None:
         chain_mask = jnp.ones_like(a)
-    rank = listwise_loss if name == "listwise" else pairwise_loss
+    rank = {"listwise": listwise_loss, "pairwise": pairwise_loss,
+            "pairwise_normalized": normalized_pairwise_loss}[name]
     return rank(a, labels, question_index, chain_mask)

@@ -3,24 +3,26 @@
 Every arm trains from the same initialisation (the seed's), on the same records, with the
 same sampler and iteration count; only the domain weights (and how they are learned) differ:
 
-=======================  ===========================================================================
-``vanilla``              uniform weights (the PRM without reweighting): the baseline every arm is
-                         compared with
-``dreamprm``             weights learned with exact hypergradients through the T unrolled steps
-                         (DreamPRM's chain-MSE meta loss)
-``darts``                weights learned with Betty's DARTS approximation (the paper's method)
-``dreamprm_listwise``    as ``dreamprm``, with the listwise ranking meta loss (a softmax over
-                         each meta question's candidates) instead of the chain MSE
-``dreamprm_pairwise``    as ``dreamprm``, with the pairwise ranking meta loss (each correct
-                         candidate of a meta question above each wrong one)
-``instance_table``       a learned weight per training record (DreamPRM-1.5's Instance Table), exact
-                         hypergradients
-``instance_net``         a small network from each record's loss and domain to its weight
-                         (DreamPRM-1.5's Instance Net), exact hypergradients
-``oracle_weights``       weights fixed by hand from the planted (or user-given) domain quality: how
-                         much room correct weights leave; an arm that needs them is skipped when
-                         there are none
-=======================  ===========================================================================
+============================  ===========================================================================
+``vanilla``                   uniform weights (the PRM without reweighting): the baseline every arm is
+                              compared with
+``dreamprm``                  weights learned with exact hypergradients through the T unrolled steps
+                              (DreamPRM's chain-MSE meta loss)
+``darts``                     weights learned with Betty's DARTS approximation (the paper's method)
+``dreamprm_listwise``         as ``dreamprm``, with the listwise ranking meta loss (a softmax over
+                              each meta question's candidates) instead of the chain MSE
+``dreamprm_pairwise``         as ``dreamprm``, with the pairwise ranking meta loss (each correct
+                              candidate of a meta question above each wrong one)
+``dreamprm_pairwise_norm``    as ``dreamprm_pairwise``, on scores divided by their within-question
+                              standard deviation (no credit for a more confident PRM alone)
+``instance_table``            a learned weight per training record (DreamPRM-1.5's Instance Table), exact
+                              hypergradients
+``instance_net``              a small network from each record's loss and domain to its weight
+                              (DreamPRM-1.5's Instance Net), exact hypergradients
+``oracle_weights``            weights fixed by hand from the planted (or user-given) domain quality: how
+                              much room correct weights leave; an arm that needs them is skipped when
+                              there are none
+============================  ===========================================================================
 
 The untrained baselines (self-consistency, a random pick, the oracle answer) need no arm.
 """
@@ -56,6 +58,9 @@ ARMS: dict[str, Arm] = {
                              {"reweighting": True, "hypergradient": "exact", "meta_loss": "listwise"}),
     "dreamprm_pairwise": Arm("dreamprm_pairwise", "learned weights, exact hypergradients, pairwise meta loss",
                              {"reweighting": True, "hypergradient": "exact", "meta_loss": "pairwise"}),
+    "dreamprm_pairwise_norm": Arm(
+        "dreamprm_pairwise_norm", "learned weights, exact hypergradients, scale-free pairwise meta loss",
+        {"reweighting": True, "hypergradient": "exact", "meta_loss": "pairwise_normalized"}),
     "instance_table": Arm("instance_table", "a learned weight per training record, exact hypergradients",
                           {"reweighting": True, "hypergradient": "exact", "weighting": "instance_table"}),
     "instance_net": Arm("instance_net", "record weights from a small net (loss, domain), exact hypergradients",
