@@ -104,10 +104,45 @@ def test_study_end_to_end_and_resume(tmp_path):
     assert "AUROC of the learned instance weights" in text
     assert "Reweighting study" in text and os.path.isfile(paths["best_of_n_png"])
     assert os.path.isfile(paths["weights_png"])
+    assert set(summary["versus_dreamprm"]) == {"instance_table", "instance_net"}  # learned arms, not the oracle
+    assert set(summary["selection_vs_step_auroc"]) <= {"A", "B", "C"}
+    assert "selection_vs_step_auroc_png" not in paths or os.path.isfile(paths["selection_vs_step_auroc_png"])
     # a second run reuses every finished piece: nothing is trained or scored again
     again = runner.run_study(config)
     assert all(run.train_seconds == 0.0 and run.score_seconds == 0.0 for run in again[0].arms.values())
     np.testing.assert_array_equal(again[0].arms["dreamprm"].outcome.hits[8], results[0].arms["dreamprm"].outcome.hits[8])
+
+
+def _fake_run(arm: str, hits: np.ndarray, step_auroc: dict) -> runner.ArmRun:
+    outcome = analysis.ArmOutcome(hits={4: hits}, within_question_auroc=0.5, step_auroc=step_auroc, score_std=1.0)
+    return runner.ArmRun(arm, {"d": 1.0}, outcome, 0.0, 0.0, "/nonexistent")
+
+
+def test_summary_compares_learned_arms_with_dreamprm_and_correlates_selection_with_step_auroc():
+    rng = np.random.default_rng(0)
+    results, cells = [], []
+    for seed in range(2):
+        base = rng.integers(0, 2, 400).astype(float)                    # [Q] hits
+        other = np.where(rng.random(400) < 0.2, 1.0, base)              # about +0.1 on the questions base missed
+        runs = {}
+        for i, (arm, hits) in enumerate((("vanilla", base), ("dreamprm", base), ("dreamprm_pairwise", other))):
+            auroc = {"B": 0.6 + 0.1 * i + 0.05 * seed, "C": 0.8}
+            runs[arm] = _fake_run(arm, hits, auroc)
+            cells.append((auroc["B"], hits.mean()))
+        results.append(runner.SeedResult(seed, 400, runs, {}, None, None))
+    config = runner.StudyConfig(ns=(4,), resamples=500, progress=False)
+    summary = report.summarize(config, results, 1.0)
+    row = summary["versus_dreamprm"]["dreamprm_pairwise"]
+    expected = np.mean([r.arms["dreamprm_pairwise"].outcome.hits[4].mean() - r.arms["dreamprm"].outcome.hits[4].mean()
+                        for r in results])
+    assert row["diff"] == pytest.approx(expected, abs=1e-12) and row["ci95"][0] > 0 and row["seeds"] == [0, 1]
+    assert set(summary["versus_dreamprm"]) == {"dreamprm_pairwise"}
+    x, y = np.array(cells).T
+    corr = summary["selection_vs_step_auroc"]
+    assert corr["B"]["pearson_r"] == pytest.approx(np.corrcoef(x, y)[0, 1], abs=1e-12) and corr["B"]["cells"] == 6
+    assert "C" not in corr                                               # constant AUROC: no correlation
+    text = report.format_report(summary)
+    assert "minus `dreamprm`" in text and "| B | " in text
 
 
 def test_cli_rejects_partial_user_data(capsys):

@@ -8,6 +8,12 @@ quality (Spearman and its permutation p-value), AUROCs and wall times. Arms with
 training record add ``instance_weight_auroc`` ``{domain: AUROC or null}``: how well the weights
 rank the records whose label is correct above the others
 (:func:`~dreamprm_jax.study.analysis.instance_weight_auroc`).
+
+Two comparisons beyond the baseline: ``"versus_dreamprm"`` pairs every other learned arm with
+``dreamprm`` (DreamPRM's own chain-MSE meta loss) the same way, so a new objective is judged
+against the method it would replace; ``"selection_vs_step_auroc"`` correlates best-of-N with
+each error type's step AUROC over every (seed, arm) cell, which says which kind of error a PRM
+must learn to select well on this data (``selection_vs_step_auroc.png`` plots it).
 """
 
 from __future__ import annotations
@@ -24,9 +30,40 @@ from dreamprm_jax.study.analysis import gap_closed
 from dreamprm_jax.study.arms import ARMS, BASELINE_ARM
 from dreamprm_jax.study.runner import SeedResult, StudyConfig
 
-__all__ = ["summarize", "format_report", "write_study", "plot_best_of_n", "plot_weights"]
+__all__ = ["summarize", "format_report", "write_study", "plot_best_of_n", "plot_weights",
+           "plot_selection_vs_step_auroc"]
 
 ORACLE_ARM = "oracle_weights"
+#: The learned arm every other learned arm is also compared with: DreamPRM as published.
+REFERENCE_ARM = "dreamprm"
+
+
+def _pooled_difference(results: Sequence[SeedResult], arm: str, reference: str, n: int, resamples: int):
+    """Pooled paired bootstrap of ``arm`` minus ``reference`` at best-of-n over the seeds that
+    ran both; ``None`` when none did."""
+    seeds = [r for r in results if arm in r.arms and reference in r.arms]
+    if not seeds:
+        return None
+    diffs = [r.arms[arm].outcome.hits[n] - r.arms[reference].outcome.hits[n] for r in seeds]
+    return {**statistics.paired_bootstrap(diffs, num_resamples=resamples, seed=0).to_dict(),
+            "seeds": [r.seed for r in seeds]}
+
+
+def _selection_vs_step_auroc(results: Sequence[SeedResult], n: int) -> dict[str, dict[str, float]]:
+    """Per error type: Pearson r of best-of-n accuracy against the step AUROC of that type over
+    every (seed, arm) cell that measured it (``cells``: how many)."""
+    cells: dict[str, list[tuple[float, float]]] = {}
+    for r in results:
+        for run in r.arms.values():
+            for kind, value in run.outcome.step_auroc.items():
+                if np.isfinite(value):
+                    cells.setdefault(kind, []).append((value, run.outcome.accuracy(n)))
+    out = {}
+    for kind, pairs in sorted(cells.items()):
+        x, y = np.array(pairs).T  # [cells] each
+        if x.size >= 3 and np.ptp(x) > 0 and np.ptp(y) > 0:  # a constant column has no correlation
+            out[kind] = {"pearson_r": float(np.corrcoef(x, y)[0, 1]), "cells": int(x.size)}
+    return out
 
 
 def _arm_names(results: Sequence[SeedResult]) -> list[str]:
@@ -59,6 +96,13 @@ def summarize(config: StudyConfig, results: Sequence[SeedResult], wall_seconds: 
             if arm != ORACLE_ARM:
                 share = gap_closed(row["diff"], paired[ORACLE_ARM]["diff"])
                 row["share_of_oracle_gap"] = None if np.isnan(share) else share  # None: the oracle gained nothing
+
+    versus_reference: dict[str, Any] = {}
+    for arm in arms:
+        if arm not in (BASELINE_ARM, REFERENCE_ARM, ORACLE_ARM) and ARMS[arm].overrides.get("reweighting"):
+            row = _pooled_difference(results, arm, REFERENCE_ARM, n_max, config.resamples)
+            if row is not None:
+                versus_reference[arm] = row
 
     per_seed = []
     for r in results:
@@ -98,6 +142,8 @@ def summarize(config: StudyConfig, results: Sequence[SeedResult], wall_seconds: 
     return {
         "paired": paired,
         "paired_by_n": paired_by_n,
+        "versus_dreamprm": versus_reference,
+        "selection_vs_step_auroc": _selection_vs_step_auroc(results, n_max),
         "n": n_max,
         "baseline_arm": BASELINE_ARM,
         "seeds": [r.seed for r in results],
@@ -130,6 +176,17 @@ def format_report(summary: dict[str, Any]) -> str:
         share_text = "" if share is None else f"{share:.2f}"
         lines.append(f"| {arm} | " + " | ".join(_fmt_ci(by_n[str(k)]) for k in summary["config"]["ns"])
                      + f" | {share_text} |")
+    if summary.get("versus_dreamprm"):
+        lines += ["", f"Each other learned arm minus `{REFERENCE_ARM}` (DreamPRM's chain-MSE meta loss), best-of-{n}, "
+                      "paired the same way:", "", "| arm | diff [95 % CI] | seeds |", "|---|---|---|"]
+        for arm, row in summary["versus_dreamprm"].items():
+            lines.append(f"| {arm} | {_fmt_ci(row)} | {', '.join(map(str, row['seeds']))} |")
+    if summary.get("selection_vs_step_auroc"):
+        lines += ["", f"What selection depends on: Pearson r of best-of-{n} accuracy against each error type's step "
+                      "AUROC, over every (seed, arm) cell:", "",
+                  "| error type | r | cells |", "|---|---|---|"]
+        for kind, row in summary["selection_vs_step_auroc"].items():
+            lines.append(f"| {kind} | {row['pearson_r']:+.2f} | {row['cells']} |")
     lines += ["", f"Best-of-{n} accuracy per seed (untrained baselines on the right):", ""]
     arms = list(dict.fromkeys(a for row in summary["per_seed"] for a in row["arms"]))
     baselines = list(dict.fromkeys(b for row in summary["per_seed"] for b in row["baselines"]))
@@ -249,6 +306,37 @@ def plot_weights(results: Sequence[SeedResult], path: str) -> str | None:
     return path
 
 
+def plot_selection_vs_step_auroc(summary: dict[str, Any], path: str) -> str | None:
+    """Best-of-N accuracy against the step AUROC of each error type, one point per (seed, arm),
+    one panel per error type; ``None`` when no arm measured a step AUROC."""
+    kinds = list(summary.get("selection_vs_step_auroc") or {})
+    if not kinds:
+        return None
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = str(summary["n"])
+    arms = list(dict.fromkeys(a for row in summary["per_seed"] for a in row["arms"]))
+    fig, axes = plt.subplots(1, len(kinds), figsize=(3.6 * len(kinds), 3.4), squeeze=False, sharey=True)
+    for ax, kind in zip(axes[0], kinds):
+        for i, arm in enumerate(arms):
+            points = [(row["arms"][arm]["step_auroc"][kind], row["arms"][arm]["best_of_n"][n])
+                      for row in summary["per_seed"] if kind in row["arms"].get(arm, {}).get("step_auroc", {})]
+            if points:
+                x, y = zip(*points)
+                ax.scatter(x, y, s=18, marker="osD^v<>"[i % 7], label=arm)
+        r = summary["selection_vs_step_auroc"][kind]["pearson_r"]
+        ax.set_title(f"error type {kind}: r = {r:+.2f}", fontsize=9)
+        ax.set_xlabel(f"step AUROC, type {kind}")
+    axes[0][0].set_ylabel(f"best-of-{n} accuracy")
+    axes[0][-1].legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def write_study(config: StudyConfig, results: Sequence[SeedResult],
                 wall_seconds: float) -> tuple[dict[str, str], str]:
     """Writes study.json, report.md and the plots into ``config.out_dir``; returns their paths
@@ -262,6 +350,9 @@ def write_study(config: StudyConfig, results: Sequence[SeedResult],
     with open(paths["report"], "w", encoding="utf-8") as f:
         f.write(text)
     paths["best_of_n_png"] = plot_best_of_n(summary, os.path.join(config.out_dir, "best_of_n.png"))
+    selection_png = plot_selection_vs_step_auroc(summary, os.path.join(config.out_dir, "selection_vs_step_auroc.png"))
+    if selection_png:
+        paths["selection_vs_step_auroc_png"] = selection_png
     weights_png = plot_weights(results, os.path.join(config.out_dir, "weights.png"))
     if weights_png:
         paths["weights_png"] = weights_png
