@@ -580,9 +580,9 @@ def main(argv=None) -> dict:
 
     result["ratios"] = _ratios(result, a)
     _print_table(result, a)
-    _common.write_json(a.out, result)
     load = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     result["versions"]["load_average_1_5_15_end"] = load
+    _common.write_json(a.out, result)
     if load:
         print(f"load average at the end (1/5/15 min): {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} on "
               f"{os.cpu_count()} cores (others' work on a shared machine inflates and spreads the times)")

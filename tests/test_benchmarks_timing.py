@@ -87,6 +87,7 @@ def test_step_throughput_cli_times_every_run(tmp_path, interleave):
     assert ratios["ratio_statistic"] == ("median of per-round ratios" if interleave else "ratio of medians")
     assert ratios["speedup_jax_none_vs_torch_darts"] > 0
     assert saved["jax"]["none"]["first_metrics"]["meta_loss"] > 0
+    assert len(saved["versions"]["load_average_1_5_15_end"]) == 3  # saved, not only printed
 
 
 def test_step_throughput_weighting_options_and_ratios_over_the_domain_run():
