@@ -121,3 +121,21 @@ def test_both_loaders_name_file_record_and_field_for_an_escape(layout, name):
     assert (info.value.file, info.value.record, info.value.field, info.value.reason) == (
         str(cands), 1, "image_path", "path_escapes_image_root")
     assert "id='q1'" in str(info.value) and "inside the image root" in str(info.value)
+
+
+def test_read_number_map_names_the_file_the_entry_and_what_was_expected(tmp_path):
+    from dreamprm_jax.data.jsonfiles import read_number_map
+
+    path = tmp_path / "weights.json"
+    path.write_text('{"a": 1, "b": 2.5}')
+    assert read_number_map(path, "{domain: weight}") == {"a": 1.0, "b": 2.5}
+    for text, kwargs, message in (
+            ('{"a": 1, "b": "x"}', {}, r"weights.json: entry 'b' is 'x'; expected a number$"),
+            ('{"a": true}', {}, r"entry 'a' is True; expected a number"),
+            ('{"a": -1}', {"minimum": 0.0}, r"entry 'a' is -1; expected a number >= 0"),
+            ("{}", {"non_empty": True}, r"expected a non-empty JSON object \{domain: weight\}, got \{\}"),
+            ("[1]", {}, r"expected a JSON object \{domain: weight\}, got list"),
+            ('{"a": ', {}, r"weights.json: not valid JSON \(.*\); expected a JSON object \{domain: weight\}")):
+        path.write_text(text)
+        with pytest.raises(ValueError, match=message):
+            read_number_map(path, "{domain: weight}", **kwargs)

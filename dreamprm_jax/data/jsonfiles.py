@@ -31,6 +31,7 @@ __all__ = [
     "JsonRecord",
     "ImagePathEscape",
     "read_json_records",
+    "read_number_map",
     "resolve_image_path",
     "short_repr",
 ]
@@ -185,6 +186,36 @@ def read_json_records(path: str | os.PathLike) -> list[JsonRecord]:
     if not records:
         raise RecordError(path, None, None, "at least one record", EMPTY_FILE, got="no records")
     return records
+
+
+def read_number_map(path: str | os.PathLike, expected: str, *, non_empty: bool = False,
+                    minimum: float | None = None) -> dict[str, float]:
+    """``{name: number}`` from a file holding one JSON object, e.g. weights per domain or record.
+
+    Args:
+      path: the file.
+      expected: the object in words for error messages, e.g. ``"{domain: weight}"``.
+      non_empty: an empty object is an error.
+      minimum: every value must be a number ``>= minimum`` (``None``: any number).
+
+    Raises:
+      ValueError: naming the file (and the entry) and what was expected.
+    """
+    path = os.fspath(path)
+    with open(path, encoding="utf-8") as f:
+        try:
+            value = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e}); expected a JSON object {expected}") from None
+    if not isinstance(value, dict) or (non_empty and not value):
+        raise ValueError(f"{path}: expected a{' non-empty' if non_empty else ''} JSON object {expected}, got "
+                         f"{short_repr(value) if isinstance(value, dict) else type(value).__name__}")
+    for name, number in value.items():
+        if (not isinstance(number, (int, float)) or isinstance(number, bool)
+                or (minimum is not None and not number >= minimum)):
+            bound = "" if minimum is None else f" >= {minimum:g}"
+            raise ValueError(f"{path}: entry {name!r} is {short_repr(number)}; expected a number{bound}")
+    return {str(k): float(v) for k, v in value.items()}
 
 
 class ImagePathEscape(ValueError):

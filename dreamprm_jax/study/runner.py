@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from dreamprm_jax.configs import TrainConfig
+from dreamprm_jax.data.jsonfiles import read_number_map
 from dreamprm_jax.study.analysis import (ArmOutcome, DomainSignal, arm_outcome, best_of_n_hits, hypergradient_signal,
                                          instance_weight_auroc)
 from dreamprm_jax.study.arms import BASELINE_ARM, Arm, get_arms
@@ -99,17 +100,7 @@ def _say(config: StudyConfig, message: str) -> None:
 
 def read_oracle_weights(path: str) -> dict[str, float]:
     """``{domain: weight}`` from a JSON object file; every value a number >= 0."""
-    with open(path, encoding="utf-8") as f:
-        try:
-            value = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e}); expected an object {{domain: weight}}") from None
-    if not isinstance(value, dict) or not value:
-        raise ValueError(f"{path}: expected a non-empty JSON object {{domain: weight}}, got {type(value).__name__}")
-    for name, w in value.items():
-        if not isinstance(w, (int, float)) or isinstance(w, bool) or not w >= 0:
-            raise ValueError(f"{path}: weight of domain {name!r} is {w!r}; expected a number >= 0")
-    return {str(k): float(v) for k, v in value.items()}
+    return read_number_map(path, "{domain: weight}", non_empty=True, minimum=0.0)
 
 
 # ----------------------------------------------------------------------------------------

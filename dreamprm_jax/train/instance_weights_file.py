@@ -15,6 +15,8 @@ import os
 
 import numpy as np
 
+from dreamprm_jax.data.jsonfiles import read_number_map
+
 __all__ = ["RecordWeights", "WEIGHTS_FILE", "read_record_weights"]
 
 #: The file name in the run directory.
@@ -69,11 +71,4 @@ class RecordWeights:
 
 def read_record_weights(path: str) -> dict[str, float]:
     """``{record key: weight}`` from an ``instance_weights.json``."""
-    with open(path, encoding="utf-8") as f:
-        try:
-            value = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e}); expected an object {{record key: weight}}") from None
-    if not isinstance(value, dict):
-        raise ValueError(f"{path}: expected a JSON object {{record key: weight}}, got {type(value).__name__}")
-    return {str(k): float(v) for k, v in value.items()}
+    return read_number_map(path, "{record key: weight}")
