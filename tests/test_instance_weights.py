@@ -175,10 +175,12 @@ def test_approximate_methods_take_the_instance_pytree(problem, method):
 # ----------------------------------------------------------------------------- the trainer
 
 
-def test_resume_continues_bit_for_bit(tiny_data, tmp_path):
-    """The table (and its meta AdamW state) restores bit for bit; the net's parameters are the
-    same kind of pytree in the same state entry."""
-    ramp = dict(meta_lr_warmup=2, weighting="instance_table", iterations=2)  # the ramp spans the resume point
+@pytest.mark.parametrize("second_moment", ["per_weight", "shared"])
+def test_resume_continues_bit_for_bit(tiny_data, tmp_path, second_moment):
+    """The table (and its meta AdamW state, either kind) restores bit for bit; the net's
+    parameters are the same kind of pytree in the same state entry."""
+    ramp = dict(meta_lr_warmup=2, weighting="instance_table", iterations=2,  # the ramp spans the resume point
+                meta_second_moment=second_moment)
     straight = train(tiny_config(tiny_data, str(tmp_path / "straight"), **ramp))
     half = str(tmp_path / "halves")
     train(tiny_config(tiny_data, half, **dict(ramp, iterations=1)))

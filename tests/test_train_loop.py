@@ -13,6 +13,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from dreamprm_jax import bilevel
@@ -118,6 +119,29 @@ def test_meta_lr_ramps_linearly_from_zero():
     np.testing.assert_allclose([u[1] for u in sizes], expected, rtol=1e-5, atol=1e-9)
     with pytest.raises(ValueError, match="warmup"):
         step_lib.meta_optimizer(0.03, 0.0, warmup=-1)
+
+
+def test_shared_second_moment_keeps_relative_step_sizes():
+    """One second moment for all entries: a one-entry variable gets Adam's steps; a sparse
+    update moves each entry in proportion to its gradient (per-entry Adam moves all alike)."""
+    one = jnp.zeros((1,), jnp.float32)
+    shared, adam = step_lib.meta_optimizer(0.1, 0.0, second_moment="shared"), optax.adam(0.1)
+    s_shared, s_adam = shared.init(one), adam.init(one)
+    for g in (0.5, -2.0, 0.1, 3.0):
+        u_shared, s_shared = shared.update(jnp.array([g]), s_shared, one)
+        u_adam, s_adam = adam.update(jnp.array([g]), s_adam, one)
+        np.testing.assert_allclose(u_shared, u_adam, rtol=1e-6, atol=0)
+    raw = jnp.zeros((6,), jnp.float32)
+    g = jnp.array([0.0, 4.0, 0.0, -1.0, 0.5, 0.0])  # a batch touched three of six records
+    steps, state = step_lib.meta_optimizer(0.1, 0.0, second_moment="shared").update(
+        g, step_lib.meta_optimizer(0.1, 0.0, second_moment="shared").init(raw), raw)
+    rms_nonzero = np.sqrt((16.0 + 1.0 + 0.25) / 3)
+    np.testing.assert_allclose(steps, -0.1 * np.asarray(g) / rms_nonzero, rtol=1e-5, atol=1e-12)
+    per_entry, _ = step_lib.meta_optimizer(0.1, 0.0).update(g, step_lib.meta_optimizer(0.1, 0.0).init(raw), raw)
+    np.testing.assert_allclose(np.abs(per_entry)[[1, 3, 4]], 0.1, rtol=1e-5)  # sign-like: size lost
+    assert int(state[0].count) == 1
+    with pytest.raises(ValueError, match="second_moment"):
+        step_lib.meta_optimizer(0.1, 0.0, second_moment="global")
 
 
 def test_hypergradient_clip_is_relative_to_the_recent_median():

@@ -21,6 +21,8 @@ def _field(default: Any, help: str, **kw) -> Any:  # noqa: A002 - mirrors argpar
 
 #: What the upper level learns (``TrainConfig.weighting``).
 WEIGHTINGS = ("domain", "instance_table", "instance_net")
+#: How the meta optimizer normalises each hypergradient (``TrainConfig.meta_second_moment``).
+SECOND_MOMENTS = ("per_weight", "shared")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,6 +90,12 @@ class TrainConfig:
         "first step, the reference). Adam's first steps are sign steps of single, noisy hypergradients taken at "
         "full size; on the demo they decided which side of 1 the middle domains ended on, and the ramp keeps them small.")
     meta_weight_decay: float = _field(1e-3, "Meta AdamW weight decay.")
+    meta_second_moment: str = _field(
+        "per_weight", "How the meta AdamW scales each hypergradient: per_weight (Adam's own second moment per entry) "
+        "| shared (one second moment, the running mean of the squared non-zero entries, shared by all: an entry's "
+        "step keeps its size relative to the others). With --weighting instance_table a batch touches few records, "
+        "and per_weight makes each visit move a record's weight by about the same amount whatever the size of its "
+        "hypergradient; shared keeps that size.", choices=SECOND_MOMENTS)
     meta_grad_clip: float = _field(
         0.0, "Clip each hypergradient to this multiple of the median norm of the last 32 (0: off, the reference; 2 "
         "is a good value). Exact hypergradients are heavy-tailed (single iterations up to 20x the median on the "
@@ -125,7 +133,7 @@ class TrainConfig:
         "per training record, w_i = w_max * sigmoid(r_i), DreamPRM-1.5's Instance Table) | instance_net (a small "
         "network maps each record's loss at the start of the iteration and its domain to its weight, DreamPRM-1.5's "
         "Instance Net). Instance weights start at 1 and stay in (0, --instance-max-weight); the run directory gets "
-        "instance_weights.json (record key -> weight).")
+        "instance_weights.json (record key -> weight).", choices=WEIGHTINGS)
     instance_max_weight: float = _field(2.0, "Upper bound w_max of an instance weight (> 1; weights start at 1).")
     instance_net_hidden: int = _field(16, "Hidden units of the Instance Net (--weighting instance_net).")
 
@@ -168,6 +176,8 @@ class TrainConfig:
             raise ValueError(f"step_split: expected 'strict' or 'reference', got {self.step_split!r}")
         if self.weighting not in WEIGHTINGS:
             raise ValueError(f"weighting: expected one of {WEIGHTINGS}, got {self.weighting!r}")
+        if self.meta_second_moment not in SECOND_MOMENTS:
+            raise ValueError(f"meta_second_moment: expected one of {SECOND_MOMENTS}, got {self.meta_second_moment!r}")
         if not self.instance_max_weight > 1.0 or self.instance_net_hidden < 1:
             raise ValueError(f"instance_max_weight must be > 1 and instance_net_hidden >= 1, got "
                              f"{self.instance_max_weight!r}, {self.instance_net_hidden!r}")
@@ -237,8 +247,8 @@ def add_arguments(parser: argparse.ArgumentParser, defaults: TrainConfig) -> Non
 
             parser.add_argument(flag, nargs="?", const="always", default=None, choices=RESUME_MODES, metavar="MODE",
                                 help=help_text)
-        elif field.name == "weighting":
-            parser.add_argument(flag, default=None, choices=WEIGHTINGS, help=help_text)
+        elif "choices" in field.metadata:
+            parser.add_argument(flag, default=None, choices=field.metadata["choices"], help=help_text)
         elif base is bool:
             parser.add_argument(flag, type=_parse_bool, nargs="?", const=True, default=None, metavar="BOOL", help=help_text)
             if field.name == "reweighting":

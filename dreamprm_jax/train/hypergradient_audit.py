@@ -155,7 +155,8 @@ def audit_run(run_dir: str, methods: Sequence[str], *, draws: int = 2, repeats: 
         domains = list(sources.train_table.domains)
         optimizer = step_lib.inner_optimizer(cfg.inner_lr, cfg.inner_lr_step_size, cfg.inner_lr_gamma,
                                              cfg.inner_weight_decay, cfg.inner_grad_clip)
-        meta_opt = step_lib.meta_optimizer(cfg.meta_lr, cfg.meta_weight_decay, cfg.meta_lr_warmup, cfg.meta_grad_clip)
+        meta_opt = step_lib.meta_optimizer(cfg.meta_lr, cfg.meta_weight_decay, cfg.meta_lr_warmup, cfg.meta_grad_clip,
+                                           cfg.meta_second_moment)
         # committed to the device like a restored state, so both hit one compiled program per method
         initial = jax.device_put(step_lib.init_state(params, len(domains), optimizer, meta_opt), jax.devices()[0])
         del params

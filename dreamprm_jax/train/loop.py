@@ -412,7 +412,8 @@ def train(cfg: TrainConfig, data: TrainData, model: PRMModel | str, *,
               f"{jax.process_count()} process(es), {jax.device_count()} {jax.default_backend()} device(s)")
     optimizer = sharding.constrain_optimizer(step_lib.inner_optimizer(
         cfg.inner_lr, cfg.inner_lr_step_size, cfg.inner_lr_gamma, cfg.inner_weight_decay, cfg.inner_grad_clip), mesh)
-    meta_opt = step_lib.meta_optimizer(cfg.meta_lr, cfg.meta_weight_decay, cfg.meta_lr_warmup, cfg.meta_grad_clip)
+    meta_opt = step_lib.meta_optimizer(cfg.meta_lr, cfg.meta_weight_decay, cfg.meta_lr_warmup, cfg.meta_grad_clip,
+                                       cfg.meta_second_moment)
 
     num_records = len(train_table.samples)
     record_domains = np.asarray(train_table.samples["domain_id"], np.int32)  # [N]

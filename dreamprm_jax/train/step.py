@@ -141,9 +141,50 @@ def clip_by_recent_median(factor: float, window: int = CLIP_WINDOW) -> optax.Gra
     return optax.GradientTransformation(init, update)
 
 
-def meta_optimizer(lr: float, weight_decay: float, warmup: int = 0, clip: float = 0.0):
-    """AdamW on the raw domain weights.
+class SharedMomentState(NamedTuple):
+    count: jax.Array  # [] int32: updates seen
+    mu: Any           # first moment, shaped like the updates
+    nu: jax.Array     # [] float32: running mean of the squared non-zero entries
 
+
+def scale_by_shared_moment(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> optax.GradientTransformation:
+    """Adam's scaling with one second moment for every entry instead of one per entry.
+
+    ``nu`` tracks the mean of ``g**2`` over the *non-zero* entries of each update (so its size
+    does not depend on how many entries a sparse update touches); the step is
+    ``mu_hat / (sqrt(nu_hat) + eps)``. An entry's step then keeps its size relative to the
+    others', where per-entry Adam gives every entry of a sparse update a step of about the
+    same size: a record seen once with a tiny hypergradient moves as far as one with a large
+    hypergradient.
+    """
+
+    def init(params):
+        return SharedMomentState(jnp.zeros((), jnp.int32), jax.tree.map(jnp.zeros_like, params),
+                                 jnp.zeros((), jnp.float32))
+
+    def update(updates, state, params=None):
+        del params
+        leaves = jax.tree.leaves(updates)
+        square_sum = sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in leaves)
+        nonzero = sum(jnp.sum((x != 0).astype(jnp.float32)) for x in leaves)
+        mean_square = square_sum / jnp.maximum(nonzero, 1.0)
+        count = state.count + 1
+        mu = jax.tree.map(lambda m, g: b1 * m + (1 - b1) * g, state.mu, updates)
+        nu = b2 * state.nu + (1 - b2) * mean_square
+        t = count.astype(jnp.float32)
+        scale = 1.0 / (jnp.sqrt(nu / (1 - b2 ** t)) + eps)  # []
+        steps = jax.tree.map(lambda m: (m / (1 - b1 ** t) * scale).astype(m.dtype), mu)
+        return steps, SharedMomentState(count, mu, nu)
+
+    return optax.GradientTransformation(init, update)
+
+
+def meta_optimizer(lr: float, weight_decay: float, warmup: int = 0, clip: float = 0.0,
+                   second_moment: str = "per_weight"):
+    """AdamW on the upper-level variable (raw domain weights, instance table or net).
+
+    ``second_moment="shared"``: :func:`scale_by_shared_moment` in place of Adam's per-entry
+    scaling (then decoupled weight decay and the learning rate, as in AdamW).
     ``warmup > 0``: the learning rate ramps linearly from 0 to ``lr`` over the first ``warmup``
     meta steps. ``clip > 0``: each hypergradient is first clipped to ``clip`` times the median
     norm of the last :data:`CLIP_WINDOW` (:func:`clip_by_recent_median`). Both keep their
@@ -152,7 +193,13 @@ def meta_optimizer(lr: float, weight_decay: float, warmup: int = 0, clip: float 
     if warmup < 0 or clip < 0:
         raise ValueError(f"meta_optimizer: warmup and clip must be >= 0, got {warmup}, {clip}")
     schedule = optax.linear_schedule(0.0, lr, warmup) if warmup > 0 else lr
-    adamw = optax.adamw(schedule, weight_decay=weight_decay)
+    if second_moment == "per_weight":
+        adamw = optax.adamw(schedule, weight_decay=weight_decay)
+    elif second_moment == "shared":
+        adamw = optax.chain(scale_by_shared_moment(), optax.add_decayed_weights(weight_decay),
+                            optax.scale_by_learning_rate(schedule))
+    else:
+        raise ValueError(f"meta_optimizer: second_moment must be 'per_weight' or 'shared', got {second_moment!r}")
     return optax.chain(clip_by_recent_median(clip), adamw) if clip > 0 else adamw
 
 
