@@ -4,6 +4,7 @@ import dataclasses
 import json
 import os
 
+import jax
 import numpy as np
 import pytest
 
@@ -34,6 +35,27 @@ def test_best_of_n_hits_known_cases():
     outcome = analysis.arm_outcome(inputs, scores, ns=(4,), trials=1, seed=0)
     np.testing.assert_array_equal(outcome.hits[4], [1.0, 0.0, 1.0])
     assert outcome.within_question_auroc == pytest.approx(1.0, abs=1e-12)  # only q0 has both kinds
+
+
+def test_test_pairwise_losses_match_the_training_losses_and_separate_scale_from_order():
+    import jax.numpy as jnp
+
+    from dreamprm_jax import bilevel
+
+    rng = np.random.default_rng(0)
+    scores = rng.normal(size=(5, 4))                                     # [Q, N]
+    correct = np.array([[1, 0, 0, 1], [0, 0, 0, 0], [1, 1, 0, 0], [0, 1, 0, 0], [1, 0, 1, 0]], bool)
+    mask = np.ones((5, 4), bool)
+    mask[4, 3] = False                                                   # a question with 3 candidates
+    plain, scale_free = analysis.test_pairwise_losses(scores, correct, mask)
+    with jax.enable_x64(True):
+        flat = dict(scores=jnp.asarray(scores.reshape(-1)), labels=jnp.asarray(correct.reshape(-1), jnp.float64),
+                    question_index=jnp.repeat(jnp.arange(5), 4), chain_mask=jnp.asarray(mask.reshape(-1), jnp.float64))
+        assert plain == pytest.approx(float(bilevel.pairwise_loss(**flat)), rel=1e-6)
+        assert scale_free == pytest.approx(float(bilevel.normalized_pairwise_loss(**flat)), rel=1e-6)
+    spread_plain, spread_free = analysis.test_pairwise_losses(3.0 * scores, correct, mask)
+    assert spread_free == pytest.approx(scale_free, rel=1e-3) and abs(spread_plain - plain) > 0.05
+    assert np.isnan(analysis.test_pairwise_losses(scores, np.zeros((5, 4), bool), mask)[0])
 
 
 def test_step_auroc_by_error_type():

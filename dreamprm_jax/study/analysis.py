@@ -14,7 +14,12 @@ with every other arm's. For one arm on one seed:
   the steps of clean chains and the erroneous steps of that type (how well the PRM
   detects each kind of error);
 * ``score_std``: the standard deviation of the chain scores (a PRM that hedges towards
-  0.5 everywhere has compressed scores).
+  0.5 everywhere has compressed scores);
+* ``pairwise_loss`` / ``scale_free_pairwise_loss``: the pairwise ranking loss on the test
+  candidates (mean of ``softplus(A_wrong - A_correct)`` over the (correct, wrong) pairs of
+  each question), on the scores as they are and divided by their pooled within-question
+  standard deviation (:func:`test_pairwise_losses`). A PRM can lower the first by spreading
+  its scores alone; only a better order lowers the second.
 
 For an arm that learns its weights, :func:`hypergradient_signal` reads the per-domain
 hypergradient the trainer logged every iteration and reports, per domain, its mean over the
@@ -46,8 +51,8 @@ import numpy as np
 from dreamprm_jax.evaluation import statistics
 from dreamprm_jax.evaluation.selection import SelectionInputs, Selector, sample_subsets
 
-__all__ = ["ArmOutcome", "DomainSignal", "best_of_n_hits", "step_auroc_by_error_type", "arm_outcome", "gap_closed",
-           "hypergradient_signal", "instance_weight_auroc"]
+__all__ = ["ArmOutcome", "DomainSignal", "best_of_n_hits", "step_auroc_by_error_type", "test_pairwise_losses",
+           "arm_outcome", "gap_closed", "hypergradient_signal", "instance_weight_auroc"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +63,8 @@ class ArmOutcome:
     within_question_auroc: float
     step_auroc: Mapping[str, float]
     score_std: float
+    pairwise_loss: float = float("nan")
+    scale_free_pairwise_loss: float = float("nan")
 
     def accuracy(self, n: int) -> float:
         return float(np.mean(self.hits[n]))
@@ -105,6 +112,33 @@ def step_auroc_by_error_type(step_logits: np.ndarray, step_labels: np.ndarray,
     return out
 
 
+def test_pairwise_losses(chain_scores: np.ndarray, correct: np.ndarray, mask: np.ndarray) -> tuple[float, float]:
+    """(pairwise loss, scale-free pairwise loss) of ``chain_scores`` [Q, N] on a test set.
+
+    Both are means over every (correct i, wrong j) pair of candidates of one question of
+    ``softplus(A_j - A_i)``, the second on ``A / sigma`` with ``sigma`` the pooled
+    within-question standard deviation of the scores (over questions with two or more
+    candidates): :func:`dreamprm_jax.bilevel.pairwise_loss` and
+    :func:`~dreamprm_jax.bilevel.normalized_pairwise_loss` on the whole test set at once, in
+    numpy, question by question. NaN where no question has both kinds of candidate.
+    """
+    scores = np.asarray(chain_scores, np.float64)
+    ok = np.asarray(mask, bool)
+    good = np.asarray(correct, bool) & ok
+    bad = ~np.asarray(correct, bool) & ok
+    sizes = ok.sum(-1)                                                         # [Q]
+    means = np.where(sizes > 0, np.where(ok, scores, 0.0).sum(-1) / np.maximum(sizes, 1), 0.0)  # [Q]
+    deviations = np.where(ok & (sizes >= 2)[:, None], scores - means[:, None], 0.0)            # [Q, N]
+    counted = int(np.sum(ok & (sizes >= 2)[:, None]))
+    sigma = float(np.sqrt(np.sum(deviations ** 2) / counted + 1e-4)) if counted else 1e-2  # eps 1e-2, as in training
+    margins = scores[:, None, :] - scores[:, :, None]                             # [Q, N, N]: A_j - A_i
+    pairs = good[:, :, None] & bad[:, None, :]                                   # [Q, N, N]: (i correct, j wrong)
+    if not pairs.any():
+        return float("nan"), float("nan")
+    m = margins[pairs]
+    return float(np.mean(np.logaddexp(0.0, m))), float(np.mean(np.logaddexp(0.0, m / sigma)))
+
+
 def arm_outcome(inputs: SelectionInputs, chain_scores: np.ndarray, *, ns: Sequence[int], trials: int, seed: int,
                 step_logits: np.ndarray | None = None, step_labels: np.ndarray | None = None,
                 step_error_types: np.ndarray | None = None) -> ArmOutcome:
@@ -117,8 +151,10 @@ def arm_outcome(inputs: SelectionInputs, chain_scores: np.ndarray, *, ns: Sequen
     by_type: dict[str, float] = {}
     if step_logits is not None and step_labels is not None and step_error_types is not None:
         by_type = step_auroc_by_error_type(step_logits, step_labels, step_error_types)
+    pairwise, scale_free = test_pairwise_losses(scores, inputs.correct, mask)
     return ArmOutcome(hits=hits, within_question_auroc=statistics.within_question_auroc(scores, inputs.correct, mask),
-                      step_auroc=by_type, score_std=float(np.std(scores[mask])))
+                      step_auroc=by_type, score_std=float(np.std(scores[mask])), pairwise_loss=pairwise,
+                      scale_free_pairwise_loss=scale_free)
 
 
 def gap_closed(arm_diff: float, oracle_diff: float) -> float:

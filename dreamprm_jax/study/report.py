@@ -114,6 +114,8 @@ def summarize(config: StudyConfig, results: Sequence[SeedResult], wall_seconds: 
                 "within_question_auroc": run.outcome.within_question_auroc,
                 "step_auroc": dict(run.outcome.step_auroc),
                 "chain_score_std": run.outcome.score_std,
+                "test_pairwise_loss": run.outcome.pairwise_loss,
+                "test_scale_free_pairwise_loss": run.outcome.scale_free_pairwise_loss,
                 "weights": run.weights,
                 "train_seconds": run.train_seconds,
                 "score_seconds": run.score_seconds,
@@ -203,15 +205,17 @@ def format_report(summary: dict[str, Any]) -> str:
         lines.append(f"Seed {row['seed']}:")
         lines.append("")
         lines.append("| arm | " + " | ".join(f"{d} ({quality[d]:.2f})" if d in quality else d for d in domains)
-                     + " | Spearman (p) | within-question AUROC | step AUROC by error type | chain score std |")
-        lines.append("|---|" + "---|" * (len(domains) + 4))
+                     + " | Spearman (p) | within-question AUROC | step AUROC by error type | chain score std "
+                       "| test pairwise loss (scale-free) |")
+        lines.append("|---|" + "---|" * (len(domains) + 5))
         for a, entry in row["arms"].items():
             rho = entry.get("spearman_vs_quality")
             rho_text = "" if rho is None else f"{rho:.3f} ({entry['spearman_p']:.3f})"
             steps = ", ".join(f"{k} {v:.3f}" for k, v in entry["step_auroc"].items())
             lines.append(f"| {a} | " + " | ".join(f"{entry['weights'].get(d, float('nan')):.3f}" for d in domains)
                          + f" | {rho_text} | {entry['within_question_auroc']:.3f} | {steps} | "
-                           f"{entry['chain_score_std']:.3f} |")
+                           f"{entry['chain_score_std']:.3f} | {entry['test_pairwise_loss']:.3f} "
+                           f"({entry['test_scale_free_pairwise_loss']:.3f}) |")
         lines.append("")
         signals = {a: e["hypergradient_signal"] for a, e in row["arms"].items() if e.get("hypergradient_signal")}
         if signals:
