@@ -92,7 +92,8 @@ def _tiny_study(out_dir: str) -> runner.StudyConfig:
         train_batch_size=4, meta_batch_size=2, unroll=2, iterations=2, checkpoint_every=100, log_every=1,
         meta_warmup=0, meta_lr_warmup=0, seq_buckets=(192,), patch_buckets=(256,))
     return runner.StudyConfig(out_dir=out_dir, seeds=(0,),
-                              arms=("vanilla", "dreamprm", "oracle_weights", "instance_table", "instance_net"),
+                              arms=("vanilla", "vanilla_reseeded", "dreamprm", "oracle_weights", "instance_table",
+                                    "instance_net"),
                               train=train, synthetic=synthetic.tiny_config(), ns=(2, 8), trials=3, resamples=200,
                               progress=False)
 
@@ -102,7 +103,7 @@ def test_study_end_to_end_and_resume(tmp_path):
     results = runner.run_study(config)
     paths, text = report.write_study(config, results, wall_seconds=1.0)
     summary = json.load(open(paths["json"]))
-    assert set(summary["paired"]) == {"dreamprm", "oracle_weights", "instance_table", "instance_net"}
+    assert set(summary["paired"]) == {"vanilla_reseeded", "dreamprm", "oracle_weights", "instance_table", "instance_net"}
     for row in summary["paired"].values():
         lo, hi = row["ci95"]
         assert -1.0 <= lo <= row["diff"] <= hi <= 1.0
@@ -115,6 +116,12 @@ def test_study_end_to_end_and_resume(tmp_path):
     signal = seed0["arms"]["dreamprm"]["hypergradient_signal"]     # logged every iteration, read back
     assert set(signal) == set(oracle_w) and all(s["iterations"] >= 1 for s in signal.values())
     assert "hypergradient_signal" not in seed0["arms"]["vanilla"]
+    # another initialisation and data order: the same uniform weights, other scores
+    reseeded = np.load(os.path.join(str(tmp_path), "seed_0", "vanilla_reseeded", "test_scores.npz"))["step_logits"]
+    plain = np.load(os.path.join(str(tmp_path), "seed_0", "vanilla", "test_scores.npz"))["step_logits"]
+    assert seed0["arms"]["vanilla_reseeded"]["weights"] == seed0["arms"]["vanilla"]["weights"]
+    assert not np.allclose(reseeded, plain)
+    assert summary["paired"]["dreamprm"]["per_seed"] == [seed0["arms"]["dreamprm"]["paired"]["diff"]]
     assert "Hypergradient per domain" in text
     # the instance arms: per domain, the AUROC of the record weights for "label correct"
     for arm in ("instance_table", "instance_net"):
@@ -159,6 +166,12 @@ def test_summary_compares_learned_arms_with_dreamprm_and_correlates_selection_wi
                         for r in results])
     assert row["diff"] == pytest.approx(expected, abs=1e-12) and row["ci95"][0] > 0 and row["seeds"] == [0, 1]
     assert set(summary["versus_dreamprm"]) == {"dreamprm_pairwise"}
+    spread = summary["paired"]["dreamprm_pairwise"]
+    per_seed = [r.arms["dreamprm_pairwise"].outcome.hits[4].mean() - r.arms["vanilla"].outcome.hits[4].mean()
+                for r in results]
+    np.testing.assert_allclose(spread["per_seed"], per_seed, rtol=0, atol=1e-12)
+    assert spread["seed_sd"] == pytest.approx(np.std(per_seed, ddof=1), abs=1e-12)
+    assert spread["seed_t"] == pytest.approx(np.mean(per_seed) / (np.std(per_seed, ddof=1) / np.sqrt(2)), rel=1e-9)
     x, y = np.array(cells).T
     corr = summary["selection_vs_step_auroc"]
     assert corr["B"]["pearson_r"] == pytest.approx(np.corrcoef(x, y)[0, 1], abs=1e-12) and corr["B"]["cells"] == 6

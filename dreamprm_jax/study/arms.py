@@ -6,6 +6,9 @@ same sampler and iteration count; only the domain weights (and how they are lear
 ============================  ===========================================================================
 ``vanilla``                   uniform weights (the PRM without reweighting): the baseline every arm is
                               compared with
+``vanilla_reseeded``          uniform weights again, from another initialisation and data order: how
+                              far training noise alone moves best-of-N (a paired CI over questions
+                              holds the trained PRMs fixed; this arm shows what it leaves out)
 ``dreamprm``                  weights learned with exact hypergradients through the T unrolled steps
                               (DreamPRM's chain-MSE meta loss)
 ``darts``                     weights learned with Betty's DARTS approximation (the paper's method)
@@ -42,16 +45,20 @@ BASELINE_ARM = "vanilla"
 @dataclasses.dataclass(frozen=True)
 class Arm:
     """``overrides``: :class:`~dreamprm_jax.configs.TrainConfig` fields set for this arm;
-    ``oracle_weights``: train under the oracle domain weights, held fixed."""
+    ``oracle_weights``: train under the oracle domain weights, held fixed; ``seed_offset``:
+    added to the study seed for the initialisation and data order (the data stay the seed's)."""
 
     name: str
     description: str
     overrides: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     oracle_weights: bool = False
+    seed_offset: int = 0
 
 
 ARMS: dict[str, Arm] = {
     "vanilla": Arm("vanilla", "uniform domain weights", {"reweighting": False}),
+    "vanilla_reseeded": Arm("vanilla_reseeded", "uniform domain weights, another initialisation and data order",
+                            {"reweighting": False}, seed_offset=1000),
     "dreamprm": Arm("dreamprm", "learned weights, exact hypergradients", {"reweighting": True, "hypergradient": "exact"}),
     "darts": Arm("darts", "learned weights, DARTS hypergradients", {"reweighting": True, "hypergradient": "darts"}),
     "dreamprm_listwise": Arm("dreamprm_listwise", "learned weights, exact hypergradients, listwise meta loss",

@@ -49,6 +49,16 @@ def _pooled_difference(results: Sequence[SeedResult], arm: str, reference: str, 
             "seeds": [r.seed for r in seeds]}
 
 
+def _across_seeds(diffs: list[float]) -> dict[str, Any]:
+    """The per-seed differences and their spread: the paired bootstrap holds each seed's trained
+    PRMs fixed, so only the seed-to-seed spread shows how much training itself varies.
+    ``seed_t`` = mean / (sd / sqrt(seeds)) (``None`` with one seed or no spread)."""
+    values = np.asarray(diffs, np.float64)
+    sd = float(np.std(values, ddof=1)) if values.size > 1 else None
+    t = float(np.mean(values) / (sd / np.sqrt(values.size))) if sd else None
+    return {"per_seed": [float(v) for v in values], "seed_sd": sd, "seed_t": t}
+
+
 def _selection_vs_step_auroc(results: Sequence[SeedResult], n: int) -> dict[str, dict[str, float]]:
     """Per error type: Pearson r of best-of-n accuracy against the step AUROC of that type over
     every (seed, arm) cell that measured it (``cells``: how many)."""
@@ -90,7 +100,8 @@ def summarize(config: StudyConfig, results: Sequence[SeedResult], wall_seconds: 
             diffs = [r.arms[arm].outcome.hits[n] - r.arms[BASELINE_ARM].outcome.hits[n] for r in seeds]
             by_n[str(n)] = statistics.paired_bootstrap(diffs, num_resamples=config.resamples, seed=0).to_dict()
         paired_by_n[arm] = by_n
-        paired[arm] = {**by_n[str(n_max)], "seeds": [r.seed for r in seeds]}
+        paired[arm] = {**by_n[str(n_max)], "seeds": [r.seed for r in seeds], **_across_seeds(
+            [float(np.mean(r.arms[arm].outcome.hits[n_max] - r.arms[BASELINE_ARM].outcome.hits[n_max])) for r in seeds])}
     if ORACLE_ARM in paired:
         for arm, row in paired.items():
             if arm != ORACLE_ARM:
@@ -171,13 +182,20 @@ def format_report(summary: dict[str, Any]) -> str:
     lines += [f"Each arm minus `{summary['baseline_arm']}`: paired bootstrap over questions (95 % CI), pooled over "
               "seeds (mean of the seed means).", "",
               "| arm | " + " | ".join(f"best-of-{k} diff [95 % CI]" for k in summary["config"]["ns"])
-              + " | share of the oracle gap |",
-              "|---|" + "---|" * len(summary["config"]["ns"]) + "---|"]
+              + f" | share of the oracle gap | best-of-{n} diff per seed | across seeds: sd (t) |",
+              "|---|" + "---|" * len(summary["config"]["ns"]) + "---|---|---|"]
     for arm, by_n in summary["paired_by_n"].items():
-        share = summary["paired"][arm].get("share_of_oracle_gap")
+        row = summary["paired"][arm]
+        share = row.get("share_of_oracle_gap")
         share_text = "" if share is None else f"{share:.2f}"
+        spread = "" if row.get("seed_sd") is None else f"{row['seed_sd']:.3f}"
+        spread += "" if row.get("seed_t") is None else f" ({row['seed_t']:+.1f})"
         lines.append(f"| {arm} | " + " | ".join(_fmt_ci(by_n[str(k)]) for k in summary["config"]["ns"])
-                     + f" | {share_text} |")
+                     + f" | {share_text} | " + ", ".join(f"{d:+.3f}" for d in row.get("per_seed", []))
+                     + f" | {spread} |")
+    lines += ["", "The CI holds each seed's trained PRMs fixed (it is over questions); the sd and t across seeds "
+                  "(t = mean / (sd / sqrt(seeds))) include how much training itself varies. "
+                  "`vanilla_reseeded`, when run, is that variation alone."]
     if summary.get("versus_dreamprm"):
         lines += ["", f"Each other learned arm minus `{REFERENCE_ARM}` (DreamPRM's chain-MSE meta loss), best-of-{n}, "
                       "paired the same way:", "", "| arm | diff [95 % CI] | seeds |", "|---|---|---|"]

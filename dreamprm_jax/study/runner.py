@@ -136,7 +136,7 @@ def _train_arm(config: StudyConfig, arm: Arm, seed: int, seed_dir: str, data, or
             return export_dir, json.load(f), 0.0
     # The run's saved config names its data, and its directory holds its tokenizer, so the run
     # stands alone (e.g. for dreamprm-compare-hypergradients --run-dir).
-    cfg = dataclasses.replace(config.train, out_dir=run_dir, seed=seed, progress=config.progress,
+    cfg = dataclasses.replace(config.train, out_dir=run_dir, seed=seed + arm.seed_offset, progress=config.progress,
                               resume="auto", export=True, log_every=1, train_json=data.train_json, meta_json=data.meta_json,
                               image_root=data.image_root, **dict(arm.overrides))
     if cfg.model_dir is None:  # every arm of a seed reads the same demo tokenizer
