@@ -172,6 +172,7 @@ def test_summary_compares_learned_arms_with_dreamprm_and_correlates_selection_wi
     np.testing.assert_allclose(spread["per_seed"], per_seed, rtol=0, atol=1e-12)
     assert spread["seed_sd"] == pytest.approx(np.std(per_seed, ddof=1), abs=1e-12)
     assert spread["seed_t"] == pytest.approx(np.mean(per_seed) / (np.std(per_seed, ddof=1) / np.sqrt(2)), rel=1e-9)
+    np.testing.assert_allclose(row["per_seed"], per_seed, rtol=0, atol=1e-12)  # dreamprm's hits are vanilla's here
     x, y = np.array(cells).T
     corr = summary["selection_vs_step_auroc"]
     assert corr["B"]["pearson_r"] == pytest.approx(np.corrcoef(x, y)[0, 1], abs=1e-12) and corr["B"]["cells"] == 6

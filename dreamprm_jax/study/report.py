@@ -46,7 +46,7 @@ def _pooled_difference(results: Sequence[SeedResult], arm: str, reference: str, 
         return None
     diffs = [r.arms[arm].outcome.hits[n] - r.arms[reference].outcome.hits[n] for r in seeds]
     return {**statistics.paired_bootstrap(diffs, num_resamples=resamples, seed=0).to_dict(),
-            "seeds": [r.seed for r in seeds]}
+            "seeds": [r.seed for r in seeds], **_across_seeds([float(np.mean(d)) for d in diffs])}
 
 
 def _across_seeds(diffs: list[float]) -> dict[str, Any]:
@@ -174,6 +174,12 @@ def _fmt_ci(row: dict) -> str:
     return f"{row['diff']:+.3f} [{lo:+.3f}, {hi:+.3f}]"
 
 
+def _fmt_spread(row: dict) -> str:
+    """``"sd (t)"`` across seeds; blank parts where there is one seed or no spread."""
+    text = "" if row.get("seed_sd") is None else f"{row['seed_sd']:.3f}"
+    return text + ("" if row.get("seed_t") is None else f" ({row['seed_t']:+.1f})")
+
+
 def format_report(summary: dict[str, Any]) -> str:
     """Markdown: the pooled comparison, per-seed rows, weights, AUROCs."""
     n = summary["n"]
@@ -188,19 +194,19 @@ def format_report(summary: dict[str, Any]) -> str:
         row = summary["paired"][arm]
         share = row.get("share_of_oracle_gap")
         share_text = "" if share is None else f"{share:.2f}"
-        spread = "" if row.get("seed_sd") is None else f"{row['seed_sd']:.3f}"
-        spread += "" if row.get("seed_t") is None else f" ({row['seed_t']:+.1f})"
         lines.append(f"| {arm} | " + " | ".join(_fmt_ci(by_n[str(k)]) for k in summary["config"]["ns"])
                      + f" | {share_text} | " + ", ".join(f"{d:+.3f}" for d in row.get("per_seed", []))
-                     + f" | {spread} |")
+                     + f" | {_fmt_spread(row)} |")
     lines += ["", "The CI holds each seed's trained PRMs fixed (it is over questions); the sd and t across seeds "
                   "(t = mean / (sd / sqrt(seeds))) include how much training itself varies. "
                   "`vanilla_reseeded`, when run, is that variation alone."]
     if summary.get("versus_dreamprm"):
         lines += ["", f"Each other learned arm minus `{REFERENCE_ARM}` (DreamPRM's chain-MSE meta loss), best-of-{n}, "
-                      "paired the same way:", "", "| arm | diff [95 % CI] | seeds |", "|---|---|---|"]
+                      "paired the same way:", "",
+                  "| arm | diff [95 % CI] | seeds | diff per seed | across seeds: sd (t) |", "|---|---|---|---|---|"]
         for arm, row in summary["versus_dreamprm"].items():
-            lines.append(f"| {arm} | {_fmt_ci(row)} | {', '.join(map(str, row['seeds']))} |")
+            lines.append(f"| {arm} | {_fmt_ci(row)} | {', '.join(map(str, row['seeds']))} | "
+                         + ", ".join(f"{d:+.3f}" for d in row["per_seed"]) + f" | {_fmt_spread(row)} |")
     if summary.get("selection_vs_step_auroc"):
         lines += ["", f"What selection depends on: Pearson r of best-of-{n} accuracy against each error type's step "
                       "AUROC, over every (seed, arm) cell:", "",
