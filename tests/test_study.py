@@ -130,6 +130,7 @@ def test_study_end_to_end_and_resume(tmp_path):
         assert all(v is None or 0.0 <= v <= 1.0 for v in label_auroc.values())
         assert any(v is not None for v in label_auroc.values())  # misled_B's defective labels
     assert "instance_weight_auroc" not in seed0["arms"]["dreamprm"]
+    assert set(seed0["arms"]["instance_table"]["instance_weight_auroc_label_too_high"]) == set(oracle_w)
     assert "AUROC of the learned instance weights" in text
     assert "Reweighting study" in text and os.path.isfile(paths["best_of_n_png"])
     assert os.path.isfile(paths["weights_png"])
@@ -234,6 +235,11 @@ def test_instance_weight_auroc_known_case(tmp_path):
     out = analysis.instance_weight_auroc(str(path), weights)
     assert out["a"] == pytest.approx(0.75, abs=1e-12)
     assert out["b"] is None                                           # every label of b is correct
+    # a's wrong labels are both too low (correct steps labelled 0.2 and 0.1)
+    assert analysis.instance_weight_auroc(str(path), weights, "too_low")["a"] == pytest.approx(0.75, abs=1e-12)
+    assert analysis.instance_weight_auroc(str(path), weights, "too_high")["a"] is None   # none too high
+    with pytest.raises(ValueError, match="wrong must be one of"):
+        analysis.instance_weight_auroc(str(path), weights, "both")
     for r in records:
         del r["true_label"]
     path.write_text(json.dumps(records))

@@ -52,7 +52,7 @@ from dreamprm_jax.evaluation import statistics
 from dreamprm_jax.evaluation.selection import SelectionInputs, Selector, sample_subsets
 
 __all__ = ["ArmOutcome", "DomainSignal", "best_of_n_hits", "step_auroc_by_error_type", "test_pairwise_losses",
-           "arm_outcome", "gap_closed", "hypergradient_signal", "instance_weight_auroc"]
+           "arm_outcome", "gap_closed", "hypergradient_signal", "WRONG_LABELS", "instance_weight_auroc"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -213,14 +213,26 @@ def hypergradient_signal(metrics_path: str, *, from_fraction: float = 0.5) -> di
     return out
 
 
-def instance_weight_auroc(train_json: str, weights: Mapping[str, float]) -> dict[str, float | None]:
+#: Which wrong labels :func:`instance_weight_auroc` sets against the correct ones.
+WRONG_LABELS = ("any", "too_high", "too_low")
+
+
+def instance_weight_auroc(train_json: str, weights: Mapping[str, float],
+                          wrong: str = "any") -> dict[str, float | None]:
     """Per domain, the AUROC of the learned instance weight for "the record's label is correct".
+
+    ``wrong`` picks the wrong labels set against the correct ones: ``"any"``, or only those
+    too high (``accuracy >= true_label + 0.5``: an erroneous step labelled as correct) or too
+    low (``accuracy <= true_label - 0.5``: a correct step labelled as wrong). The two kinds
+    can fare very differently: a PRM can only tell a mislabelled step from a well-labelled one
+    for errors it already recognises.
 
     Args:
       train_json: the training records file (the generated benchmark's ``train.json``: every
         record with ``accuracy`` and ``true_label``).
       weights: ``{record key: weight}`` (a run's ``instance_weights.json``; keys as
         :func:`dreamprm_jax.data.records.record_keys` names them).
+      wrong: one of :data:`WRONG_LABELS`.
 
     Returns:
       ``{domain: AUROC}`` over the domain's records found in ``weights``, ``None`` where the
@@ -230,6 +242,8 @@ def instance_weight_auroc(train_json: str, weights: Mapping[str, float]) -> dict
     from dreamprm_jax.data.jsonfiles import read_json_records
     from dreamprm_jax.data.records import load_train_records, record_keys
 
+    if wrong not in WRONG_LABELS:
+        raise ValueError(f"instance_weight_auroc: wrong must be one of {WRONG_LABELS}, got {wrong!r}")
     raw = read_json_records(train_json)
     loaded = load_train_records(train_json, check_images=False, on_bad_record="skip")
     by_domain: dict[str, tuple[list[float], list[bool]]] = {}
@@ -238,9 +252,12 @@ def instance_weight_auroc(train_json: str, weights: Mapping[str, float]) -> dict
         truth = value.get("true_label") if isinstance(value, dict) else None
         if truth is None or key not in weights:
             continue
+        error = rec.accuracy - float(truth)  # > 0: the label says more correct than the step is
+        if (wrong == "too_high" and error <= -0.5) or (wrong == "too_low" and error >= 0.5):
+            continue
         scores, correct = by_domain.setdefault(rec.dataset, ([], []))
         scores.append(float(weights[key]))
-        correct.append(abs(rec.accuracy - float(truth)) < 0.5)
+        correct.append(abs(error) < 0.5)
     out: dict[str, float | None] = {}
     for domain, (scores, correct) in sorted(by_domain.items()):
         value = statistics.auroc(scores, correct)

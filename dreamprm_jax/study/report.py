@@ -133,6 +133,8 @@ def summarize(config: StudyConfig, results: Sequence[SeedResult], wall_seconds: 
             }
             if run.instance_weight_auroc:
                 entry["instance_weight_auroc"] = dict(run.instance_weight_auroc)
+            for wrong, values in run.instance_weight_auroc_by_direction.items():
+                entry[f"instance_weight_auroc_label_{wrong}"] = dict(values)
             if run.hypergradient_signal:
                 entry["hypergradient_signal"] = {d: dataclasses.asdict(sig) for d, sig in run.hypergradient_signal.items()}
             if base is not None and name != BASELINE_ARM:
@@ -253,12 +255,21 @@ def format_report(summary: dict[str, Any]) -> str:
         label_auroc = {a: e["instance_weight_auroc"] for a, e in row["arms"].items() if e.get("instance_weight_auroc")}
         if label_auroc:
             lines += ["AUROC of the learned instance weights for \"the record's Monte-Carlo label is correct\" "
-                      "(|accuracy - true label| < 0.5), per domain (0.5: the weights do not tell them apart; blank: "
-                      "every label of the domain correct, or every one wrong):", "",
+                      "(|accuracy - true label| < 0.5), per domain, against every wrong label and in brackets "
+                      "against only the labels too high (an erroneous step labelled correct) / too low (a correct "
+                      "step labelled wrong); 0.5: the weights do not tell them apart, blank: no such labels:", "",
                       "| arm | " + " | ".join(domains) + " |", "|---|" + "---|" * len(domains)]
+
+            def cell(value):
+                return "–" if value is None else f"{value:.3f}"
+
             for a, values in label_auroc.items():
+                entry = row["arms"][a]
+                high = entry.get("instance_weight_auroc_label_too_high", {})
+                low = entry.get("instance_weight_auroc_label_too_low", {})
                 lines.append(f"| {a} | " + " | ".join(
-                    "" if values.get(d) is None else f"{values[d]:.3f}" for d in domains) + " |")
+                    "" if values.get(d) is None else f"{values[d]:.3f} ({cell(high.get(d))} / {cell(low.get(d))})"
+                    for d in domains) + " |")
             lines.append("")
     lines.append(f"Wall time: {summary['wall_seconds'] / 60:.1f} min "
                  f"({summary['config']['iterations']} iterations per arm, sampler `{summary['config']['sampler']}`).")

@@ -81,6 +81,8 @@ class ArmRun:
     hypergradient_signal: dict[str, DomainSignal] = dataclasses.field(default_factory=dict)
     # instance weighting: per domain, AUROC of the record weights for "label correct" (None: one class)
     instance_weight_auroc: dict[str, float | None] = dataclasses.field(default_factory=dict)
+    # the same against only the labels too high / too low: {"too_high": {domain: AUROC}, "too_low": ...}
+    instance_weight_auroc_by_direction: dict[str, dict[str, float | None]] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass
@@ -220,9 +222,14 @@ def run_seed(config: StudyConfig, seed: int, arms: Sequence[Arm]) -> SeedResult:
                               step_logits=logits, step_labels=step_labels, step_error_types=error_types)
         signal = hypergradient_signal(os.path.join(run_dir, "metrics.jsonl"))  # {} without reweighting
         record_weights = os.path.join(run_dir, WEIGHTS_FILE)  # instance weighting only
-        label_auroc = (instance_weight_auroc(data.train_json, read_record_weights(record_weights))
-                       if os.path.isfile(record_weights) else {})
-        runs[arm.name] = ArmRun(arm.name, dict(weights), outcome, train_s, score_s, run_dir, signal, label_auroc)
+        label_auroc, by_direction = {}, {}
+        if os.path.isfile(record_weights):
+            table = read_record_weights(record_weights)
+            label_auroc = instance_weight_auroc(data.train_json, table)
+            by_direction = {wrong: instance_weight_auroc(data.train_json, table, wrong)
+                            for wrong in ("too_high", "too_low")}
+        runs[arm.name] = ArmRun(arm.name, dict(weights), outcome, train_s, score_s, run_dir, signal, label_auroc,
+                                by_direction)
         _say(config, f"[study] seed {seed}: {arm.name} best-of-{max(config.ns)} "
                      f"{outcome.accuracy(max(config.ns)):.3f}")
     baselines = {name: best_of_n_hits(inputs, selector, config.ns, trials=config.trials, seed=seed)
