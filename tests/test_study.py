@@ -69,6 +69,11 @@ def test_step_auroc_by_error_type():
     assert np.isnan(analysis.gap_closed(0.1, 0.0))
 
 
+def test_every_arm_sets_valid_training_fields():
+    for arm in arms.ARMS.values():
+        dataclasses.replace(configs.default(), **dict(arm.overrides))  # unknown fields or bad values raise
+
+
 def test_arms_put_the_baseline_first():
     assert [a.name for a in arms.get_arms(["dreamprm", "vanilla"])] == ["vanilla", "dreamprm"]
     assert [a.name for a in arms.get_arms(["darts"])] == ["vanilla", "darts"]

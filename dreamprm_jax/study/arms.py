@@ -20,6 +20,9 @@ same sampler and iteration count; only the domain weights (and how they are lear
                               standard deviation (no credit for a more confident PRM alone)
 ``instance_table``            a learned weight per training record (DreamPRM-1.5's Instance Table), exact
                               hypergradients
+``instance_table_listwise``   ``instance_table`` with the listwise meta loss and one second moment
+                              shared by the table's entries (``--meta-second-moment shared``, meta lr
+                              0.3), the variant that separated wrong labels best on seed 0
 ``instance_net``              a small network from each record's loss and domain to its weight
                               (DreamPRM-1.5's Instance Net), exact hypergradients
 ``oracle_weights``            weights fixed by hand from the planted (or user-given) domain quality: how
@@ -70,6 +73,10 @@ ARMS: dict[str, Arm] = {
         {"reweighting": True, "hypergradient": "exact", "meta_loss": "pairwise_normalized"}),
     "instance_table": Arm("instance_table", "a learned weight per training record, exact hypergradients",
                           {"reweighting": True, "hypergradient": "exact", "weighting": "instance_table"}),
+    "instance_table_listwise": Arm(
+        "instance_table_listwise", "a learned weight per training record, listwise meta loss, shared second moment",
+        {"reweighting": True, "hypergradient": "exact", "weighting": "instance_table", "meta_loss": "listwise",
+         "meta_second_moment": "shared", "meta_lr": 0.3}),
     "instance_net": Arm("instance_net", "record weights from a small net (loss, domain), exact hypergradients",
                         {"reweighting": True, "hypergradient": "exact", "weighting": "instance_net"}),
     "oracle_weights": Arm("oracle_weights", "weights fixed from the planted quality", {"reweighting": False},
