@@ -368,6 +368,7 @@ def plot_selection_vs_step_auroc(summary: dict[str, Any], path: str) -> str | No
         r = summary["selection_vs_step_auroc"][kind]["pearson_r"]
         ax.set_title(f"error type {kind}: r = {r:+.2f}", fontsize=9)
         ax.set_xlabel(f"step AUROC, type {kind}")
+        ax.ticklabel_format(axis="x", useOffset=False)  # AUROCs within 1e-4 of 1 read as 1.0000, not as an offset
     axes[0][0].set_ylabel(f"best-of-{n} accuracy")
     axes[0][-1].legend(fontsize=6)
     fig.tight_layout()
