@@ -271,8 +271,12 @@ def format_report(summary: dict[str, Any]) -> str:
                     "" if values.get(d) is None else f"{values[d]:.3f} ({cell(high.get(d))} / {cell(low.get(d))})"
                     for d in domains) + " |")
             lines.append("")
+    runs = [e for row in summary["per_seed"] for e in row["arms"].values()]
+    reused = sum(1 for e in runs if e["train_seconds"] == 0.0)
     lines.append(f"Wall time: {summary['wall_seconds'] / 60:.1f} min "
-                 f"({summary['config']['iterations']} iterations per arm, sampler `{summary['config']['sampler']}`).")
+                 f"({summary['config']['iterations']} iterations per arm, sampler `{summary['config']['sampler']}`"
+                 + (f"; {reused} of {len(runs)} trained arms reused from an earlier run, their time not counted"
+                    if reused else "") + ").")
     return "\n".join(lines) + "\n"
 
 
@@ -325,8 +329,16 @@ def plot_weights(results: Sequence[SeedResult], path: str) -> str | None:
               if ARMS[name].overrides.get("reweighting") and os.path.isfile(os.path.join(run.run_dir, "metrics.jsonl"))]
     if not panels:
         return None
-    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2), squeeze=False)
-    for ax, (r, run) in zip(axes[0], panels):
+    seeds = list(dict.fromkeys(r.seed for r, _ in panels))
+    arms = list(dict.fromkeys(run.arm for _, run in panels))
+    # one row per seed, one column per arm (a panel left empty where a seed did not run an arm)
+    fig, axes = plt.subplots(len(seeds), len(arms), figsize=(3.6 * len(arms), 2.8 * len(seeds)), squeeze=False,
+                             sharex=True)
+    for ax in axes.flat:
+        ax.set_visible(False)
+    for r, run in panels:
+        ax = axes[seeds.index(r.seed)][arms.index(run.arm)]
+        ax.set_visible(True)
         records = [x for x in read_jsonl(os.path.join(run.run_dir, "metrics.jsonl")) if "domain_weights" in x]
         steps = [x["step"] for x in records]
         quality = r.planted_quality or r.oracle_weights or {}
@@ -337,8 +349,10 @@ def plot_weights(results: Sequence[SeedResult], path: str) -> str | None:
         ax.axhline(1.0, color="grey", linewidth=0.5)
         ax.set_title(f"seed {r.seed}: {run.arm}", fontsize=9)
         ax.set_xlabel("iteration")
-    axes[0][0].set_ylabel("domain weight")
-    axes[0][-1].legend(fontsize=6)
+        if arms.index(run.arm) == 0:
+            ax.set_ylabel("domain weight")
+        if (r, run) is panels[0]:  # one legend: every panel has the same domains
+            ax.legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
