@@ -336,7 +336,7 @@ def plot_weights(results: Sequence[SeedResult], path: str) -> str | None:
                              sharex=True)
     for ax in axes.flat:
         ax.set_visible(False)
-    for r, run in panels:
+    for i, (r, run) in enumerate(panels):
         ax = axes[seeds.index(r.seed)][arms.index(run.arm)]
         ax.set_visible(True)
         records = [x for x in read_jsonl(os.path.join(run.run_dir, "metrics.jsonl")) if "domain_weights" in x]
@@ -351,10 +351,10 @@ def plot_weights(results: Sequence[SeedResult], path: str) -> str | None:
         ax.set_xlabel("iteration")
         if arms.index(run.arm) == 0:
             ax.set_ylabel("domain weight")
-        if (r, run) is panels[0]:  # one legend: every panel has the same domains
-            ax.legend(fontsize=6)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+        if i == 0:  # one legend for the figure: every panel has the same domains
+            fig.legend(*ax.get_legend_handles_labels(), loc="upper center", ncol=len(run.weights), fontsize=8)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.3 / fig.get_size_inches()[1]))  # room for the legend
+    fig.savefig(path, dpi=90)
     plt.close(fig)
     return path
 
