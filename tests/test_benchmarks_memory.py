@@ -52,7 +52,9 @@ def test_options_name_the_method_and_refuse_what_other_flags_set():
     rec = _record("exact_reversible", "mixed", inner_scan="loop", method_options={"in_place": True})
     assert memory.method_label(rec) == "exact_reversible[in_place=true]"
     assert memory._key(rec)[0] == "exact_reversible[in_place=true]"
-    assert memory.format_table([rec], 80.0).splitlines()[2].split()[0] == "exact_reversible[in_place=true]"
+    lines = memory.format_table([rec, _record("darts", "-")], 80.0).splitlines()
+    assert lines[2].split()[0] == "exact_reversible[in_place=true]"
+    assert lines[0].index("2nd") == lines[2].index("mixed") == lines[3].index("-")  # the column widens to the label
     assert memory.method_label(_record("exact_reversible", method_options={})) == "exact_reversible"
     for bad in ('{"second_order": "reverse"}', "[1]", "{"):
         with pytest.raises(ValueError, match="--options"):
