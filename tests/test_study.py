@@ -219,12 +219,18 @@ def test_hypergradient_signal_reads_the_second_half(tmp_path):
         for step in range(1, 101):
             # the first half is pushed the other way: only steps 51..100 count
             a = -5.0 if step <= 50 else 1.0 + 0.1 * rng.standard_normal()
-            f.write(json.dumps({"step": step, "hypergradient": {"a": a, "b": 0.1 * rng.standard_normal()}}) + "\n")
+            c = 1e4 if step == 60 else -0.01  # pushed up every iteration but one huge spike
+            f.write(json.dumps({"step": step, "hypergradient": {"a": a, "b": 0.1 * rng.standard_normal(),
+                                                                  "c": c}}) + "\n")
         f.write(json.dumps({"step": 101, "meta_loss": 0.2}) + "\n")    # no hypergradient: skipped
     signal = analysis.hypergradient_signal(str(path))
     assert signal["a"].iterations == 50 and signal["a"].mean == pytest.approx(1.0, abs=0.05)
     assert signal["a"].t > 50                                         # consistent push
     assert abs(signal["b"].t) < 4                                     # noise
+    assert signal["a"].share_down == 1.0 and signal["a"].median == pytest.approx(1.0, abs=0.05)
+    # a spike makes the mean positive and t about 1; the median and the share see the push up
+    assert signal["c"].mean > 0 and abs(signal["c"].t) < 1.1
+    assert signal["c"].median == -0.01 and signal["c"].share_down == pytest.approx(1 / 50)
     assert analysis.hypergradient_signal(str(tmp_path / "missing.jsonl")) == {}
 
 

@@ -165,11 +165,16 @@ def gap_closed(arm_diff: float, oracle_diff: float) -> float:
 @dataclasses.dataclass(frozen=True)
 class DomainSignal:
     """One domain's logged hypergradient ``d meta_loss / d r_k`` over the iterations read:
-    ``mean``, ``t = mean / (std / sqrt(iterations))`` and the number of ``iterations``."""
+    ``mean``, ``t = mean / (std / sqrt(iterations))``, the number of ``iterations``, and two
+    statistics a few huge iterations cannot sway (long unrolls have heavy tails): the
+    ``median`` and ``share_down``, the share of iterations whose hypergradient is positive
+    (pushes the weight down; 0.5: no consistent direction)."""
 
     mean: float
     t: float
     iterations: int
+    median: float = float("nan")
+    share_down: float = float("nan")
 
 
 def hypergradient_signal(metrics_path: str, *, from_fraction: float = 0.5) -> dict[str, DomainSignal]:
@@ -209,7 +214,8 @@ def hypergradient_signal(metrics_path: str, *, from_fraction: float = 0.5) -> di
         if g.size == 0:
             continue
         se = float(np.std(g, ddof=1) / np.sqrt(g.size)) if g.size > 1 else 0.0
-        out[domain] = DomainSignal(float(np.mean(g)), float(np.mean(g) / se) if se > 0 else 0.0, int(g.size))
+        out[domain] = DomainSignal(float(np.mean(g)), float(np.mean(g) / se) if se > 0 else 0.0, int(g.size),
+                                   float(np.median(g)), float(np.mean(g > 0)))
     return out
 
 
