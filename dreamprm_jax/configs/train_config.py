@@ -106,9 +106,10 @@ class TrainConfig:
         "chain_mse", "Upper-level loss on the chain scores A: chain_mse (DreamPRM: (sigmoid(A) - correct)^2 per "
         "chain, a calibration objective) | listwise (softmax cross-entropy over each meta question's candidates "
         "against its correct ones) | pairwise (softplus(A_wrong - A_correct) over the (correct, wrong) pairs of a "
-        "question) | pairwise_normalized (pairwise on the scores divided by their within-question standard deviation: "
-        "no credit for scaling the scores up). The ranking losses draw whole meta questions (chains grouped by the records' question_id, "
-        "else by question text and image), --meta-batch-size // (most candidates of a question) per meta step.")
+        "question) | pairwise_normalized (pairwise on the scores divided by their within-question standard "
+        "deviation: no credit for scaling the scores up). The ranking losses draw whole meta questions (chains "
+        "grouped by the records' question_id, else by question text and image), --meta-batch-size // (most "
+        "candidates of a question) per meta step.")
     hypergradient: str = _field(
         "exact", "Hypergradient method: exact | exact_forward | exact_lowmem | exact_reversible | truncated | darts | "
         "darts_exact | sama | neumann | cg.")
