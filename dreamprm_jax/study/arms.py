@@ -1,7 +1,8 @@
 """The arms of a reweighting study: how each PRM is trained, all on the same budget.
 
 Every arm trains from the same initialisation (the seed's), on the same records, with the
-same sampler and iteration count; only the domain weights (and how they are learned) differ:
+same sampler and iteration count; only the weights (and how they are learned) differ, except
+in ``vanilla_reseeded``, which changes the initialisation and data order alone:
 
 ============================  ===========================================================================
 ``vanilla``                   uniform weights (the PRM without reweighting): the baseline every arm is
