@@ -9,7 +9,7 @@ Writes study.json, report.md, best_of_n.png and weights.png into --out-dir; ever
 piece (data, trained arms, test scores) is reused when the command is run again, so an
 interrupted study continues where it stopped.
 
-    python -m experiments.study --quick                 # one seed, about 20 minutes on 2 CPU cores
+    python -m experiments.study --quick                 # one seed, about 8 minutes on 2 idle CPU cores
     python -m experiments.study --seeds 0 1 2 3 4       # the full protocol
     python -m experiments.study --train-json train.json --meta-json meta.json --image-root imgs \\
         --candidates bon.jsonl --oracle-weights weights.json --seeds 0 1 2
@@ -38,7 +38,7 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
                    help="seeds (each: its own generated data, initialisation and data order); default 0 1 2 3 4, "
                         "with --quick the first given seed or 0")
     p.add_argument("--quick", action="store_true",
-                   help=f"one seed and the arms {', '.join(QUICK_ARMS)} (about 20 minutes on 2 CPU cores)")
+                   help=f"one seed and the arms {', '.join(QUICK_ARMS)} (about 8 minutes on 2 idle CPU cores, from nothing)")
     p.add_argument("--arms", default=None,
                    help=f"comma-separated arms among {', '.join(ARMS)} (default: {','.join(DEFAULT_ARMS)}; "
                         "vanilla is always run: every arm is compared with it)")
