@@ -264,7 +264,8 @@ def _key(r: dict) -> tuple:
 
 def format_table(records: list[dict], budget_gb: float) -> str:
     width = max([14] + [len(method_label(r)) for r in records])  # labels such as exact_reversible[in_place=true]
-    head = (f"{'method':<{width}} {'2nd':<7} {'scan':<8} {'T':>2} {'remat':<14} {'dev':>3} {'args GiB':>9} {'out GiB':>8} "
+    head = (f"{'method':<{width}} {'2nd':<7} {'scan':<8} {'T':>2} {'remat':<14} {'dev':>3} {'args GiB':>9} "
+            f"{'out GiB':>8} "
             f"{'alias GiB':>9} "
             f"{'temp GiB':>9} {'peak GiB':>9} {f'fits {budget_gb:g}GB':>10} {'compile s':>9}")
     lines = [head, "-" * len(head)]
@@ -274,7 +275,8 @@ def format_table(records: list[dict], budget_gb: float) -> str:
                          f"{r['devices']:>3}  error: {r['error'][:80]}")
             continue
         lines.append(
-            f"{method_label(r):<{width}} {_key(r)[4]:<7} {_key(r)[5]:<8} {r['T']:>2} {r['remat']:<14} {r['devices']:>3} "
+            f"{method_label(r):<{width}} {_key(r)[4]:<7} {_key(r)[5]:<8} {r['T']:>2} {r['remat']:<14} "
+            f"{r['devices']:>3} "
             f"{r['argument_bytes'] / GIB:>9.2f} "
             f"{r['output_bytes'] / GIB:>8.2f} {r['alias_bytes'] / GIB:>9.2f} {r['temp_bytes'] / GIB:>9.2f} "
             f"{r['peak_bytes'] / GIB:>9.2f} {'yes' if r['fits'] else 'no':>10} {r['compile_s']:>9.1f}")

@@ -38,7 +38,8 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
                    help="seeds (each: its own generated data, initialisation and data order); default 0 1 2 3 4, "
                         "with --quick the first given seed or 0")
     p.add_argument("--quick", action="store_true",
-                   help=f"one seed and the arms {', '.join(QUICK_ARMS)} (about 8 minutes on 2 idle CPU cores, from nothing)")
+                   help=f"one seed and the arms {', '.join(QUICK_ARMS)} (about 8 minutes on 2 idle CPU cores, "
+                        "from nothing)")
     p.add_argument("--arms", default=None,
                    help=f"comma-separated arms among {', '.join(ARMS)} (default: {','.join(DEFAULT_ARMS)}; "
                         "vanilla is always run: every arm is compared with it)")
