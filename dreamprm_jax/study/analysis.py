@@ -48,11 +48,13 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from dreamprm_jax.bilevel.losses import NORMALIZED_PAIRWISE_EPS
 from dreamprm_jax.evaluation import statistics
 from dreamprm_jax.evaluation.selection import SelectionInputs, Selector, sample_subsets
 
 __all__ = ["ArmOutcome", "DomainSignal", "best_of_n_hits", "step_auroc_by_error_type", "test_pairwise_losses",
-           "arm_outcome", "gap_closed", "hypergradient_signal", "WRONG_LABELS", "instance_weight_auroc"]
+           "arm_outcome", "gap_closed", "hypergradient_signal", "WRONG_LABELS", "instance_weight_auroc",
+           "instance_weight_aurocs"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,7 +132,8 @@ def test_pairwise_losses(chain_scores: np.ndarray, correct: np.ndarray, mask: np
     means = np.where(sizes > 0, np.where(ok, scores, 0.0).sum(-1) / np.maximum(sizes, 1), 0.0)  # [Q]
     deviations = np.where(ok & (sizes >= 2)[:, None], scores - means[:, None], 0.0)            # [Q, N]
     counted = int(np.sum(ok & (sizes >= 2)[:, None]))
-    sigma = float(np.sqrt(np.sum(deviations ** 2) / counted + 1e-4)) if counted else 1e-2  # eps 1e-2, as in training
+    eps = NORMALIZED_PAIRWISE_EPS  # as in training
+    sigma = float(np.sqrt(np.sum(deviations ** 2) / counted + eps ** 2)) if counted else eps
     margins = scores[:, None, :] - scores[:, :, None]                             # [Q, N, N]: A_j - A_i
     pairs = good[:, :, None] & bad[:, None, :]                                   # [Q, N, N]: (i correct, j wrong)
     if not pairs.any():
@@ -223,6 +226,32 @@ def hypergradient_signal(metrics_path: str, *, from_fraction: float = 0.5) -> di
 WRONG_LABELS = ("any", "too_high", "too_low")
 
 
+def instance_weight_aurocs(train_json: str, weights: Mapping[str, float]) -> dict[str, dict[str, float | None]]:
+    """:func:`instance_weight_auroc` for every entry of :data:`WRONG_LABELS`, reading
+    ``train_json`` once: ``{wrong: {domain: AUROC or None}}``."""
+    from dreamprm_jax.data.jsonfiles import read_json_records
+    from dreamprm_jax.data.records import load_train_records, record_keys
+
+    raw = read_json_records(train_json)
+    loaded = load_train_records(train_json, check_images=False, on_bad_record="skip")
+    by_domain: dict[str, tuple[list[float], list[float]]] = {}  # domain -> (weights, label errors)
+    for key, rec in zip(record_keys(loaded.records), loaded.records):
+        value = raw[rec.source[1]].value if 0 <= rec.source[1] < len(raw) else None
+        truth = value.get("true_label") if isinstance(value, dict) else None
+        if truth is None or key not in weights:
+            continue
+        scores, errors = by_domain.setdefault(rec.dataset, ([], []))
+        scores.append(float(weights[key]))
+        errors.append(rec.accuracy - float(truth))  # > 0: the label says more correct than the step is
+    out: dict[str, dict[str, float | None]] = {wrong: {} for wrong in WRONG_LABELS}
+    for domain, (scores, errors) in sorted(by_domain.items()):
+        w, e = np.asarray(scores), np.asarray(errors)  # [records of the domain] each
+        for wrong, kept in (("any", np.ones(e.shape, bool)), ("too_high", e > -0.5), ("too_low", e < 0.5)):
+            value = statistics.auroc(w[kept], np.abs(e[kept]) < 0.5)
+            out[wrong][domain] = None if np.isnan(value) else value
+    return out
+
+
 def instance_weight_auroc(train_json: str, weights: Mapping[str, float],
                           wrong: str = "any") -> dict[str, float | None]:
     """Per domain, the AUROC of the learned instance weight for "the record's label is correct".
@@ -245,27 +274,6 @@ def instance_weight_auroc(train_json: str, weights: Mapping[str, float],
       domain's labels are all correct or all wrong; empty when the records carry no
       ``true_label``.
     """
-    from dreamprm_jax.data.jsonfiles import read_json_records
-    from dreamprm_jax.data.records import load_train_records, record_keys
-
     if wrong not in WRONG_LABELS:
         raise ValueError(f"instance_weight_auroc: wrong must be one of {WRONG_LABELS}, got {wrong!r}")
-    raw = read_json_records(train_json)
-    loaded = load_train_records(train_json, check_images=False, on_bad_record="skip")
-    by_domain: dict[str, tuple[list[float], list[bool]]] = {}
-    for key, rec in zip(record_keys(loaded.records), loaded.records):
-        value = raw[rec.source[1]].value if 0 <= rec.source[1] < len(raw) else None
-        truth = value.get("true_label") if isinstance(value, dict) else None
-        if truth is None or key not in weights:
-            continue
-        error = rec.accuracy - float(truth)  # > 0: the label says more correct than the step is
-        if (wrong == "too_high" and error <= -0.5) or (wrong == "too_low" and error >= 0.5):
-            continue
-        scores, correct = by_domain.setdefault(rec.dataset, ([], []))
-        scores.append(float(weights[key]))
-        correct.append(abs(error) < 0.5)
-    out: dict[str, float | None] = {}
-    for domain, (scores, correct) in sorted(by_domain.items()):
-        value = statistics.auroc(scores, correct)
-        out[domain] = None if np.isnan(value) else value
-    return out
+    return instance_weight_aurocs(train_json, weights)[wrong]

@@ -95,13 +95,14 @@ def summarize(config: StudyConfig, results: Sequence[SeedResult], wall_seconds: 
         seeds = [r for r in results if arm in r.arms and BASELINE_ARM in r.arms]
         if not seeds:
             continue
-        by_n = {}
+        by_n, spread = {}, {}
         for n in config.ns:
             diffs = [r.arms[arm].outcome.hits[n] - r.arms[BASELINE_ARM].outcome.hits[n] for r in seeds]
             by_n[str(n)] = statistics.paired_bootstrap(diffs, num_resamples=config.resamples, seed=0).to_dict()
+            if n == n_max:
+                spread = _across_seeds([float(np.mean(d)) for d in diffs])
         paired_by_n[arm] = by_n
-        paired[arm] = {**by_n[str(n_max)], "seeds": [r.seed for r in seeds], **_across_seeds(
-            [float(np.mean(r.arms[arm].outcome.hits[n_max] - r.arms[BASELINE_ARM].outcome.hits[n_max])) for r in seeds])}
+        paired[arm] = {**by_n[str(n_max)], "seeds": [r.seed for r in seeds], **spread}
     if ORACLE_ARM in paired:
         for arm, row in paired.items():
             if arm != ORACLE_ARM:
@@ -174,6 +175,10 @@ def summarize(config: StudyConfig, results: Sequence[SeedResult], wall_seconds: 
 def _fmt_ci(row: dict) -> str:
     lo, hi = row["ci95"]
     return f"{row['diff']:+.3f} [{lo:+.3f}, {hi:+.3f}]"
+
+
+def _fmt_auroc(value: float | None) -> str:
+    return "–" if value is None else f"{value:.3f}"
 
 
 def _fmt_spread(row: dict) -> str:
@@ -260,15 +265,13 @@ def format_report(summary: dict[str, Any]) -> str:
                       "step labelled wrong); 0.5: the weights do not tell them apart, blank: no such labels:", "",
                       "| arm | " + " | ".join(domains) + " |", "|---|" + "---|" * len(domains)]
 
-            def cell(value):
-                return "–" if value is None else f"{value:.3f}"
-
             for a, values in label_auroc.items():
                 entry = row["arms"][a]
                 high = entry.get("instance_weight_auroc_label_too_high", {})
                 low = entry.get("instance_weight_auroc_label_too_low", {})
                 lines.append(f"| {a} | " + " | ".join(
-                    "" if values.get(d) is None else f"{values[d]:.3f} ({cell(high.get(d))} / {cell(low.get(d))})"
+                    "" if values.get(d) is None
+                    else f"{values[d]:.3f} ({_fmt_auroc(high.get(d))} / {_fmt_auroc(low.get(d))})"
                     for d in domains) + " |")
             lines.append("")
     runs = [e for row in summary["per_seed"] for e in row["arms"].values()]

@@ -28,7 +28,7 @@ import numpy as np
 from dreamprm_jax.configs import TrainConfig
 from dreamprm_jax.data.jsonfiles import read_number_map
 from dreamprm_jax.study.analysis import (ArmOutcome, DomainSignal, arm_outcome, best_of_n_hits, hypergradient_signal,
-                                         instance_weight_auroc)
+                                         instance_weight_aurocs)
 from dreamprm_jax.study.arms import BASELINE_ARM, Arm, get_arms
 from dreamprm_jax.train.instance_weights_file import WEIGHTS_FILE, read_record_weights
 
@@ -224,10 +224,8 @@ def run_seed(config: StudyConfig, seed: int, arms: Sequence[Arm]) -> SeedResult:
         record_weights = os.path.join(run_dir, WEIGHTS_FILE)  # instance weighting only
         label_auroc, by_direction = {}, {}
         if os.path.isfile(record_weights):
-            table = read_record_weights(record_weights)
-            label_auroc = instance_weight_auroc(data.train_json, table)
-            by_direction = {wrong: instance_weight_auroc(data.train_json, table, wrong)
-                            for wrong in ("too_high", "too_low")}
+            by_direction = instance_weight_aurocs(data.train_json, read_record_weights(record_weights))
+            label_auroc = by_direction.pop("any")
         runs[arm.name] = ArmRun(arm.name, dict(weights), outcome, train_s, score_s, run_dir, signal, label_auroc,
                                 by_direction)
         _say(config, f"[study] seed {seed}: {arm.name} best-of-{max(config.ns)} "
