@@ -7,7 +7,8 @@ The engine never sees a model: only ``inner_loss(params, alpha, batch)``,
 
 from dreamprm_jax.bilevel.domain_weights import domain_weights, init_raw_weights, sample_weights
 from dreamprm_jax.bilevel.instance_net import init_instance_net, instance_net_weights
-from dreamprm_jax.bilevel.instance_weights import (DEFAULT_MAX_WEIGHT, init_raw_instance_weights, instance_weights,
+from dreamprm_jax.bilevel.instance_weights import (DEFAULT_MAX_WEIGHT, INSTANCE_NORMALIZATIONS,
+                                                   init_raw_instance_weights, instance_weights, normalize_row_weights,
                                                    record_weights)
 from dreamprm_jax.bilevel.losses import (META_LOSSES, aggregation_loss, chain_scores, listwise_loss, meta_loss,
                                          normalized_pairwise_loss, pairwise_loss, sample_weighted_mse, weighted_mse)
@@ -23,6 +24,8 @@ __all__ = [
     "init_raw_instance_weights",
     "instance_weights",
     "record_weights",
+    "INSTANCE_NORMALIZATIONS",
+    "normalize_row_weights",
     "init_instance_net",
     "instance_net_weights",
     "weighted_mse",

@@ -22,6 +22,18 @@ too). Why this bound rather than the domains' ``softplus(r) / mean(softplus(r))`
   decay then pulls every weight back towards 1.
 
 ``w_max > 1`` is required: the cold start must lie inside the range.
+
+Normalisation within a batch (:func:`normalize_row_weights`, ``--instance-normalize``).
+A weight that raises every record with a high label (or every one with a low label) moves
+the PRM's scores up (or down) as a whole, and a meta loss that rewards such a shift (the
+chain MSE rewards calibration, a ranking loss a wider margin over blatant errors) then
+pushes weights by the *value* of the label rather than by whether it is right. Dividing
+each row's weight by the mean weight of its batch's rows on the same side of 0.5
+(``"label"``) keeps the batch's mean weight of each label group at 1: the weights can
+choose which records of a group to trust but not how much the high labels count against the
+low ones, and the hypergradient of a group's common shift is zero. ``"batch"`` divides by
+the mean over the whole batch (learning to reweight's normalisation), ``"none"`` leaves the
+weights as they are (the default).
 """
 
 from __future__ import annotations
@@ -31,11 +43,18 @@ import math
 import jax
 import jax.numpy as jnp
 
-__all__ = ["DEFAULT_MAX_WEIGHT", "check_max_weight", "uniform_logit", "bounded_weights", "init_raw_instance_weights",
-           "instance_weights", "record_weights"]
+__all__ = ["DEFAULT_MAX_WEIGHT", "INSTANCE_NORMALIZATIONS", "check_max_weight", "uniform_logit", "bounded_weights",
+           "init_raw_instance_weights", "instance_weights", "record_weights", "normalize_row_weights"]
 
 #: The default upper bound ``w_max`` of an instance weight.
 DEFAULT_MAX_WEIGHT = 2.0
+
+#: How a batch's instance weights are normalised (module docstring): not at all, by their
+#: mean over the batch, or by their mean over the rows whose label is on the same side of 0.5.
+INSTANCE_NORMALIZATIONS = ("none", "batch", "label")
+
+#: Labels at or above this are the "high" group of ``normalize_row_weights(how="label")``.
+LABEL_GROUP_THRESHOLD = 0.5
 
 
 def check_max_weight(max_weight: float) -> float:
@@ -77,3 +96,31 @@ def record_weights(raw: jax.Array, record_ids: jax.Array, max_weight: float = DE
     alone (a scatter-add of ``[B]`` values, not an ``[N]`` dense map per row).
     """
     return bounded_weights(jnp.take(raw, record_ids, axis=0), max_weight)
+
+
+def normalize_row_weights(weights: jax.Array, labels: jax.Array, mask: jax.Array, how: str = "none") -> jax.Array:
+    """Row weights ``[..., B]`` divided by their group's masked mean over the last axis.
+
+    ``how``: ``"none"`` (returned unchanged), ``"batch"`` (one group: the batch) or
+    ``"label"`` (two groups: ``labels >= 0.5`` and the rest). ``labels`` and ``mask``
+    (1 = a real row) are ``[..., B]``. A group's real rows then average 1; padded rows keep
+    their weight (the loss masks them), and a group with no real row divides by nothing.
+    The gradient flows through the means, so the derivative of a group's common shift is 0.
+    """
+    if how not in INSTANCE_NORMALIZATIONS:
+        raise ValueError(f"normalize_row_weights: how must be one of {INSTANCE_NORMALIZATIONS}, got {how!r}")
+    if how == "none":
+        return weights
+    m = mask.astype(weights.dtype)  # [..., B]
+    if how == "batch":
+        high = jnp.ones(weights.shape, bool)  # [..., B]
+    else:
+        high = labels.astype(jnp.float32) >= LABEL_GROUP_THRESHOLD  # [..., B]
+    mean_by_group = []
+    for group in (high, ~high):
+        g = m * group.astype(weights.dtype)  # [..., B]
+        count = jnp.sum(g, axis=-1, keepdims=True)  # [..., 1]
+        total = jnp.sum(g * weights, axis=-1, keepdims=True)  # [..., 1]
+        mean_by_group.append(jnp.where(count > 0, total / jnp.where(count > 0, count, 1.0), 1.0))  # [..., 1]
+    mean = jnp.where(high, mean_by_group[0], mean_by_group[1])  # [..., B]
+    return jnp.where(m > 0, weights / mean, weights)

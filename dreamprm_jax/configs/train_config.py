@@ -23,6 +23,10 @@ def _field(default: Any, help: str, **kw) -> Any:  # noqa: A002 - mirrors argpar
 WEIGHTINGS = ("domain", "instance_table", "instance_net")
 #: How the meta optimizer normalises each hypergradient (``TrainConfig.meta_second_moment``).
 SECOND_MOMENTS = ("per_weight", "shared")
+#: How a batch's instance weights are normalised (``TrainConfig.instance_normalize``; the same
+#: names as ``dreamprm_jax.bilevel.INSTANCE_NORMALIZATIONS``, kept here so the configuration
+#: imports no JAX).
+INSTANCE_NORMALIZATIONS = ("none", "batch", "label")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,6 +140,11 @@ class TrainConfig:
         "Instance Net). Instance weights start at 1 and stay in (0, --instance-max-weight); the run directory gets "
         "instance_weights.json (record key -> weight).", choices=WEIGHTINGS)
     instance_max_weight: float = _field(2.0, "Upper bound w_max of an instance weight (> 1; weights start at 1).")
+    instance_normalize: str = _field(
+        "none", "How a batch's instance weights are normalised before the weighted MSE: none | batch (divided by "
+        "the batch's mean weight) | label (divided by the mean weight of the batch's rows whose label is on the same "
+        "side of 0.5, so reweighting cannot trade high labels against low ones and shift the PRM's scores as a "
+        "whole; the weights then choose which records of a label group to trust).", choices=INSTANCE_NORMALIZATIONS)
     instance_net_hidden: int = _field(16, "Hidden units of the Instance Net (--weighting instance_net).")
 
     # --- run -----------------------------------------------------------------------------
@@ -179,6 +188,12 @@ class TrainConfig:
             raise ValueError(f"weighting: expected one of {WEIGHTINGS}, got {self.weighting!r}")
         if self.meta_second_moment not in SECOND_MOMENTS:
             raise ValueError(f"meta_second_moment: expected one of {SECOND_MOMENTS}, got {self.meta_second_moment!r}")
+        if self.instance_normalize not in INSTANCE_NORMALIZATIONS:
+            raise ValueError(f"instance_normalize: expected one of {INSTANCE_NORMALIZATIONS}, got "
+                             f"{self.instance_normalize!r}")
+        if self.instance_normalize != "none" and self.weighting == "domain":
+            raise ValueError(f"instance_normalize={self.instance_normalize!r} needs instance weights (--weighting "
+                             "instance_table or instance_net); domain weights are normalised over the domains")
         if not self.instance_max_weight > 1.0 or self.instance_net_hidden < 1:
             raise ValueError(f"instance_max_weight must be > 1 and instance_net_hidden >= 1, got "
                              f"{self.instance_max_weight!r}, {self.instance_net_hidden!r}")

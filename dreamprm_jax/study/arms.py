@@ -4,32 +4,37 @@ Every arm trains from the same initialisation (the seed's), on the same records,
 same sampler and iteration count; only the weights (and how they are learned) differ, except
 in ``vanilla_reseeded``, which changes the initialisation and data order alone:
 
-============================  ===========================================================================
-``vanilla``                   uniform weights (the PRM without reweighting): the baseline every arm is
-                              compared with
-``vanilla_reseeded``          uniform weights again, from another initialisation and data order: how
-                              far training noise alone moves best-of-N (a paired CI over questions
-                              holds the trained PRMs fixed; this arm shows what it leaves out)
-``dreamprm``                  weights learned with exact hypergradients through the T unrolled steps
-                              (DreamPRM's chain-MSE meta loss)
-``darts``                     weights learned with Betty's DARTS approximation (the paper's method)
-``dreamprm_listwise``         as ``dreamprm``, with the listwise ranking meta loss (a softmax over
-                              each meta question's candidates) instead of the chain MSE
-``dreamprm_pairwise``         as ``dreamprm``, with the pairwise ranking meta loss (each correct
-                              candidate of a meta question above each wrong one)
-``dreamprm_pairwise_norm``    as ``dreamprm_pairwise``, on scores divided by their within-question
-                              standard deviation (no credit for a more confident PRM alone)
-``instance_table``            a learned weight per training record (DreamPRM-1.5's Instance Table), exact
-                              hypergradients
-``instance_table_listwise``   ``instance_table`` with the listwise meta loss and one second moment
-                              shared by the table's entries (``--meta-second-moment shared``, meta lr
-                              0.3), the variant that separated wrong labels best on seed 0
-``instance_net``              a small network from each record's loss and domain to its weight
-                              (DreamPRM-1.5's Instance Net), exact hypergradients
-``oracle_weights``            weights fixed by hand from the planted (or user-given) domain quality: how
-                              much room correct weights leave; an arm that needs them is skipped when
-                              there are none
-============================  ===========================================================================
+==================================  ===========================================================================
+``vanilla``                         uniform weights (the PRM without reweighting): the baseline every arm is
+                                    compared with
+``vanilla_reseeded``                uniform weights again, from another initialisation and data order: how
+                                    far training noise alone moves best-of-N (a paired CI over questions
+                                    holds the trained PRMs fixed; this arm shows what it leaves out)
+``dreamprm``                        weights learned with exact hypergradients through the T unrolled steps
+                                    (DreamPRM's chain-MSE meta loss)
+``darts``                           weights learned with Betty's DARTS approximation (the paper's method)
+``dreamprm_listwise``               as ``dreamprm``, with the listwise ranking meta loss (a softmax over
+                                    each meta question's candidates) instead of the chain MSE
+``dreamprm_pairwise``               as ``dreamprm``, with the pairwise ranking meta loss (each correct
+                                    candidate of a meta question above each wrong one)
+``dreamprm_pairwise_norm``          as ``dreamprm_pairwise``, on scores divided by their within-question
+                                    standard deviation (no credit for a more confident PRM alone)
+``instance_table``                  a learned weight per training record (DreamPRM-1.5's Instance Table), exact
+                                    hypergradients
+``instance_table_listwise``         ``instance_table`` with the listwise meta loss and one second moment
+                                    shared by the table's entries (``--meta-second-moment shared``, meta lr
+                                    0.3), the variant that separated wrong labels best on seed 0
+``instance_table_label``            ``instance_table`` with each batch's weights divided by the mean weight of
+                                    the rows on the same side of label 0.5 (``--instance-normalize label``): the
+                                    weights cannot shift the PRM's scores as a whole, only pick which records
+                                    of a label group to trust
+``instance_table_listwise_label``   ``instance_table_listwise`` with the same normalisation
+``instance_net``                    a small network from each record's loss and domain to its weight
+                                    (DreamPRM-1.5's Instance Net), exact hypergradients
+``oracle_weights``                  weights fixed by hand from the planted (or user-given) domain quality: how
+                                    much room correct weights leave; an arm that needs them is skipped when
+                                    there are none
+==================================  ===========================================================================
 
 The untrained baselines (self-consistency, a random pick, the oracle answer) need no arm.
 """
@@ -78,6 +83,13 @@ ARMS: dict[str, Arm] = {
         "instance_table_listwise", "a learned weight per training record, listwise meta loss, shared second moment",
         {"reweighting": True, "hypergradient": "exact", "weighting": "instance_table", "meta_loss": "listwise",
          "meta_second_moment": "shared", "meta_lr": 0.3}),
+    "instance_table_label": Arm(
+        "instance_table_label", "a learned weight per training record, normalised within each label group",
+        {"reweighting": True, "hypergradient": "exact", "weighting": "instance_table", "instance_normalize": "label"}),
+    "instance_table_listwise_label": Arm(
+        "instance_table_listwise_label", "instance_table_listwise, weights normalised within each label group",
+        {"reweighting": True, "hypergradient": "exact", "weighting": "instance_table", "meta_loss": "listwise",
+         "meta_second_moment": "shared", "meta_lr": 0.3, "instance_normalize": "label"}),
     "instance_net": Arm("instance_net", "record weights from a small net (loss, domain), exact hypergradients",
                         {"reweighting": True, "hypergradient": "exact", "weighting": "instance_net"}),
     "oracle_weights": Arm("oracle_weights", "weights fixed from the planted quality", {"reweighting": False},

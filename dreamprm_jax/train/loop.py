@@ -436,7 +436,7 @@ def train(cfg: TrainConfig, data: TrainData, model: PRMModel | str, *,
             model_config, optimizer, meta_opt, method=cfg.hypergradient, aggregation=cfg.aggregation,
             reweighting=reweighting, method_options=cfg.hypergradient_kwargs(),
             unroll_inner=cfg.unroll_inner_scan, meta_loss=cfg.meta_loss, weighting=cfg.weighting,
-            max_weight=cfg.instance_max_weight, num_domains=len(domains),
+            max_weight=cfg.instance_max_weight, num_domains=len(domains), instance_normalize=cfg.instance_normalize,
             record_domains=record_domains if cfg.weighting == "instance_table" else None), mesh)
 
     bilevel_step = make_step(cfg.reweighting)

@@ -36,11 +36,21 @@ from dreamprm_jax.models import prm, qwen2_vl
 State = dict[str, Any]
 
 
-def row_weights(weighting: str, upper, batch: TrainBatch, max_weight: float = bilevel.DEFAULT_MAX_WEIGHT):
+def row_weights(weighting: str, upper, batch: TrainBatch, max_weight: float = bilevel.DEFAULT_MAX_WEIGHT,
+                normalize: str = "none"):
     """``[..., B]`` weight of each row of ``batch`` under the upper-level variable ``upper``
-    (``weighting``: one of :data:`WEIGHTINGS`)."""
+    (``weighting``: one of :data:`WEIGHTINGS`); instance weights are then normalised within
+    the batch as ``normalize`` says (:func:`dreamprm_jax.bilevel.normalize_row_weights`)."""
     if weighting == "domain":
+        if normalize != "none":
+            raise ValueError(f"row_weights: normalize={normalize!r} applies to instance weights only; domain "
+                             "weights are normalised over the domains")
         return bilevel.sample_weights(upper, batch.domain_ids)
+    w = _instance_row_weights(weighting, upper, batch, max_weight)  # [..., B]
+    return bilevel.normalize_row_weights(w, batch.labels, batch.sample_mask, normalize)
+
+
+def _instance_row_weights(weighting: str, upper, batch: TrainBatch, max_weight: float):
     if weighting == "instance_table":
         if batch.record_ids is None:
             raise ValueError("instance_table weighting: the training batch carries no record_ids; expected batches "
@@ -66,11 +76,12 @@ def with_record_loss(model_config, params, inner_batches: TrainBatch) -> TrainBa
 
 
 def make_losses(model_config, aggregation: str, meta_loss: str = "chain_mse", weighting: str = "domain",
-                max_weight: float = bilevel.DEFAULT_MAX_WEIGHT) -> tuple[Callable, Callable]:
+                max_weight: float = bilevel.DEFAULT_MAX_WEIGHT, normalize: str = "none") -> tuple[Callable, Callable]:
     """The lower- and upper-level losses of DreamPRM over typed batches.
 
     inner_loss(params, r, batch: TrainBatch) = sum_i m_i w_i (p_i - y_i)^2 / sum_i m_i,
-        w_i = w[d_i] (``weighting="domain"``) or the record's instance weight (:func:`row_weights`)
+        w_i = w[d_i] (``weighting="domain"``) or the record's instance weight, normalised within
+        the batch as ``normalize`` says (:func:`row_weights`)
     outer_loss(params, batch: MetaBatch)     = mean_chains (sigmoid(A) - label)^2  (``chain_mse``),
         A = mean (or sum) over the chain's steps of the step logit z_s = log(p_s / (1 - p_s));
         or a ranking of A within each question (``listwise`` / ``pairwise``,
@@ -85,7 +96,7 @@ def make_losses(model_config, aggregation: str, meta_loss: str = "chain_mse", we
         probs, _ = prm.score(model_config, params, batch.inputs)  # [B]
         if weighting == "domain":
             return bilevel.weighted_mse(probs, batch.labels, batch.domain_ids, raw_weights, batch.sample_mask)
-        w = row_weights(weighting, raw_weights, batch, max_weight)  # [B]
+        w = row_weights(weighting, raw_weights, batch, max_weight, normalize)  # [B]
         return bilevel.sample_weighted_mse(probs, batch.labels, w, batch.sample_mask)
 
     def outer_loss(params, batch: MetaBatch):
@@ -249,7 +260,7 @@ def make_bilevel_step(model_config, optimizer, meta_opt, *, method: str = "exact
                       reweighting: bool = True, method_options: dict | None = None,
                       unroll_inner: bool = False, meta_loss: str = "chain_mse", weighting: str = "domain",
                       max_weight: float = bilevel.DEFAULT_MAX_WEIGHT, record_domains=None,
-                      num_domains: int | None = None) -> Callable:
+                      num_domains: int | None = None, instance_normalize: str = "none") -> Callable:
     """Returns ``step(state, inner_batches, meta_batch) -> (state, metrics)`` (not jitted).
 
     ``inner_batches`` carries a leading axis of length T. With ``reweighting=False`` the
@@ -262,7 +273,8 @@ def make_bilevel_step(model_config, optimizer, meta_opt, *, method: str = "exact
     batches with ``question_index``).
 
     ``weighting`` (:data:`WEIGHTINGS`) chooses the upper-level variable ``state["raw_weights"]``
-    (module docstring; ``max_weight``: the instance weights' bound). With instance weights the
+    (module docstring; ``max_weight``: the instance weights' bound; ``instance_normalize``: how
+    a batch's instance weights are normalised, :func:`row_weights`). With instance weights the
     metrics' ``weights`` are ``[K]`` per-domain means: over the whole table
     (``instance_table``; ``record_domains`` [N] int, each record's domain, is then required)
     or over the iteration's real training rows (``instance_net``; NaN for a domain with none);
@@ -270,7 +282,8 @@ def make_bilevel_step(model_config, optimizer, meta_opt, *, method: str = "exact
     ``hypergradient`` is ``[K]`` per domain for the table (the sum over its records: the
     derivative for one shift of all of them) and absent for the net.
     """
-    inner_loss, outer_loss = make_losses(model_config, aggregation, meta_loss, weighting, max_weight)
+    inner_loss, outer_loss = make_losses(model_config, aggregation, meta_loss, weighting, max_weight,
+                                         instance_normalize)
     if weighting == "instance_table" and record_domains is None:
         raise ValueError("make_bilevel_step: weighting='instance_table' needs record_domains ([N] int, each "
                          "training record's domain)")
@@ -333,7 +346,7 @@ def make_bilevel_step(model_config, optimizer, meta_opt, *, method: str = "exact
             by_domain = jax.ops.segment_sum(w, record_domains, num_domains) / domain_sizes  # [K]
             g_domain = jax.ops.segment_sum(g_raw, record_domains, num_domains)  # [K]
             return {"weights": by_domain, "hypergradient": g_domain, "instance_weights": w}
-        w = row_weights(weighting, raw, inner_batches, max_weight)  # [T, B]
+        w = row_weights(weighting, raw, inner_batches, max_weight, instance_normalize)  # [T, B]
         m = inner_batches.sample_mask.astype(w.dtype)  # [T, B]
         d = inner_batches.domain_ids.reshape(-1)  # [T * B]
         total = jax.ops.segment_sum((m * w).reshape(-1), d, num_domains)  # [K]
