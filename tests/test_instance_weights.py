@@ -54,6 +54,32 @@ def test_instance_net_is_bounded_and_starts_uniform():
     assert np.all(np.isfinite(w)) and np.all((w >= 0.0) & (w <= 3.0)), w
 
 
+def test_normalized_weights_average_one_per_group():
+    w = jnp.array([[0.5, 1.5, 1.0, 2.0, 0.7], [0.4, 0.4, 1.0, 1.0, 1.9]], jnp.float32)  # [T=2, B=5]
+    labels = jnp.array([[0.9, 0.1, 0.6, 0.0, 1.0], [0.2, 0.3, 0.4, 0.1, 0.5]], jnp.float32)
+    mask = jnp.array([[1, 1, 1, 1, 0], [1, 1, 1, 1, 1]], jnp.float32)  # row 0's last entry is padding
+    assert bilevel.normalize_row_weights(w, labels, mask, "none") is w
+    real = np.asarray(mask) > 0
+    high = np.asarray(labels) >= 0.5
+    for how in ("batch", "label"):
+        out = np.asarray(bilevel.normalize_row_weights(w, labels, mask, how))
+        assert out[0, 4] == np.float32(0.7)  # padding keeps its weight
+        groups = [real] if how == "batch" else [real & high, real & ~high]
+        for group in groups:
+            for t in range(2):
+                if group[t].any():
+                    np.testing.assert_allclose(out[t][group[t]].mean(), 1.0, rtol=1e-6)
+        # only the ratios inside a group survive: scaling a group changes nothing
+        scaled = jnp.where(jnp.asarray(high), 3.0 * w, 0.5 * w) if how == "label" else 3.0 * w
+        again = np.asarray(bilevel.normalize_row_weights(scaled, labels, mask, how))
+        np.testing.assert_allclose(again[real], out[real], rtol=1e-6)
+    out = np.asarray(bilevel.normalize_row_weights(w, labels, mask, "label"))
+    assert out[1, 4] == 1.0  # the only high label of row 1
+    np.testing.assert_allclose(out[0, :4], [0.5 / 0.75, 1.5 / 1.75, 1.0 / 0.75, 2.0 / 1.75], rtol=1e-6)
+    with pytest.raises(ValueError, match="how must be one of"):
+        bilevel.normalize_row_weights(w, labels, mask, "domain")
+
+
 def test_domain_and_instance_weighting_share_one_loss():
     rng = np.random.default_rng(0)
     probs, labels = jnp.asarray(rng.random(6), jnp.float32), jnp.asarray(rng.random(6), jnp.float32)
@@ -80,12 +106,12 @@ def x64():
         yield
 
 
-def instance_problem(weighting: str):
+def instance_problem(weighting: str, normalize: str = "none"):
     """The MLP regression of tests/problems.py with a weight per record instead of per domain.
 
     Rows carry ``record_ids`` (records ``0..N-1``, domain ``id % K``) and, for the net, each
     row's squared error under the initial parameters (the feature the trainer computes at the
-    start of an iteration)."""
+    start of an iteration). ``normalize``: how each batch's weights are normalised."""
     opt = bilevel.inner_adamw(bilevel.step_lr(3e-2, step_size=2, gamma=0.5), weight_decay=1e-2)
     base = problems.mlp_regression(seed=0, dtype=jnp.float64, num_domains=3, inner_steps=4, batch_size=4,
                                    outer_batch_size=8, in_dim=4, hidden=8, optimizer=opt)
@@ -98,8 +124,10 @@ def instance_problem(weighting: str):
 
     def weights(alpha, batch):
         if weighting == "instance_table":
-            return bilevel.record_weights(alpha, batch["record_ids"])
-        return bilevel.instance_net_weights(alpha, batch["record_loss"], batch["domain_ids"])
+            w = bilevel.record_weights(alpha, batch["record_ids"])
+        else:
+            w = bilevel.instance_net_weights(alpha, batch["record_loss"], batch["domain_ids"])
+        return bilevel.normalize_row_weights(w, batch["labels"], batch["sample_mask"], normalize)
 
     def inner_loss(p, alpha, batch):
         probs = jax.nn.sigmoid(problems.mlp_logits(p, batch["x"]))  # [B]
@@ -145,6 +173,20 @@ def test_exact_matches_finite_differences(problem):
         unseen = np.setdiff1d(np.arange(NUM_RECORDS), ids[mask > 0])
         assert unseen.size > 0  # the batches miss some records: their hypergradient is exactly 0
         np.testing.assert_array_equal(np.asarray(g)[unseen], 0.0)
+
+
+def test_exact_matches_finite_differences_with_label_groups(x64):
+    """Weights normalised within each label group: the division by the group's batch mean is
+    part of the differentiated function (float64 central differences), and it matters."""
+    prob, batches = instance_problem("instance_table", normalize="label")
+    inner, _ = batches
+    labels, mask = np.asarray(inner["labels"]), np.asarray(inner["sample_mask"])
+    assert 0 < np.mean(labels[mask > 0] >= 0.5) < 1  # both groups present
+    g, _ = hypergradient("exact", prob, batches)
+    fd = problems.central_fd(prob, batches)
+    assert rel_err(g, fd) <= 1e-5, (g, fd)
+    g_plain, _ = hypergradient("exact", *instance_problem("instance_table"))
+    assert rel_err(g, g_plain) > 1e-2  # the normalisation changes the hypergradient
 
 
 @pytest.mark.parametrize("method,options", [
@@ -219,3 +261,15 @@ def test_cli_run_writes_one_weight_per_record(tiny_data, tmp_path, capsys):
     assert np.all((values > 0.0) & (values < 2.0)) and np.std(values) > 0
     printed = capsys.readouterr().out
     assert "mean instance weight" in printed and "highest and lowest per domain" in printed
+
+
+def test_normalization_needs_instance_weights():
+    from dreamprm_jax.configs import TrainConfig
+    from dreamprm_jax.configs.train_config import INSTANCE_NORMALIZATIONS
+
+    assert INSTANCE_NORMALIZATIONS == bilevel.INSTANCE_NORMALIZATIONS  # the config's copy imports no JAX
+    assert TrainConfig(weighting="instance_net", instance_normalize="batch").instance_normalize == "batch"
+    with pytest.raises(ValueError, match="needs instance weights"):
+        TrainConfig(instance_normalize="label")  # domain weighting
+    with pytest.raises(ValueError, match="instance_normalize: expected one of"):
+        TrainConfig(weighting="instance_table", instance_normalize="group")
