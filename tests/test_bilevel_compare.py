@@ -11,16 +11,15 @@ from dreamprm_jax.bilevel.compare import agreement
 from dreamprm_jax.cli import compare_hypergradients
 from dreamprm_jax.data import synthetic
 from dreamprm_jax.train import hypergradient_audit
-from tests.tiny_run import tiny_benchmark, tiny_config, train
+from tests.tiny_run import tiny_config, train
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
+def tiny_run(tiny_data, tmp_path_factory):
     """2 iterations of the tiny config, checkpoints at 1 and 2; the vanilla PRM (no hypergradient
     in training: the cheapest compile), whose parameters still move between checkpoints."""
-    data = tiny_benchmark(tmp_path_factory.mktemp("synthetic"))
     out = str(tmp_path_factory.mktemp("run"))
-    train(tiny_config(data, out, iterations=2, checkpoint_every=1, keep_checkpoints=10, reweighting=False))
+    train(tiny_config(tiny_data, out, iterations=2, checkpoint_every=1, keep_checkpoints=10, reweighting=False))
     return out
 
 
@@ -66,3 +65,24 @@ def test_agreement_metrics():
     assert a.cosine == pytest.approx((2 + 8 - 0.5) / (21 ** 0.5 * 5.25 ** 0.5), rel=1e-12)
     assert a.rel_err == pytest.approx(((1 + 4 + 2.25) / 21) ** 0.5, rel=1e-12)
     assert not agreement([float("nan"), 1.0], [1.0, 1.0]).finite
+
+
+@pytest.mark.parametrize("weighting", ["instance_table", "instance_net"])
+def test_instance_runs_compare_on_their_upper_level_variable(tiny_data, tmp_path_factory, weighting):
+    """One checkpoint of a run with instance weights: the table is compared on the entries
+    its batches reach (saved as per-domain sums), the net on every parameter."""
+    out = str(tmp_path_factory.mktemp(weighting))
+    train(tiny_config(tiny_data, out, iterations=1, checkpoint_every=1, weighting=weighting, reweighting=False))
+    audit = hypergradient_audit.audit_run(out, ["exact", "darts"], draws=1, repeats=1, steps=[1])
+    assert audit.weighting == weighting and [c.step for c in audit.checkpoints] == [1]
+    methods = audit.checkpoints[0].methods
+    assert methods["exact"].rel_err == [0.0] and methods["exact"].sign_agree == [1.0]
+    darts = methods["darts"]
+    assert darts.finite == [True] and -1.0 <= darts.cosine[0] <= 1.0 and 0.0 <= darts.sign_agree[0] <= 1.0
+    g = methods["exact"].hypergradient[0]
+    if weighting == "instance_table":
+        assert len(g) == len(audit.domains)  # per-domain sums of the [N] table's hypergradient
+    else:
+        assert len(g) == 16 * (len(audit.domains) + 3) + 1  # the net's parameters: h (K + 3) + 1
+    assert any(v != 0.0 for v in g) and all(math.isfinite(v) for v in g)
+    assert f"weighting {weighting}" in hypergradient_audit.format_audit(audit)

@@ -11,7 +11,9 @@ state, raw domain weights) is restored and each method's hypergradient is comput
 next --draws batches the run's samplers give, with the run's model, losses and optimizer.
 Reported per checkpoint and method: cosine and relative error to exact, the share of the K
 domains whose sign agrees, the median time per call after compilation. Writes
-<out>/hypergradient_audit.json and .png and prints a table.
+<out>/hypergradient_audit.json and .png and prints a table. A run with instance weights
+(--weighting instance_table or instance_net) is compared on its table (the entries of the
+records each draw's batches hold) or on its net's parameters.
 
 "exact" is exact for the T-step unrolled objective (T = the run's --unroll); the
 short-horizon bias of stopping at T remains (Wu et al., ICLR 2018). Run from the directory

@@ -14,7 +14,14 @@ pairs the run would have trained on, and computes every method's hypergradient
 domains whose sign agrees) and timed per call after compilation.
 
 The trainer never saves step 0; the start of the run is its initial state rebuilt from
-its configuration and seed (same parameters, ``r = 0``, fresh optimizer states).
+its configuration and seed (same parameters, every weight 1, fresh optimizer states).
+
+Runs with instance weights (``--weighting instance_table | instance_net``) are audited the
+same way, on the run's upper-level variable: the table ``[N]`` or the net's parameters. A
+batch reaches only the table entries of the records it holds, so for the table the metrics
+compare those entries alone (the others are exactly 0 for every method), and the saved
+hypergradient is the sum per domain ``[K]`` (as the trainer logs it); for the net, every
+parameter, flattened.
 
 ``exact`` is exact for the T-step unrolled objective ``L_meta(phi_T(r))``: it differentiates
 through the T inner AdamW steps the run takes per iteration, not through the whole
@@ -38,7 +45,7 @@ import jax
 import numpy as np
 
 from dreamprm_jax import bilevel
-from dreamprm_jax.bilevel.compare import agreement
+from dreamprm_jax.bilevel.compare import agreement, flatten
 from dreamprm_jax.configs import TrainConfig
 from dreamprm_jax.train import demo, loop
 from dreamprm_jax.train import step as step_lib
@@ -58,10 +65,10 @@ class MethodAudit:
 
     cosine: list[float]
     rel_err: list[float]
-    sign_agree: list[float]  # share of the K domains whose sign agrees with exact
+    sign_agree: list[float]  # share of the compared entries (the K domains) whose sign agrees with exact
     finite: list[bool]
     time_s: float  # median wall time per call after compilation, over draws x repeats
-    hypergradient: list[list[float]]  # [draws][K]
+    hypergradient: list[list[float]]  # [draws][K]; the table: per-domain sums [K]; the net: its parameters
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,6 +83,7 @@ class RunAudit:
     run_dir: str
     trained_method: str  # the run's own --hypergradient
     unroll: int  # T
+    weighting: str  # the run's --weighting: what the hypergradient is taken with respect to
     domains: list[str]
     draws: int
     method_options: dict[str, dict]
@@ -157,10 +165,15 @@ def audit_run(run_dir: str, methods: Sequence[str], *, draws: int = 2, repeats: 
                                              cfg.inner_weight_decay, cfg.inner_grad_clip)
         meta_opt = step_lib.meta_optimizer(cfg.meta_lr, cfg.meta_weight_decay, cfg.meta_lr_warmup, cfg.meta_grad_clip,
                                            cfg.meta_second_moment)
+        record_domains = np.asarray(sources.train_table.samples["domain_id"], np.int32)  # [N]
+        upper = step_lib.init_upper(cfg.weighting, num_domains=len(domains), num_records=len(record_domains),
+                                    max_weight=cfg.instance_max_weight, hidden=cfg.instance_net_hidden, seed=cfg.seed)
         # committed to the device like a restored state, so both hit one compiled program per method
-        initial = jax.device_put(step_lib.init_state(params, len(domains), optimizer, meta_opt), jax.devices()[0])
+        initial = jax.device_put(step_lib.init_state(params, len(domains), optimizer, meta_opt, raw_weights=upper),
+                                 jax.devices()[0])
         del params
-        inner_loss, outer_loss = step_lib.make_losses(model_config, cfg.aggregation, cfg.meta_loss)
+        inner_loss, outer_loss = step_lib.make_losses(model_config, cfg.aggregation, cfg.meta_loss, cfg.weighting,
+                                                      cfg.instance_max_weight, cfg.instance_normalize)
         options = _method_options(methods, method_options or {}, cfg)
         fns = {m: jax.jit(functools.partial(bilevel.hypergradient, m, inner_loss, outer_loss, optimizer, **options[m]))
                for m in methods}
@@ -174,14 +187,32 @@ def audit_run(run_dir: str, methods: Sequence[str], *, draws: int = 2, repeats: 
                 state, step_extra = checkpointer.restore(step, abstract_like(initial))
                 source = "checkpoint"
                 train_position, meta_position = step_extra["train_sampler"], step_extra["meta_sampler"]
-            results.append(_audit_state(state, step, source, sources, train_position, meta_position, cfg.unroll,
-                                        fns, draws, repeats, progress))
-    return RunAudit(run_dir=run_dir, trained_method=cfg.hypergradient, unroll=cfg.unroll, domains=domains,
+            results.append(_audit_state(state, step, source, sources, train_position, meta_position, cfg,
+                                        model_config, record_domains, fns, draws, repeats, progress))
+    return RunAudit(run_dir=run_dir, trained_method=cfg.hypergradient, unroll=cfg.unroll, weighting=cfg.weighting,
+                    domains=domains,
                     draws=draws, method_options=options, device=jax.devices()[0].device_kind, checkpoints=results)
 
 
+def _compared_entries(weighting: str, inner_batches) -> np.ndarray | None:
+    """The table entries the batches reach (records of real rows), else None (every entry)."""
+    if weighting != "instance_table":
+        return None
+    ids = np.asarray(inner_batches.record_ids)  # [T, B]
+    return np.unique(ids[np.asarray(inner_batches.sample_mask) > 0])
+
+
+def _reported(weighting: str, g, record_domains: np.ndarray, num_domains: int) -> np.ndarray:
+    """What is saved of a hypergradient: ``[K]`` (domain), per-domain sums ``[K]`` (table), flat (net)."""
+    flat = flatten(g)
+    if weighting == "instance_table":
+        return np.bincount(record_domains, weights=flat, minlength=num_domains)  # [K]
+    return flat
+
+
 def _audit_state(state, step: int, source: str, sources: loop.BatchSources, train_position, meta_position,
-                 unroll: int, fns: dict, draws: int, repeats: int, progress: bool) -> CheckpointAudit:
+                 cfg: TrainConfig, model_config, record_domains: np.ndarray, fns: dict, draws: int, repeats: int,
+                 progress: bool) -> CheckpointAudit:
     """Every method at one state over ``draws`` batch draws continuing the run's samplers."""
     train_sampler, meta_sampler = sources.train_sampler, sources.meta_sampler
     if train_position is None:  # the samplers at their start, as the run began
@@ -192,8 +223,11 @@ def _audit_state(state, step: int, source: str, sources: loop.BatchSources, trai
         meta_sampler.load_state_dict(meta_position)
     per_method: dict[str, dict[str, list]] = {m: {"agreement": [], "times": [], "g": []} for m in fns}
     for draw in range(draws):
-        inner_batches, _ = sources.train_builder.stacked_train([train_sampler.next() for _ in range(unroll)])
+        inner_batches, _ = sources.train_builder.stacked_train([train_sampler.next() for _ in range(cfg.unroll)])
         meta_batch, _ = sources.meta_builder.meta_batch(meta_sampler.next())
+        if cfg.weighting == "instance_net":  # the net's feature, as the trainer computes it
+            inner_batches = step_lib.with_record_loss(model_config, state["params"], inner_batches)
+        entries = _compared_entries(cfg.weighting, inner_batches)
         args = (state["params"], state["opt_state"], state["raw_weights"], inner_batches, meta_batch)
         grads = {}
         for method, fn in fns.items():
@@ -206,10 +240,14 @@ def _audit_state(state, step: int, source: str, sources: loop.BatchSources, trai
                 t0 = time.perf_counter()
                 jax.block_until_ready(fn(*args))
                 per_method[method]["times"].append(time.perf_counter() - t0)
-            grads[method] = np.asarray(g, np.float64)
+            grads[method] = flatten(g)
+            per_method[method]["g"].append(_reported(cfg.weighting, g, record_domains,
+                                                     len(sources.train_table.domains)).tolist())
         for method, g in grads.items():
-            per_method[method]["agreement"].append(agreement(g, grads[REFERENCE]))
-            per_method[method]["g"].append(g.tolist())
+            ref = grads[REFERENCE]
+            if entries is not None:
+                g, ref = g[entries], ref[entries]
+            per_method[method]["agreement"].append(agreement(g, ref))
     methods = {}
     for method, r in per_method.items():
         agree = r["agreement"]
@@ -227,7 +265,7 @@ def format_audit(audit: RunAudit) -> str:
     """A table: one row per checkpoint and method (means over draws)."""
     header = f"{'step':>7s} {'method':14s} {'cosine':>8s} {'rel_err':>9s} {'sign':>6s} {'finite':>6s} {'ms/call':>9s}"
     lines = [f"run {audit.run_dir}: trained with {audit.trained_method}, T={audit.unroll}, K={len(audit.domains)}, "
-             f"{audit.draws} draw(s) per checkpoint, device {audit.device}",
+             f"weighting {audit.weighting}, {audit.draws} draw(s) per checkpoint, device {audit.device}",
              "(exact is exact for the T-step unrolled objective; the short-horizon bias of stopping at T remains)",
              header, "-" * len(header)]
     for c in audit.checkpoints:
@@ -235,6 +273,8 @@ def format_audit(audit: RunAudit) -> str:
             step = f"{c.step}" + ("*" if c.source == "initial" else "")
             lines.append(f"{step:>7s} {method:14s} {_mean(m.cosine):8.4f} {_mean(m.rel_err):9.2e} "
                          f"{_mean(m.sign_agree):6.2f} {np.mean(m.finite):6.2f} {1e3 * m.time_s:9.2f}")
+    if audit.weighting == "instance_table":
+        lines.append("(instance table: metrics over the entries of the records each draw's batches hold)")
     if any(c.source == "initial" for c in audit.checkpoints):
         lines.append("* the initial state rebuilt from the run's config and seed")
     return "\n".join(lines)
@@ -254,7 +294,8 @@ def plot_audit(audit: RunAudit, path: str) -> str:
         axes[1].plot(steps, [_mean(c.methods[method].sign_agree) for c in audit.checkpoints], marker="o", label=method)
     axes[0].set_ylabel("cosine similarity to exact")
     axes[0].set_ylim(-1.05, 1.05)
-    axes[1].set_ylabel("share of domains with exact's sign")
+    axes[1].set_ylabel("share of domains with exact's sign" if audit.weighting == "domain"
+                       else "share of entries with exact's sign")
     axes[1].set_ylim(-0.05, 1.05)
     for ax in axes:
         ax.set_xlabel("training iteration (checkpoint)")
