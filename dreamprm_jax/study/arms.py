@@ -31,9 +31,6 @@ in ``vanilla_reseeded``, which changes the initialisation and data order alone:
 ``instance_table_listwise_label``   ``instance_table_listwise`` with the same normalisation
 ``instance_net``                    a small network from each record's loss and domain to its weight
                                     (DreamPRM-1.5's Instance Net), exact hypergradients
-``instance_net_listwise``           ``instance_net`` with the listwise meta loss and each batch's weights
-                                    divided by their mean (``--instance-normalize batch``: a shift of the net's
-                                    output, which moves every weight at once, changes nothing)
 ``oracle_weights``                  weights fixed by hand from the planted (or user-given) domain quality: how
                                     much room correct weights leave; an arm that needs them is skipped when
                                     there are none
@@ -95,10 +92,6 @@ ARMS: dict[str, Arm] = {
          "meta_second_moment": "shared", "meta_lr": 0.3, "instance_normalize": "label"}),
     "instance_net": Arm("instance_net", "record weights from a small net (loss, domain), exact hypergradients",
                         {"reweighting": True, "hypergradient": "exact", "weighting": "instance_net"}),
-    "instance_net_listwise": Arm(
-        "instance_net_listwise", "instance_net with the listwise meta loss, weights divided by their batch mean",
-        {"reweighting": True, "hypergradient": "exact", "weighting": "instance_net", "meta_loss": "listwise",
-         "instance_normalize": "batch"}),
     "oracle_weights": Arm("oracle_weights", "weights fixed from the planted quality", {"reweighting": False},
                           oracle_weights=True),
 }
