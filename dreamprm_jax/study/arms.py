@@ -28,7 +28,6 @@ in ``vanilla_reseeded``, which changes the initialisation and data order alone:
                                     the rows on the same side of label 0.5 (``--instance-normalize label``): the
                                     weights cannot shift the PRM's scores as a whole, only pick which records
                                     of a label group to trust
-``instance_table_listwise_label``   ``instance_table_listwise`` with the same normalisation
 ``instance_net``                    a small network from each record's loss and domain to its weight
                                     (DreamPRM-1.5's Instance Net), exact hypergradients
 ``oracle_weights``                  weights fixed by hand from the planted (or user-given) domain quality: how
@@ -86,10 +85,6 @@ ARMS: dict[str, Arm] = {
     "instance_table_label": Arm(
         "instance_table_label", "a learned weight per training record, normalised within each label group",
         {"reweighting": True, "hypergradient": "exact", "weighting": "instance_table", "instance_normalize": "label"}),
-    "instance_table_listwise_label": Arm(
-        "instance_table_listwise_label", "instance_table_listwise, weights normalised within each label group",
-        {"reweighting": True, "hypergradient": "exact", "weighting": "instance_table", "meta_loss": "listwise",
-         "meta_second_moment": "shared", "meta_lr": 0.3, "instance_normalize": "label"}),
     "instance_net": Arm("instance_net", "record weights from a small net (loss, domain), exact hypergradients",
                         {"reweighting": True, "hypergradient": "exact", "weighting": "instance_net"}),
     "oracle_weights": Arm("oracle_weights", "weights fixed from the planted quality", {"reweighting": False},
