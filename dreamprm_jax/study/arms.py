@@ -30,6 +30,9 @@ in ``vanilla_reseeded``, which changes the initialisation and data order alone:
                                     of a label group to trust
 ``instance_net``                    a small network from each record's loss and domain to its weight
                                     (DreamPRM-1.5's Instance Net), exact hypergradients
+``instance_net_listwise``           ``instance_net`` with the listwise meta loss and a tenth of the meta
+                                    learning rate (0.003): the net's output moves every record's weight at
+                                    once, and at the default rate its weights swing between 0 and 2
 ``oracle_weights``                  weights fixed by hand from the planted (or user-given) domain quality: how
                                     much room correct weights leave; an arm that needs them is skipped when
                                     there are none
@@ -87,6 +90,10 @@ ARMS: dict[str, Arm] = {
         {"reweighting": True, "hypergradient": "exact", "weighting": "instance_table", "instance_normalize": "label"}),
     "instance_net": Arm("instance_net", "record weights from a small net (loss, domain), exact hypergradients",
                         {"reweighting": True, "hypergradient": "exact", "weighting": "instance_net"}),
+    "instance_net_listwise": Arm(
+        "instance_net_listwise", "instance_net with the listwise meta loss, meta lr 0.003",
+        {"reweighting": True, "hypergradient": "exact", "weighting": "instance_net", "meta_loss": "listwise",
+         "meta_lr": 0.003}),
     "oracle_weights": Arm("oracle_weights", "weights fixed from the planted quality", {"reweighting": False},
                           oracle_weights=True),
 }
