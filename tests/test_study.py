@@ -137,6 +137,16 @@ def test_study_end_to_end_and_resume(tmp_path):
     assert "instance_weight_auroc" not in seed0["arms"]["dreamprm"]
     assert set(seed0["arms"]["instance_table"]["instance_weight_auroc_label_too_high"]) == set(oracle_w)
     assert "AUROC of the learned instance weights" in text
+    # the bar they are set against: minus each record's loss under the vanilla PRM, cached
+    loss_auroc = seed0["arms"]["vanilla"]["loss_auroc"]
+    assert set(loss_auroc) == {"any", "too_high", "too_low"} and set(loss_auroc["any"]) == set(oracle_w)
+    assert any(v is not None and 0.0 <= v <= 1.0 for v in loss_auroc["any"].values())
+    losses = json.load(open(os.path.join(str(tmp_path), "seed_0", "vanilla", "record_losses.json")))
+    assert list(losses) == list(json.load(open(os.path.join(str(tmp_path), "seed_0", "instance_table",
+                                                            "instance_weights.json"))))  # every record, same keys
+    assert all(0.0 <= v <= 1.0 for v in losses.values()) and len(set(losses.values())) > 1  # (p - y)^2 of each
+    assert "vanilla: minus its loss, no weight learned" in text
+    assert "loss_auroc" not in seed0["arms"]["dreamprm"]
     assert "Reweighting study" in text and os.path.isfile(paths["best_of_n_png"])
     assert os.path.isfile(paths["weights_png"])
     assert set(summary["versus_dreamprm"]) == {"instance_table", "instance_net"}  # learned arms, not the oracle
@@ -145,6 +155,7 @@ def test_study_end_to_end_and_resume(tmp_path):
     # a second run reuses every finished piece: nothing is trained or scored again
     again = runner.run_study(config)
     assert all(run.train_seconds == 0.0 and run.score_seconds == 0.0 for run in again[0].arms.values())
+    assert again[0].arms["vanilla"].loss_auroc == results[0].arms["vanilla"].loss_auroc  # from record_losses.json
     np.testing.assert_array_equal(again[0].arms["dreamprm"].outcome.hits[8], results[0].arms["dreamprm"].outcome.hits[8])
 
 

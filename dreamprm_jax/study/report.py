@@ -7,7 +7,9 @@ rows, best-of-n for every n, the untrained baselines, the learned weights beside
 quality (Spearman and its permutation p-value), AUROCs and wall times. Arms with a weight per
 training record add ``instance_weight_auroc`` ``{domain: AUROC or null}``: how well the weights
 rank the records whose label is correct above the others
-(:func:`~dreamprm_jax.study.analysis.instance_weight_auroc`).
+(:func:`~dreamprm_jax.study.analysis.instance_weight_auroc`); the baseline arm then adds
+``loss_auroc`` ``{"any" | "too_high" | "too_low": {domain: AUROC or null}}``, the same for
+minus each record's loss under its PRM (no weight learned).
 
 Two comparisons beyond the baseline: ``"versus_dreamprm"`` pairs every other learned arm with
 ``dreamprm`` (DreamPRM's own chain-MSE meta loss) the same way, so a new objective is judged
@@ -136,6 +138,8 @@ def summarize(config: StudyConfig, results: Sequence[SeedResult], wall_seconds: 
                 entry["instance_weight_auroc"] = dict(run.instance_weight_auroc)
             for wrong, values in run.instance_weight_auroc_by_direction.items():
                 entry[f"instance_weight_auroc_label_{wrong}"] = dict(values)
+            if run.loss_auroc:
+                entry["loss_auroc"] = {wrong: dict(values) for wrong, values in run.loss_auroc.items()}
             if run.hypergradient_signal:
                 entry["hypergradient_signal"] = {d: dataclasses.asdict(sig) for d, sig in run.hypergradient_signal.items()}
             if base is not None and name != BASELINE_ARM:
@@ -265,14 +269,22 @@ def format_report(summary: dict[str, Any]) -> str:
                       "step labelled wrong); 0.5: the weights do not tell them apart, blank: no such labels:", "",
                       "| arm | " + " | ".join(domains) + " |", "|---|" + "---|" * len(domains)]
 
-            for a, values in label_auroc.items():
-                entry = row["arms"][a]
-                high = entry.get("instance_weight_auroc_label_too_high", {})
-                low = entry.get("instance_weight_auroc_label_too_low", {})
+            rows = [(a, values, row["arms"][a].get("instance_weight_auroc_label_too_high", {}),
+                     row["arms"][a].get("instance_weight_auroc_label_too_low", {})) for a, values in label_auroc.items()]
+            loss = row["arms"].get(BASELINE_ARM, {}).get("loss_auroc")
+            if loss:
+                rows.insert(0, (f"{BASELINE_ARM}: minus its loss, no weight learned", loss.get("any", {}),
+                                loss.get("too_high", {}), loss.get("too_low", {})))
+            for a, values, high, low in rows:
                 lines.append(f"| {a} | " + " | ".join(
                     "" if values.get(d) is None
                     else f"{values[d]:.3f} ({_fmt_auroc(high.get(d))} / {_fmt_auroc(low.get(d))})"
                     for d in domains) + " |")
+            if loss:
+                lines.append("")
+                lines.append(f"The first row ranks each record by minus its squared error under the `{BASELINE_ARM}` "
+                             "PRM: what the unweighted PRM already says about its labels, the bar a learned weight "
+                             "has to clear.")
             lines.append("")
     runs = [e for row in summary["per_seed"] for e in row["arms"].values()]
     reused = sum(1 for e in runs if e["train_seconds"] == 0.0)

@@ -9,6 +9,8 @@ interrupted study continues where it stopped)::
     seed_<s>/<arm>/           the arm's training run (checkpoints, metrics.jsonl, export/)
     seed_<s>/<arm>/test_scores.npz   step logits of every test candidate
     seed_<s>/<arm>/instance_weights.json   an instance-weighting arm's weight per training record
+    seed_<s>/vanilla/record_losses.json    with an instance-weighting arm: each training record's loss
+                                           under the vanilla PRM (the AUROC baseline)
     study.json, report.md, best_of_n.png, weights.png      (:mod:`dreamprm_jax.study.report`)
 """
 
@@ -31,6 +33,8 @@ from dreamprm_jax.study.analysis import (ArmOutcome, DomainSignal, arm_outcome, 
                                          instance_weight_aurocs)
 from dreamprm_jax.study.arms import BASELINE_ARM, Arm, get_arms
 from dreamprm_jax.train.instance_weights_file import WEIGHTS_FILE, read_record_weights
+from dreamprm_jax.train.record_losses import (LOSSES_FILE, export_record_losses, read_record_losses,
+                                              write_record_losses)
 
 __all__ = ["StudyConfig", "UserData", "ArmRun", "SeedResult", "run_study", "read_oracle_weights"]
 
@@ -83,6 +87,9 @@ class ArmRun:
     instance_weight_auroc: dict[str, float | None] = dataclasses.field(default_factory=dict)
     # the same against only the labels too high / too low: {"too_high": {domain: AUROC}, "too_low": ...}
     instance_weight_auroc_by_direction: dict[str, dict[str, float | None]] = dataclasses.field(default_factory=dict)
+    # the baseline arm when an arm learns instance weights: the same AUROCs for minus each record's
+    # loss under this arm's PRM (no weight learned), {"any" | "too_high" | "too_low": {domain: AUROC}}
+    loss_auroc: dict[str, dict[str, float | None]] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass
@@ -230,10 +237,29 @@ def run_seed(config: StudyConfig, seed: int, arms: Sequence[Arm]) -> SeedResult:
                                 by_direction)
         _say(config, f"[study] seed {seed}: {arm.name} best-of-{max(config.ns)} "
                      f"{outcome.accuracy(max(config.ns)):.3f}")
+    if BASELINE_ARM in runs and any(arm.overrides.get("weighting", config.train.weighting) != "domain"
+                                    for arm in arms):
+        runs[BASELINE_ARM].loss_auroc = _loss_auroc(config, runs[BASELINE_ARM].run_dir, data)
     baselines = {name: best_of_n_hits(inputs, selector, config.ns, trials=config.trials, seed=seed)
                  for name, selector in (("self_consistency", MajorityVote()), ("random", Random()),
                                         ("oracle_answer", Oracle()))}
     return SeedResult(seed, inputs.num_questions, runs, baselines, planted, oracle)
+
+
+def _loss_auroc(config: StudyConfig, run_dir: str, data) -> dict[str, dict[str, float | None]]:
+    """Per direction and domain, the AUROC of minus each training record's squared error under
+    the PRM exported to ``run_dir`` for "label correct"; the losses are cached in the run's
+    ``record_losses.json``."""
+    path = os.path.join(run_dir, LOSSES_FILE)
+    if os.path.isfile(path):
+        losses = read_record_losses(path)
+    else:
+        cfg = dataclasses.replace(config.train, out_dir=run_dir, progress=False, train_json=data.train_json,
+                                  meta_json=data.meta_json, image_root=data.image_root)
+        _say(config, f"[study] scoring every training record with {run_dir}/export (the loss baseline)")
+        losses = export_record_losses(os.path.join(run_dir, "export"), cfg, data)
+        write_record_losses(run_dir, losses)
+    return instance_weight_aurocs(data.train_json, {key: -loss for key, loss in losses.items()})
 
 
 def run_study(config: StudyConfig) -> list[SeedResult]:

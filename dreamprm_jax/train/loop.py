@@ -58,6 +58,7 @@ from dreamprm_jax.train.checkpointing import Checkpointer, abstract_like
 from dreamprm_jax.train.instance_weights_file import RecordWeights
 from dreamprm_jax.train.interrupts import GracefulInterrupt
 from dreamprm_jax.train.metrics import MetricsLogger, format_postfix
+from dreamprm_jax.train.record_losses import record_losses
 from dreamprm_jax.train.run_dir import RunDirError, check_out_dir
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
@@ -315,18 +316,7 @@ def final_record_weights(cfg: TrainConfig, model_config, raw, params, train_tabl
     if cfg.weighting == "instance_table":
         weights = np.asarray(bilevel.instance_weights(jnp.asarray(host_raw), cfg.instance_max_weight))
     else:
-        @jax.jit
-        def squared_errors(p, batch):
-            probs, _ = prm.score(model_config, p, qwen2_vl.with_rope_tables(model_config, batch.inputs))  # [B]
-            return jnp.square(probs - batch.labels)  # [B]
-
-        n = len(train_table.samples)
-        losses = np.zeros((n,), np.float32)
-        for start in range(0, n, cfg.train_batch_size):
-            rows = np.arange(start, min(start + cfg.train_batch_size, n))
-            batch, _ = train_builder.train_batch(rows)
-            out = squared_errors(params, sharding.put_batch(batch, mesh, stacked=False))
-            losses[rows] = np.asarray(sharding.to_host(out, mesh))[: len(rows)]
+        losses = record_losses(model_config, params, train_table, train_builder, cfg.train_batch_size, mesh)  # [N]
         weights = np.asarray(bilevel.instance_net_weights(jax.tree.map(jnp.asarray, host_raw), jnp.asarray(losses),
                                                           jnp.asarray(domain_ids), cfg.instance_max_weight))
     return RecordWeights(tuple(train_table.record_keys()), domain_ids, weights.astype(np.float64),

@@ -1,0 +1,75 @@
+"""Each training record's squared error ``(p_i - y_i)^2`` under a PRM, and ``record_losses.json``.
+
+The PRM's own disagreement with a record's label is the simplest way to rank labels by
+trust (the small-loss heuristic of learning with noisy labels), with no weight learned. The
+reweighting study measures it under the vanilla PRM as the baseline a learned instance
+weight is set against: an instance weighting that separates wrong labels no better than this
+ranking has learned nothing the unweighted PRM did not already say.
+
+``record_losses.json`` is one JSON object, record key -> squared error, in table order (keys
+as in ``instance_weights.json``: :func:`dreamprm_jax.data.records.record_keys`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dreamprm_jax.data.jsonfiles import read_number_map
+from dreamprm_jax.models import prm, qwen2_vl
+from dreamprm_jax.train import sharding
+
+__all__ = ["LOSSES_FILE", "record_losses", "export_record_losses", "write_record_losses", "read_record_losses"]
+
+#: The file name in a run directory.
+LOSSES_FILE = "record_losses.json"
+
+
+def record_losses(model_config, params, train_table, train_builder, batch_size: int, mesh=None) -> np.ndarray:
+    """``[N]`` float32: every record of ``train_table`` scored once (batches of ``batch_size``)."""
+
+    @jax.jit
+    def squared_errors(p, batch):
+        probs, _ = prm.score(model_config, p, qwen2_vl.with_rope_tables(model_config, batch.inputs))  # [B]
+        return jnp.square(probs - batch.labels)  # [B]
+
+    n = len(train_table.samples)
+    losses = np.zeros((n,), np.float32)  # [N]
+    for start in range(0, n, batch_size):
+        rows = np.arange(start, min(start + batch_size, n))
+        batch, _ = train_builder.train_batch(rows)
+        if mesh is not None:
+            batch = sharding.put_batch(batch, mesh, stacked=False)
+        out = squared_errors(params, batch)  # [B]
+        losses[rows] = np.asarray(sharding.to_host(out, mesh) if mesh is not None else out)[: len(rows)]
+    return losses
+
+
+def export_record_losses(export_dir: str, cfg, data) -> dict[str, float]:
+    """``{record key: squared error}`` of ``data``'s training records under the PRM exported
+    to ``export_dir`` (a run's ``export/``), batched and bucketed as ``cfg`` says."""
+    from dreamprm_jax.train import loop
+
+    model = loop.load_model(export_dir, cfg)
+    sources = loop.build_batch_sources(cfg, model.config, model.processor, data)
+    losses = record_losses(model.config, model.params, sources.train_table, sources.train_builder,
+                           cfg.train_batch_size)
+    return {k: float(v) for k, v in zip(sources.train_table.record_keys(), losses)}
+
+
+def write_record_losses(out_dir: str, losses: dict[str, float]) -> str:
+    """``out_dir/record_losses.json`` (written to a temporary file and renamed)."""
+    path = os.path.join(out_dir, LOSSES_FILE)
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        json.dump(losses, f, indent=0)
+    os.replace(path + ".tmp", path)
+    return path
+
+
+def read_record_losses(path: str) -> dict[str, float]:
+    """``{record key: squared error}`` from a ``record_losses.json``."""
+    return read_number_map(path, "{record key: squared error}")
