@@ -39,7 +39,7 @@ import dataclasses
 import functools
 import os
 import time
-from typing import Any, Sequence
+from typing import Sequence
 
 import jax
 import numpy as np
