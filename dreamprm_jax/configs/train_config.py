@@ -88,7 +88,9 @@ class TrainConfig:
     pack_meta: bool = _field(True, "Score each meta chain's step prefixes in one packed row (one image encoding, "
                              "shared tokens run once, a tree attention mask; the same scores as one row per step).")
     meta_lr: float = _field(0.03, "Meta AdamW learning rate on the raw domain weights (the paper: 0.01 over 10,000 "
-                            "iterations; the 240-iteration demo uses 0.03).")
+                            "iterations; the 240-iteration demo uses 0.03). For --weighting instance_net use about "
+                            "0.003: its output moves every record's weight at once, and at 0.03 the weights swing "
+                            "between 0 and 2.")
     meta_lr_warmup: int = _field(
         80, "Meta steps over which the meta learning rate ramps linearly from 0 to --meta-lr (0: constant from the "
         "first step, the reference). Adam's first steps are sign steps of single, noisy hypergradients taken at "
