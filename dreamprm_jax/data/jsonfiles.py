@@ -32,6 +32,7 @@ __all__ = [
     "ImagePathEscape",
     "read_json_records",
     "read_number_map",
+    "write_number_map",
     "resolve_image_path",
     "short_repr",
 ]
@@ -216,6 +217,16 @@ def read_number_map(path: str | os.PathLike, expected: str, *, non_empty: bool =
             bound = "" if minimum is None else f" >= {minimum:g}"
             raise ValueError(f"{path}: entry {name!r} is {short_repr(number)}; expected a number{bound}")
     return {str(k): float(v) for k, v in value.items()}
+
+
+def write_number_map(path: str | os.PathLike, numbers: dict[str, float]) -> str:
+    """``numbers`` as one JSON object ``{name: number}`` (what :func:`read_number_map` reads),
+    written to a temporary file and renamed, so the file is whole or absent; returns the path."""
+    path = os.fspath(path)
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        json.dump({str(k): float(v) for k, v in numbers.items()}, f, indent=0)
+    os.replace(path + ".tmp", path)
+    return path
 
 
 class ImagePathEscape(ValueError):

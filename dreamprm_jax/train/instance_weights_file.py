@@ -10,12 +10,11 @@ where the records carry an id and a step id)::
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 
 import numpy as np
 
-from dreamprm_jax.data.jsonfiles import read_number_map
+from dreamprm_jax.data.jsonfiles import read_number_map, write_number_map
 
 __all__ = ["RecordWeights", "WEIGHTS_FILE", "read_record_weights"]
 
@@ -62,11 +61,7 @@ class RecordWeights:
 
     def write(self, out_dir: str) -> str:
         """``out_dir/instance_weights.json`` (written to a temporary file and renamed)."""
-        path = os.path.join(out_dir, WEIGHTS_FILE)
-        with open(path + ".tmp", "w", encoding="utf-8") as f:
-            json.dump({k: float(w) for k, w in zip(self.keys, self.weights)}, f, indent=0)
-        os.replace(path + ".tmp", path)
-        return path
+        return write_number_map(os.path.join(out_dir, WEIGHTS_FILE), dict(zip(self.keys, self.weights)))
 
 
 def read_record_weights(path: str) -> dict[str, float]:

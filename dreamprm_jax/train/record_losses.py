@@ -12,14 +12,13 @@ as in ``instance_weights.json``: :func:`dreamprm_jax.data.records.record_keys`).
 
 from __future__ import annotations
 
-import json
 import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dreamprm_jax.data.jsonfiles import read_number_map
+from dreamprm_jax.data.jsonfiles import read_number_map, write_number_map
 from dreamprm_jax.models import prm, qwen2_vl
 from dreamprm_jax.train import sharding
 
@@ -44,8 +43,8 @@ def record_losses(model_config, params, train_table, train_builder, batch_size: 
         batch, _ = train_builder.train_batch(rows)
         if mesh is not None:
             batch = sharding.put_batch(batch, mesh, stacked=False)
-        out = squared_errors(params, batch)  # [B]
-        losses[rows] = np.asarray(sharding.to_host(out, mesh) if mesh is not None else out)[: len(rows)]
+        out = sharding.to_host(squared_errors(params, batch), mesh)  # [B]; a mesh only to gather across hosts
+        losses[rows] = out[: len(rows)]
     return losses
 
 
@@ -63,11 +62,7 @@ def export_record_losses(export_dir: str, cfg, data) -> dict[str, float]:
 
 def write_record_losses(out_dir: str, losses: dict[str, float]) -> str:
     """``out_dir/record_losses.json`` (written to a temporary file and renamed)."""
-    path = os.path.join(out_dir, LOSSES_FILE)
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        json.dump(losses, f, indent=0)
-    os.replace(path + ".tmp", path)
-    return path
+    return write_number_map(os.path.join(out_dir, LOSSES_FILE), losses)
 
 
 def read_record_losses(path: str) -> dict[str, float]:
