@@ -38,14 +38,16 @@ def test_weighted_mse_matches_numpy_with_mask():
     assert float(bilevel.weighted_mse(p, y, d, r, np.zeros(6, np.float32))) == 0.0
 
 
-@pytest.mark.parametrize("reduce", ["mean", "sum"])
+@pytest.mark.parametrize("reduce", ["mean", "sum", "min"])
 def test_aggregation_loss_matches_numpy(reduce):
-    z = np.array([[0.5, -1.0, 2.0], [1.0, 0.0, 9.0]], np.float32)  # [M=2, S=3]
+    z = np.array([[0.5, -1.0, 2.0], [1.0, 0.0, -9.0]], np.float32)  # [M=2, S=3]
     sm = np.array([[1, 1, 1], [1, 1, 0]], np.float32)
     lab = np.array([1.0, 0.0], np.float32)
     a = (z * sm).sum(-1)
     if reduce == "mean":
         a = a / sm.sum(-1)
+    if reduce == "min":
+        a = np.where(sm > 0, z, np.inf).min(-1)  # [M]; the padded -9 does not count
     expected = np.mean((1 / (1 + np.exp(-a)) - lab) ** 2)
     np.testing.assert_allclose(bilevel.aggregation_loss(z, sm, lab, reduce=reduce), expected, rtol=1e-6)
     # chain mask drops the second chain
@@ -56,11 +58,20 @@ def test_aggregation_loss_matches_numpy(reduce):
         bilevel.aggregation_loss(z, sm, lab, reduce="max")
 
 
+def test_min_chain_score_sends_its_gradient_to_the_weakest_step_only():
+    z = jnp.array([[1.0, -2.0, 3.0], [0.5, 0.5, -7.0], [4.0, 4.0, 4.0]])  # [M=3, S=3]
+    sm = jnp.array([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0], [0.0, 0.0, 0.0]])  # the third chain has no real step
+    np.testing.assert_array_equal(bilevel.chain_scores(z, sm, "min"), [-2.0, 0.5, 0.0])
+    g = jax.grad(lambda x: jnp.sum(bilevel.chain_scores(x, sm, "min") * jnp.array([1.0, 2.0, 3.0])))(z)
+    # the weakest step alone, ties split evenly, padding and step-less chains none
+    np.testing.assert_array_equal(g, [[0.0, 1.0, 0.0], [1.0, 1.0, 0.0], [0.0, 0.0, 0.0]])
+
+
 def test_saturated_logits_give_finite_loss_and_grads():
     z = jnp.array([[80.0, 120.0], [-200.0, -60.0], [55.0, jnp.inf]])  # [M, S]; inf is masked out
     sm = jnp.array([[1.0, 1.0], [1.0, 1.0], [1.0, 0.0]])
     lab = jnp.array([0.0, 1.0, 1.0])
-    for reduce in ("mean", "sum"):
+    for reduce in bilevel.CHAIN_REDUCTIONS:
         loss, g = jax.value_and_grad(bilevel.aggregation_loss)(z, sm, lab, reduce=reduce)
         assert bool(jnp.isfinite(loss)) and bool(jnp.all(jnp.isfinite(g))), (reduce, loss, g)
         np.testing.assert_allclose(loss, 2.0 / 3.0, rtol=1e-6)  # two wrong saturated chains, one right

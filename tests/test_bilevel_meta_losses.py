@@ -110,7 +110,7 @@ def test_normalized_pairwise_ignores_the_scale_of_the_scores_and_pairwise_does_n
     assert abs(float(along)) < 1e-3, along
 
 
-@pytest.mark.parametrize("reduce", ["mean", "sum"])
+@pytest.mark.parametrize("reduce", ["mean", "sum", "min"])
 @pytest.mark.parametrize("name", RANKING)
 def test_meta_loss_ranks_aggregated_step_logits(name, reduce):
     rng = np.random.default_rng(0)
@@ -118,6 +118,8 @@ def test_meta_loss_ranks_aggregated_step_logits(name, reduce):
     step_mask = (np.arange(4)[None, :] < rng.integers(1, 5, size=(9, 1))).astype(np.float32)  # [M, S]
     z_padded = np.where(step_mask > 0, z, np.nan).astype(np.float32)  # padding may hold anything
     a = (z * step_mask).sum(-1) / (step_mask.sum(-1) if reduce == "mean" else 1.0)
+    if reduce == "min":
+        a = np.where(step_mask > 0, z, np.inf).min(-1)
     got = bilevel.meta_loss(name, z_padded, step_mask, LABELS, MASK, QUESTIONS, reduce=reduce)
     np.testing.assert_allclose(got, NUMPY[name](a, LABELS, QUESTIONS, MASK), rtol=1e-5, atol=0)
 
@@ -161,8 +163,9 @@ def x64():
         yield
 
 
-@pytest.mark.parametrize("name", ["chain_mse"] + RANKING)
-def test_exact_hypergradient_through_each_meta_loss_matches_finite_differences(x64, name):
+@pytest.mark.parametrize("name,reduce", [("chain_mse", "mean")] + [(n, "mean") for n in RANKING]
+                         + [("chain_mse", "min"), ("listwise", "min")])
+def test_exact_hypergradient_through_each_meta_loss_matches_finite_differences(x64, name, reduce):
     """The engine sees only ``outer_loss(params, batch)``: a tiny transformer PRM whose six meta
     chains form two questions of three, each with a correct and a wrong chain."""
     base = problems.tiny_transformer(seed=0, dtype=jnp.float64, num_domains=3, inner_steps=2, batch_size=4,
@@ -173,7 +176,7 @@ def test_exact_hypergradient_through_each_meta_loss_matches_finite_differences(x
         m, s = batch["step_mask"].shape
         z = problems.transformer_logits(p, batch["input_ids"], batch["attention_mask"]).reshape(m, s)  # [M, S]
         return bilevel.meta_loss(name, z, batch["step_mask"], batch["labels"], batch["chain_mask"],
-                                 batch["question_index"])
+                                 batch["question_index"], reduce=reduce)
 
     prob = dataclasses.replace(base, outer_loss=outer_loss, alpha=jnp.array([0.2, -0.1, 0.0], jnp.float64))
     inner, outer = prob.sample_batches(jax.random.PRNGKey(3))

@@ -265,9 +265,12 @@ def test_cli_run_writes_one_weight_per_record(tiny_data, tmp_path, capsys):
 
 def test_normalization_needs_instance_weights():
     from dreamprm_jax.configs import TrainConfig
-    from dreamprm_jax.configs.train_config import INSTANCE_NORMALIZATIONS
+    from dreamprm_jax.configs.train_config import AGGREGATIONS, INSTANCE_NORMALIZATIONS
 
     assert INSTANCE_NORMALIZATIONS == bilevel.INSTANCE_NORMALIZATIONS  # the config's copy imports no JAX
+    assert AGGREGATIONS == bilevel.CHAIN_REDUCTIONS
+    with pytest.raises(ValueError, match="aggregation: expected one of"):
+        TrainConfig(aggregation="max")
     assert TrainConfig(weighting="instance_net", instance_normalize="batch").instance_normalize == "batch"
     with pytest.raises(ValueError, match="needs instance weights"):
         TrainConfig(instance_normalize="label")  # domain weighting

@@ -10,8 +10,9 @@ from dreamprm_jax.bilevel.instance_net import init_instance_net, instance_net_we
 from dreamprm_jax.bilevel.instance_weights import (DEFAULT_MAX_WEIGHT, INSTANCE_NORMALIZATIONS,
                                                    init_raw_instance_weights, instance_weights, normalize_row_weights,
                                                    record_weights)
-from dreamprm_jax.bilevel.losses import (META_LOSSES, aggregation_loss, chain_scores, listwise_loss, meta_loss,
-                                         normalized_pairwise_loss, pairwise_loss, sample_weighted_mse, weighted_mse)
+from dreamprm_jax.bilevel.losses import (CHAIN_REDUCTIONS, META_LOSSES, aggregation_loss, chain_scores, listwise_loss,
+                                         meta_loss, normalized_pairwise_loss, pairwise_loss, sample_weighted_mse,
+                                         weighted_mse)
 from dreamprm_jax.bilevel.inner import inner_adamw, inner_step, num_steps, step_lr, unroll
 from dreamprm_jax.bilevel.hypergradient import EXACT_METHODS, METHODS, hypergradient, register_method
 from dreamprm_jax.bilevel.implicit import implicit_hypergradient
@@ -32,6 +33,7 @@ __all__ = [
     "sample_weighted_mse",
     "aggregation_loss",
     "chain_scores",
+    "CHAIN_REDUCTIONS",
     "META_LOSSES",
     "meta_loss",
     "listwise_loss",

@@ -10,9 +10,13 @@ padding mask; instance weighting puts a weight per record ``w_i`` in place of ``
 logits ``z_s = log(p_s / (1 - p_s))`` and a 0/1 chain label):
 
     A = mean_s z_s  (reference code)   or   A = sum_s z_s  (paper)        (3)
+                      or   A = min_s z_s  (the weakest step)
     L_meta = mean over chains of (sigmoid(A) - label)^2                   (4)
 
-``A`` is formed from logits directly, never from probabilities, so saturated scores
+With ``min`` the gradient of a chain reaches only its weakest step: a correct chain asks
+for its least trusted step to rise, a wrong chain for its most suspect step (the likely
+error) to fall, and the steps before an error are left alone, where the sum and the mean ask
+every step of a wrong chain to fall. ``A`` is formed from logits directly, never from probabilities, so saturated scores
 (``|z| > 50``) still give finite losses and finite (possibly zero) gradients.
 
 Ranking meta losses.  (4) asks each chain score to be calibrated; best-of-N only needs a
@@ -46,8 +50,11 @@ import jax.numpy as jnp
 
 from dreamprm_jax.bilevel.domain_weights import sample_weights
 
-__all__ = ["weighted_mse", "sample_weighted_mse", "aggregation_loss", "chain_scores", "listwise_loss", "pairwise_loss",
+__all__ = ["CHAIN_REDUCTIONS", "weighted_mse", "sample_weighted_mse", "aggregation_loss", "chain_scores", "listwise_loss", "pairwise_loss",
            "normalized_pairwise_loss", "META_LOSSES", "meta_loss"]
+
+#: How :func:`chain_scores` reduces a chain's step logits to its score ``A``.
+CHAIN_REDUCTIONS = ("mean", "sum", "min")
 
 #: Names of the upper-level losses :func:`meta_loss` computes.
 META_LOSSES = ("chain_mse", "listwise", "pairwise", "pairwise_normalized")
@@ -128,10 +135,11 @@ def chain_scores(step_logits: jax.Array, step_mask: jax.Array, reduce: str = "me
     Args:
       step_logits: ``[M, S]`` pre-sigmoid step scores.
       step_mask: ``[M, S]`` 1 for real steps, 0 for padding.
-      reduce: ``"mean"`` (DreamPRM reference code) or ``"sum"`` (paper).
+      reduce: ``"mean"`` (DreamPRM reference code), ``"sum"`` (paper) or ``"min"`` (the
+        weakest step; its gradient reaches that step alone, split evenly between ties).
 
     Returns:
-      ``[M]`` chain logits.
+      ``[M]`` chain logits (0 for a chain with no real step).
     """
     chex.assert_rank(step_logits, 2)
     chex.assert_equal_shape([step_logits, step_mask])
@@ -142,7 +150,11 @@ def chain_scores(step_logits: jax.Array, step_mask: jax.Array, reduce: str = "me
         return total
     if reduce == "mean":
         return _safe_mean(total, jnp.sum(m, axis=-1))
-    raise ValueError(f"losses.chain_scores: reduce must be 'mean' or 'sum', got {reduce!r}")
+    if reduce == "min":
+        real = m > 0  # [M, S]
+        lowest = jnp.min(jnp.where(real, step_logits, jnp.inf), axis=-1)  # [M]; inf for a chain with no step
+        return jnp.where(jnp.any(real, axis=-1), lowest, 0.0)
+    raise ValueError(f"losses.chain_scores: reduce must be one of {CHAIN_REDUCTIONS}, got {reduce!r}")
 
 
 def aggregation_loss(
@@ -159,7 +171,7 @@ def aggregation_loss(
       step_mask: ``[M, S]`` 1 for real steps.
       labels: ``[M]`` 0/1 correctness of each chain.
       chain_mask: ``[M]`` 1 for real chains (``None``: all real).
-      reduce: ``"mean"`` or ``"sum"`` aggregation of the step logits.
+      reduce: aggregation of the step logits, one of :data:`CHAIN_REDUCTIONS`.
 
     Returns:
       Scalar ``sum_c cm_c (sigmoid(A_c) - label_c)^2 / sum_c cm_c``.

@@ -27,6 +27,9 @@ SECOND_MOMENTS = ("per_weight", "shared")
 #: names as ``dreamprm_jax.bilevel.INSTANCE_NORMALIZATIONS``, kept here so the configuration
 #: imports no JAX).
 INSTANCE_NORMALIZATIONS = ("none", "batch", "label")
+#: How the meta loss makes a chain score from step log-odds (``TrainConfig.aggregation``; the
+#: names of ``dreamprm_jax.bilevel.CHAIN_REDUCTIONS``).
+AGGREGATIONS = ("mean", "sum", "min")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,7 +110,10 @@ class TrainConfig:
         "is a good value). Exact hypergradients are heavy-tailed (single iterations up to 20x the median on the "
         "demo), and one spike moves Adam's step for about 10 iterations (its second moment, b2 = 0.999, barely "
         "registers it). On the demo it removed the spike-driven jumps but did not help the criteria (README).")
-    aggregation: str = _field("mean", "How step log-odds make a chain score: mean (reference code) | sum (paper).")
+    aggregation: str = _field(
+        "mean", "How the meta loss makes a chain score from its step log-odds: mean (reference code) | sum (paper) "
+        "| min (the weakest step: a wrong chain's gradient reaches its most suspect step alone, not the correct "
+        "steps before the error).", choices=AGGREGATIONS)
     meta_loss: str = _field(
         "chain_mse", "Upper-level loss on the chain scores A: chain_mse (DreamPRM: (sigmoid(A) - correct)^2 per "
         "chain, a calibration objective) | listwise (softmax cross-entropy over each meta question's candidates "
@@ -186,6 +192,8 @@ class TrainConfig:
         object.__setattr__(self, "resume", resume_mode(self.resume))  # frozen: normalise True/False once
         if self.step_split not in ("strict", "reference"):
             raise ValueError(f"step_split: expected 'strict' or 'reference', got {self.step_split!r}")
+        if self.aggregation not in AGGREGATIONS:
+            raise ValueError(f"aggregation: expected one of {AGGREGATIONS}, got {self.aggregation!r}")
         if self.weighting not in WEIGHTINGS:
             raise ValueError(f"weighting: expected one of {WEIGHTINGS}, got {self.weighting!r}")
         if self.meta_second_moment not in SECOND_MOMENTS:
