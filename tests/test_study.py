@@ -13,6 +13,7 @@ from dreamprm_jax.cli import study as study_cli
 from dreamprm_jax.data import synthetic
 from dreamprm_jax.evaluation.selection import Oracle, Random, SelectionInputs
 from dreamprm_jax.study import analysis, arms, report, runner
+from dreamprm_jax.train.record_losses import small_loss_weights
 
 
 def _inputs(correct: np.ndarray) -> SelectionInputs:
@@ -98,7 +99,7 @@ def _tiny_study(out_dir: str) -> runner.StudyConfig:
         meta_warmup=0, meta_lr_warmup=0, seq_buckets=(192,), patch_buckets=(256,))
     return runner.StudyConfig(out_dir=out_dir, seeds=(0,),
                               arms=("vanilla", "vanilla_reseeded", "dreamprm", "oracle_weights", "instance_table",
-                                    "instance_net"),
+                                    "instance_net", "small_loss"),
                               train=train, synthetic=synthetic.tiny_config(), ns=(2, 8), trials=3, resamples=200,
                               progress=False)
 
@@ -108,7 +109,8 @@ def test_study_end_to_end_and_resume(tmp_path):
     results = runner.run_study(config)
     paths, text = report.write_study(config, results, wall_seconds=1.0)
     summary = json.load(open(paths["json"]))
-    assert set(summary["paired"]) == {"vanilla_reseeded", "dreamprm", "oracle_weights", "instance_table", "instance_net"}
+    assert set(summary["paired"]) == {"vanilla_reseeded", "dreamprm", "oracle_weights", "instance_table", "instance_net",
+                                      "small_loss"}
     for row in summary["paired"].values():
         lo, hi = row["ci95"]
         assert -1.0 <= lo <= row["diff"] <= hi <= 1.0
@@ -146,10 +148,15 @@ def test_study_end_to_end_and_resume(tmp_path):
                                                             "instance_weights.json"))))  # every record, same keys
     assert all(0.0 <= v <= 1.0 for v in losses.values()) and len(set(losses.values())) > 1  # (p - y)^2 of each
     assert "vanilla: minus its loss, no weight learned" in text
+    # small_loss trained under the vanilla PRM's losses, ranked, held fixed
+    held = json.load(open(os.path.join(str(tmp_path), "seed_0", "small_loss", "instance_weights.json")))
+    expected = small_loss_weights(losses)
+    assert list(held) == list(expected)
+    np.testing.assert_allclose(list(held.values()), list(expected.values()), rtol=1e-5)
     assert "loss_auroc" not in seed0["arms"]["dreamprm"]
     assert "Reweighting study" in text and os.path.isfile(paths["best_of_n_png"])
     assert os.path.isfile(paths["weights_png"])
-    assert set(summary["versus_dreamprm"]) == {"instance_table", "instance_net"}  # learned arms, not the oracle
+    assert set(summary["versus_dreamprm"]) == {"instance_table", "instance_net"}  # learned arms, not fixed ones
     assert set(summary["selection_vs_step_auroc"]) <= {"A", "B", "C"}
     assert "selection_vs_step_auroc_png" not in paths or os.path.isfile(paths["selection_vs_step_auroc_png"])
     # a second run reuses every finished piece: nothing is trained or scored again

@@ -204,6 +204,30 @@ def test_raw_weights_for_gives_the_normalised_weights():
         loop.raw_weights_for({"a": 1.0, "b": 0.0, "c": 1.0}, domains)
 
 
+def test_raw_record_weights_for_gives_the_bounded_weights():
+    keys = ("r/1", "r/0", "q/3")
+    raw = loop.raw_record_weights_for({"q/3": 1.9, "r/0": 0.001, "r/1": 1.0, "extra/0": 5.0}, keys, 2.0)
+    np.testing.assert_allclose(np.asarray(bilevel.instance_weights(jnp.asarray(raw), 2.0)), [1.0, 0.001, 1.9],
+                               rtol=1e-5, atol=0)
+    with pytest.raises(ValueError, match="no weight for 1 of the 3 training records"):
+        loop.raw_record_weights_for({"r/1": 1.0, "r/0": 1.0}, keys, 2.0)
+    with pytest.raises(ValueError, match="record 'r/0' has weight 2.0; expected finite weights in"):
+        loop.raw_record_weights_for({"r/1": 1.0, "r/0": 2.0, "q/3": 1.0}, keys, 2.0)
+
+
+def test_small_loss_weights_rank_the_losses():
+    from dreamprm_jax.train.record_losses import small_loss_weights
+
+    w = small_loss_weights({"a": 0.3, "b": 0.1, "c": 0.3, "d": 0.9})
+    assert w == {"a": 1.0, "b": 1.75, "c": 1.0, "d": 0.25}  # ranks 1.5, 0, 1.5, 3 of 4: 2 (1 - (rank + 1/2) / 4)
+    rng = np.random.default_rng(0)
+    many = small_loss_weights({str(i): float(x) for i, x in enumerate(rng.uniform(size=101))}, max_weight=3.0)
+    values = np.array(list(many.values()))
+    assert abs(values.mean() - 1.5) < 1e-12 and 0.0 < values.min() and values.max() < 3.0
+    with pytest.raises(ValueError, match="finite losses"):
+        small_loss_weights({"a": float("nan")})
+
+
 def test_fixed_domain_weights_are_held_and_runs_repeat_in_one_process(tiny_data, tmp_path):
     """Three arms in one process: learned weights, then fixed weights (held through training)
     with another config, then the fixed arm again, which repeats it bit for bit."""

@@ -33,6 +33,10 @@ in ``vanilla_reseeded``, which changes the initialisation and data order alone:
 ``instance_net_listwise``           ``instance_net`` with the listwise meta loss and a tenth of the meta
                                     learning rate (0.003): the net's output moves every record's weight at
                                     once, and at the default rate its weights swing between 0 and 2
+``small_loss``                      a weight per training record fixed from the vanilla PRM's loss on it
+                                    (``train.record_losses.small_loss_weights``: ranked, smallest loss
+                                    highest, mean 1), nothing learned: what the small-loss heuristic alone does
+                                    for selection, to set the learned instance weights against
 ``oracle_weights``                  weights fixed by hand from the planted (or user-given) domain quality: how
                                     much room correct weights leave; an arm that needs them is skipped when
                                     there are none
@@ -56,13 +60,16 @@ BASELINE_ARM = "vanilla"
 @dataclasses.dataclass(frozen=True)
 class Arm:
     """``overrides``: :class:`~dreamprm_jax.configs.TrainConfig` fields set for this arm;
-    ``oracle_weights``: train under the oracle domain weights, held fixed; ``seed_offset``:
+    ``oracle_weights``: train under the oracle domain weights, held fixed; ``loss_weights``: train
+    under per-record weights from the vanilla PRM's losses, held fixed (the baseline arm runs
+    first, see :func:`get_arms`); ``seed_offset``:
     added to the study seed for the initialisation and data order (the data stay the seed's)."""
 
     name: str
     description: str
     overrides: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     oracle_weights: bool = False
+    loss_weights: bool = False
     seed_offset: int = 0
 
 
@@ -94,6 +101,8 @@ ARMS: dict[str, Arm] = {
         "instance_net_listwise", "instance_net with the listwise meta loss, meta lr 0.003",
         {"reweighting": True, "hypergradient": "exact", "weighting": "instance_net", "meta_loss": "listwise",
          "meta_lr": 0.003}),
+    "small_loss": Arm("small_loss", "a weight per record fixed from the vanilla PRM's loss (smallest loss highest)",
+                      {"reweighting": False, "weighting": "instance_table"}, loss_weights=True),
     "oracle_weights": Arm("oracle_weights", "weights fixed from the planted quality", {"reweighting": False},
                           oracle_weights=True),
 }

@@ -33,7 +33,7 @@ from dreamprm_jax.study.analysis import (ArmOutcome, DomainSignal, arm_outcome, 
                                          instance_weight_aurocs)
 from dreamprm_jax.study.arms import BASELINE_ARM, Arm, get_arms
 from dreamprm_jax.train.instance_weights_file import WEIGHTS_FILE, read_record_weights
-from dreamprm_jax.train.record_losses import (LOSSES_FILE, export_record_losses, read_record_losses,
+from dreamprm_jax.train.record_losses import (LOSSES_FILE, export_record_losses, read_record_losses, small_loss_weights,
                                               write_record_losses)
 
 __all__ = ["StudyConfig", "UserData", "ArmRun", "SeedResult", "run_study", "read_oracle_weights"]
@@ -133,7 +133,8 @@ def _seed_data(config: StudyConfig, seed: int, seed_dir: str):
             synthetic.oracle_weights(manifest))
 
 
-def _train_arm(config: StudyConfig, arm: Arm, seed: int, seed_dir: str, data, oracle_weights) -> tuple[str, dict, float]:
+def _train_arm(config: StudyConfig, arm: Arm, seed: int, seed_dir: str, data, oracle_weights,
+               record_weights=None) -> tuple[str, dict, float]:
     """(export dir, domain weights, seconds); a finished run is reused, an interrupted one resumed."""
     from dreamprm_jax.train import demo, loop
 
@@ -154,7 +155,8 @@ def _train_arm(config: StudyConfig, arm: Arm, seed: int, seed_dir: str, data, or
             shutil.copytree(shared, os.path.join(run_dir, "tokenizer"))
     model = demo.resolve_model(cfg, data)
     _say(config, f"[study] seed {seed}: training {arm.name} ({arm.description}), {cfg.iterations} iterations")
-    result = loop.train(cfg, data, model, fixed_domain_weights=oracle_weights if arm.oracle_weights else None)
+    result = loop.train(cfg, data, model, fixed_domain_weights=oracle_weights if arm.oracle_weights else None,
+                        fixed_record_weights=record_weights)
     if result.interrupted:
         raise KeyboardInterrupt(f"{arm.name} on seed {seed} was interrupted; its checkpoint is in {run_dir}")
     return export_dir, result.domain_weights, result.seconds
@@ -221,7 +223,11 @@ def run_seed(config: StudyConfig, seed: int, arms: Sequence[Arm]) -> SeedResult:
         if arm.oracle_weights and oracle is None:
             _say(config, f"[study] {arm.name}: skipped (no oracle weights; pass --oracle-weights FILE)")
             continue
-        export_dir, weights, train_s = _train_arm(config, arm, seed, seed_dir, data, oracle)
+        record_weights = None
+        if arm.loss_weights:  # the vanilla PRM's losses, ranked (the baseline arm ran first)
+            record_weights = small_loss_weights(_vanilla_record_losses(config, runs[BASELINE_ARM].run_dir, data),
+                                                config.train.instance_max_weight)
+        export_dir, weights, train_s = _train_arm(config, arm, seed, seed_dir, data, oracle, record_weights)
         run_dir = os.path.dirname(export_dir)
         logits, mask, score_s = _score_arm(config, questions, export_dir, run_dir, f"seed {seed} {arm.name}")
         chain_scores = aggregate(config.aggregation, logits, mask)             # [Q, N]
@@ -248,8 +254,14 @@ def run_seed(config: StudyConfig, seed: int, arms: Sequence[Arm]) -> SeedResult:
 
 def _loss_auroc(config: StudyConfig, run_dir: str, data) -> dict[str, dict[str, float | None]]:
     """Per direction and domain, the AUROC of minus each training record's squared error under
-    the PRM exported to ``run_dir`` for "label correct"; the losses are cached in the run's
-    ``record_losses.json``."""
+    the PRM exported to ``run_dir`` for "label correct"."""
+    losses = _vanilla_record_losses(config, run_dir, data)
+    return instance_weight_aurocs(data.train_json, {key: -loss for key, loss in losses.items()})
+
+
+def _vanilla_record_losses(config: StudyConfig, run_dir: str, data) -> dict[str, float]:
+    """Each training record's squared error under the PRM exported to ``run_dir``, cached in the
+    run's ``record_losses.json``."""
     path = os.path.join(run_dir, LOSSES_FILE)
     if os.path.isfile(path):
         losses = read_record_losses(path)
@@ -259,7 +271,7 @@ def _loss_auroc(config: StudyConfig, run_dir: str, data) -> dict[str, dict[str, 
         _say(config, f"[study] scoring every training record with {run_dir}/export (the loss baseline)")
         losses = export_record_losses(os.path.join(run_dir, "export"), cfg, data)
         write_record_losses(run_dir, losses)
-    return instance_weight_aurocs(data.train_json, {key: -loss for key, loss in losses.items()})
+    return losses
 
 
 def run_study(config: StudyConfig) -> list[SeedResult]:

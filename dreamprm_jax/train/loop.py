@@ -12,7 +12,8 @@
 the model come from (a generated benchmark, a random demo model, a checkpoint directory) is
 the caller's business (:mod:`dreamprm_jax.train.demo` for the command line's choices). It can
 be called several times in one process, e.g. once per arm of a study, and with
-``fixed_domain_weights`` it trains the PRM under weights the caller chooses.
+``fixed_domain_weights`` (or ``fixed_record_weights``) it trains the PRM under domain (or
+record) weights the caller chooses.
 
 The state is a dict of pytrees; the jitted iteration donates it. Metrics of iteration k are
 fetched from the device after iteration k + 1 has been dispatched, so the host never waits
@@ -38,7 +39,7 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -215,6 +216,23 @@ def raw_weights_for(weights: Mapping[str, float], domains: tuple[str, ...]) -> n
     return (w + np.log(-np.expm1(-w))).astype(np.float32)  # softplus^-1(w) = log(e^w - 1), stable form
 
 
+def raw_record_weights_for(weights: Mapping[str, float], keys: Sequence[str], max_weight: float) -> np.ndarray:
+    """Raw table ``r [N]`` (in the order of ``keys``) whose bounded weights ``max_weight * sigmoid(r)``
+    equal ``weights`` (record key -> weight, each in ``(0, max_weight)``): ``r = logit(w / max_weight)``."""
+    missing = [k for k in keys if k not in weights]
+    if missing:
+        raise ValueError(f"fixed_record_weights: no weight for {len(missing)} of the {len(keys)} training records "
+                         f"(first: {missing[:3]}); expected one weight per record key (data.records.record_keys)")
+    w = np.array([float(weights[k]) for k in keys], np.float64)  # [N]
+    bad = ~(np.isfinite(w) & (w > 0) & (w < max_weight))
+    if np.any(bad):
+        first = int(np.flatnonzero(bad)[0])
+        raise ValueError(f"fixed_record_weights: record {keys[first]!r} has weight {w[first]}; expected finite "
+                         f"weights in (0, {max_weight}) (--instance-max-weight), {int(bad.sum())} records outside")
+    u = w / max_weight
+    return (np.log(u) - np.log1p(-u)).astype(np.float32)
+
+
 # ----------------------------------------------------------------------------------------
 # Batches
 # ----------------------------------------------------------------------------------------
@@ -328,7 +346,8 @@ def final_record_weights(cfg: TrainConfig, model_config, raw, params, train_tabl
 # ----------------------------------------------------------------------------------------
 
 def train(cfg: TrainConfig, data: TrainData, model: PRMModel | str, *,
-          fixed_domain_weights: Mapping[str, float] | None = None) -> TrainResult:
+          fixed_domain_weights: Mapping[str, float] | None = None,
+          fixed_record_weights: Mapping[str, float] | None = None) -> TrainResult:
     """Train ``model`` on ``data`` with ``cfg``'s optimisation, run and device settings.
 
     Args:
@@ -341,6 +360,10 @@ def train(cfg: TrainConfig, data: TrainData, model: PRMModel | str, *,
       fixed_domain_weights: ``{domain: weight}`` for every domain of ``data``: the PRM trains
         under these weights (normalised to mean 1), held fixed (reweighting off). ``None``:
         ``cfg.reweighting`` decides. Only with ``cfg.weighting == "domain"``.
+      fixed_record_weights: ``{record key: weight}`` for every training record (keys as in
+        ``instance_weights.json``), each in ``(0, cfg.instance_max_weight)``: the PRM trains under
+        these per-record weights, held fixed (reweighting off). Only with
+        ``cfg.weighting == "instance_table"``.
 
     ``cfg.weighting`` chooses the upper-level variable (:mod:`dreamprm_jax.train.step`). With
     instance weights the table (``[N]``, 4 bytes a record) or the net is replicated on every
@@ -369,10 +392,14 @@ def train(cfg: TrainConfig, data: TrainData, model: PRMModel | str, *,
     if fixed_domain_weights is not None and cfg.weighting != "domain":
         raise ValueError(f"train: fixed_domain_weights holds domain weights; expected weighting='domain', got "
                          f"{cfg.weighting!r}")
+    if fixed_record_weights is not None and cfg.weighting != "instance_table":
+        raise ValueError(f"train: fixed_record_weights holds a weight per record; expected "
+                         f"weighting='instance_table', got {cfg.weighting!r}")
+    fixed = fixed_domain_weights is not None or fixed_record_weights is not None
     start_processes(cfg)  # before anything touches a device
     primary = distributed.is_primary()
     cfg = dataclasses.replace(cfg, progress=cfg.progress and primary,
-                              reweighting=cfg.reweighting and fixed_domain_weights is None)
+                              reweighting=cfg.reweighting and not fixed)
     check_run_dir(cfg)  # before anything is loaded or compiled
     checkpointer_dir = os.path.join(cfg.out_dir, "checkpoints")
     if isinstance(model, str):
@@ -407,6 +434,8 @@ def train(cfg: TrainConfig, data: TrainData, model: PRMModel | str, *,
 
     num_records = len(train_table.samples)
     record_domains = np.asarray(train_table.samples["domain_id"], np.int32)  # [N]
+    fixed_table = None if fixed_record_weights is None else raw_record_weights_for(
+        fixed_record_weights, tuple(train_table.record_keys()), cfg.instance_max_weight)  # [N]
 
     def init_state(params):
         upper = None
@@ -417,6 +446,8 @@ def train(cfg: TrainConfig, data: TrainData, model: PRMModel | str, *,
         state = step_lib.init_state(params, len(domains), optimizer, meta_opt, raw_weights=upper)
         if fixed_raw is not None:  # a [K] constant; the meta optimizer's state does not depend on r
             state["raw_weights"] = jnp.asarray(fixed_raw)
+        if fixed_table is not None:  # [N], likewise
+            state["raw_weights"] = jnp.asarray(fixed_table)
         return state
 
     state = sharding.sharded_init(init_state, mesh, sharding.shard_tree(model.params, mesh))

@@ -13,6 +13,7 @@ as in ``instance_weights.json``: :func:`dreamprm_jax.data.records.record_keys`).
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
@@ -22,7 +23,8 @@ from dreamprm_jax.data.jsonfiles import read_number_map, write_number_map
 from dreamprm_jax.models import prm, qwen2_vl
 from dreamprm_jax.train import sharding
 
-__all__ = ["LOSSES_FILE", "record_losses", "export_record_losses", "write_record_losses", "read_record_losses"]
+__all__ = ["LOSSES_FILE", "record_losses", "export_record_losses", "write_record_losses", "read_record_losses",
+           "small_loss_weights"]
 
 #: The file name in a run directory.
 LOSSES_FILE = "record_losses.json"
@@ -68,3 +70,27 @@ def write_record_losses(out_dir: str, losses: dict[str, float]) -> str:
 def read_record_losses(path: str) -> dict[str, float]:
     """``{record key: squared error}`` from a ``record_losses.json``."""
     return read_number_map(path, "{record key: squared error}")
+
+
+def small_loss_weights(losses: Mapping[str, float], max_weight: float = 2.0) -> dict[str, float]:
+    """Fixed per-record weights from a PRM's losses, no weight learned: the small-loss heuristic
+    as a weighting, to set a learned instance weighting against.
+
+        w_i = max_weight * (1 - (rank_i + 1/2) / N),   rank_i = the position of loss_i in ascending order
+
+    so the record with the smallest loss weighs almost ``max_weight``, the largest almost 0, and
+    the weights are spread evenly in between, with mean ``max_weight / 2`` (1 at the default
+    range); equal losses share their mean rank. Rank-based, so it needs no threshold and no
+    guess of the noise rate.
+    """
+    keys = list(losses)
+    loss = np.array([float(losses[k]) for k in keys], np.float64)  # [N]
+    if not np.all(np.isfinite(loss)):
+        raise ValueError("small_loss_weights: expected finite losses")
+    order = np.argsort(loss, kind="stable")
+    rank = np.empty(len(keys), np.float64)
+    rank[order] = np.arange(len(keys), dtype=np.float64)  # [N]
+    _, group, count = np.unique(loss, return_inverse=True, return_counts=True)
+    rank = (np.bincount(group, weights=rank) / count)[group]  # ties: their mean rank
+    weights = max_weight * (1.0 - (rank + 0.5) / len(keys))  # [N], in (0, max_weight)
+    return dict(zip(keys, weights.tolist()))
