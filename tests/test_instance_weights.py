@@ -261,6 +261,18 @@ def test_cli_run_writes_one_weight_per_record(tiny_data, tmp_path, capsys):
     assert np.all((values > 0.0) & (values < 2.0)) and np.std(values) > 0
     printed = capsys.readouterr().out
     assert "mean instance weight" in printed and "highest and lowest per domain" in printed
+    # a fresh PRM under those weights, held fixed
+    held = str(tmp_path / "held")
+    code = main(["--weighting", "instance_table", "--record-weights-file", os.path.join(out, "instance_weights.json"),
+                 "--iterations", "2", "--train-json", cfg.train_json, "--meta-json", cfg.meta_json, "--image-root",
+                 cfg.image_root, "--cache-dir", cfg.cache_dir, "--out-dir", held, "--model-hidden-size", "32",
+                 "--model-layers", "1", "--train-batch-size", "4", "--meta-batch-size", "2", "--unroll", "2",
+                 "--seq-buckets", "192", "--patch-buckets", "256", "--checkpoint-every", "100", "--progress", "false"])
+    assert code == 0
+    with open(os.path.join(held, "instance_weights.json")) as f:
+        again = json.load(f)
+    assert list(again) == list(weights)
+    np.testing.assert_allclose(list(again.values()), values, rtol=1e-5)
 
 
 def test_normalization_needs_instance_weights():
@@ -271,6 +283,8 @@ def test_normalization_needs_instance_weights():
     assert AGGREGATIONS == bilevel.CHAIN_REDUCTIONS
     with pytest.raises(ValueError, match="aggregation: expected one of"):
         TrainConfig(aggregation="max")
+    with pytest.raises(ValueError, match="record_weights_file holds a weight per record"):
+        TrainConfig(record_weights_file="w.json")  # domain weighting
     assert TrainConfig(weighting="instance_net", instance_normalize="batch").instance_normalize == "batch"
     with pytest.raises(ValueError, match="needs instance weights"):
         TrainConfig(instance_normalize="label")  # domain weighting

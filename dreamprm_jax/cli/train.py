@@ -9,6 +9,8 @@ DIR --train-json F --meta-json F`` the same command trains the real 2B model on 
     python -m experiments.train --hypergradient darts --out-dir runs/darts
     python -m experiments.train --no-reweighting --out-dir runs/vanilla
     python -m experiments.train --weighting instance_table --out-dir runs/instance   # a weight per record
+    python -m experiments.train --weighting instance_table --record-weights-file runs/instance/instance_weights.json \
+        --out-dir runs/retrained                                    # a fresh PRM under those weights, held fixed
     python -m experiments.train --resume --out-dir runs/default --iterations 600
     python -m experiments.train --resume auto --out-dir runs/preemptible   # continue if there is a checkpoint
 
@@ -62,7 +64,18 @@ def run(cfg, *, create_out_dir_parents: bool = True) -> TrainRun:
     with distributed.primary_first("dreamprm_jax.sources"):
         source = demo.resolve_data(cfg)
         model = demo.resolve_model(cfg, source.data)
-    result = loop.train(cfg, source.data, model)
+    fixed = None
+    if cfg.record_weights_file is not None:  # held fixed: no meta step, nothing learned
+        from dreamprm_jax.train.instance_weights_file import read_record_weights
+
+        fixed = read_record_weights(cfg.record_weights_file)
+        cfg = dataclasses.replace(cfg, reweighting=False)
+    try:
+        result = loop.train(cfg, source.data, model, fixed_record_weights=fixed)
+    except ValueError as e:
+        if fixed is not None and str(e).startswith("fixed_record_weights"):  # name the file the weights came from
+            raise ValueError(f"{cfg.record_weights_file}: {e}") from None
+        raise
     del model  # the trainer took over its parameters
     planted = source.planted_quality
     if result.metrics_path is not None:

@@ -154,6 +154,10 @@ class TrainConfig:
         "side of 0.5, so reweighting cannot trade high labels against low ones and shift the PRM's scores as a "
         "whole; the weights then choose which records of a label group to trust).", choices=INSTANCE_NORMALIZATIONS)
     instance_net_hidden: int = _field(16, "Hidden units of the Instance Net (--weighting instance_net).")
+    record_weights_file: str | None = _field(
+        None, "JSON object, record key -> weight (e.g. another run's instance_weights.json, or weights computed from "
+        "a record_losses.json): train under these per-record weights, held fixed (no meta step). Needs --weighting "
+        "instance_table and a weight in (0, --instance-max-weight) for every training record.")
 
     # --- run -----------------------------------------------------------------------------
     iterations: int = _field(240, "Bi-level iterations (each: --unroll inner steps + one meta step).")
@@ -196,6 +200,9 @@ class TrainConfig:
             raise ValueError(f"aggregation: expected one of {AGGREGATIONS}, got {self.aggregation!r}")
         if self.weighting not in WEIGHTINGS:
             raise ValueError(f"weighting: expected one of {WEIGHTINGS}, got {self.weighting!r}")
+        if self.record_weights_file is not None and self.weighting != "instance_table":
+            raise ValueError(f"record_weights_file holds a weight per record; expected weighting='instance_table', "
+                             f"got {self.weighting!r}")
         if self.meta_second_moment not in SECOND_MOMENTS:
             raise ValueError(f"meta_second_moment: expected one of {SECOND_MOMENTS}, got {self.meta_second_moment!r}")
         if self.instance_normalize not in INSTANCE_NORMALIZATIONS:

@@ -50,6 +50,7 @@ from dreamprm_jax.configs import TrainConfig
 from dreamprm_jax.train import demo, loop
 from dreamprm_jax.train import step as step_lib
 from dreamprm_jax.train.checkpointing import Checkpointer, abstract_like
+from dreamprm_jax.train.run_dir import saved_config
 
 __all__ = ["RunAudit", "CheckpointAudit", "MethodAudit", "audit_run", "select_steps", "format_audit",
            "plot_audit", "REFERENCE", "FRACTIONS"]
@@ -137,19 +138,9 @@ def audit_run(run_dir: str, methods: Sequence[str], *, draws: int = 2, repeats: 
     if draws < 1 or repeats < 1:
         raise ValueError(f"audit_run: expected draws >= 1 and repeats >= 1, got {draws}, {repeats}")
     ckpt_dir = os.path.join(run_dir, "checkpoints")
-    if not os.path.isdir(ckpt_dir):
-        raise FileNotFoundError(f"{ckpt_dir}: no checkpoint directory; expected a run written by "
-                                "python -m experiments.train (train with e.g. --checkpoint-every 60 --keep-checkpoints 10)")
+    cfg, available = saved_config(run_dir)
+    cfg = dataclasses.replace(cfg, progress=progress)
     with Checkpointer(ckpt_dir, keep=None) as checkpointer:
-        available = checkpointer.all_steps()
-        if not available:
-            raise FileNotFoundError(f"{ckpt_dir}: no committed checkpoint")
-        extra = checkpointer.restore_extra(available[-1])
-        if "config" not in extra:
-            raise ValueError(f"{ckpt_dir}/{available[-1]}/extra: no 'config' field; expected the TrainConfig "
-                             "that python -m experiments.train saves with every checkpoint")
-        cfg = TrainConfig.from_dict(extra["config"], where=f"{ckpt_dir}/{available[-1]}/extra.config")
-        cfg = dataclasses.replace(cfg, out_dir=run_dir, progress=progress)  # the tokenizer is read from the run
         steps = select_steps(available) if steps is None else sorted(set(int(s) for s in steps))
         missing = [s for s in steps if s != 0 and s not in available]
         if missing:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 import tempfile
 
-__all__ = ["RESUME_MODES", "RunDirError", "check_out_dir", "resume_mode"]
+__all__ = ["RESUME_MODES", "RunDirError", "check_out_dir", "resume_mode", "saved_config"]
 
 RESUME_MODES = ("never", "always", "auto")
 
@@ -72,3 +72,33 @@ def check_out_dir(out_dir: str, *, create_parents: bool = True) -> str:
         raise RunDirError(f"--out-dir {out_dir}: not writable ({e.strerror or type(e).__name__}); expected a "
                           "directory this user can create and write") from None
     return path
+
+
+def saved_config(run_dir: str):
+    """``(TrainConfig, committed checkpoint steps)`` of a run: the configuration the trainer saved
+    with its latest checkpoint, with ``out_dir`` set to ``run_dir`` (the run's tokenizer is read
+    from there). What lets a finished run be audited or scored again from its directory alone.
+
+    Raises:
+      FileNotFoundError: no checkpoint directory, or no committed checkpoint in it.
+      ValueError: the checkpoint carries no configuration.
+    """
+    import dataclasses
+
+    from dreamprm_jax.configs import TrainConfig
+    from dreamprm_jax.train.checkpointing import Checkpointer
+
+    ckpt_dir = os.path.join(run_dir, "checkpoints")
+    if not os.path.isdir(ckpt_dir):
+        raise FileNotFoundError(f"{ckpt_dir}: no checkpoint directory; expected a run written by "
+                                "python -m experiments.train (train with e.g. --checkpoint-every 60 --keep-checkpoints 10)")
+    with Checkpointer(ckpt_dir, keep=None) as checkpointer:
+        available = checkpointer.all_steps()
+        if not available:
+            raise FileNotFoundError(f"{ckpt_dir}: no committed checkpoint")
+        extra = checkpointer.restore_extra(available[-1])
+    if "config" not in extra:
+        raise ValueError(f"{ckpt_dir}/{available[-1]}/extra: no 'config' field; expected the TrainConfig "
+                         "that python -m experiments.train saves with every checkpoint")
+    cfg = TrainConfig.from_dict(extra["config"], where=f"{ckpt_dir}/{available[-1]}/extra.config")
+    return dataclasses.replace(cfg, out_dir=run_dir), list(available)
