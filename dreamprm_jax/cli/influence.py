@@ -13,8 +13,8 @@ shows in about a minute whether a meta loss can tell a table which labels to tru
 Writes <out>/<meta loss>.json (record key -> influence). When the training records carry
 their true label (the generated benchmark's "true_label"), prints per domain the AUROC of the
 influence for "the record's label is correct" (0.5: no signal; below 0.5: the meta loss asks
-for the wrong labels), also against only the labels too high and only those too low. Run from the directory the training ran in (the run's relative
-data paths resolve against it).
+for the wrong labels), also against only the labels too high and only those too low. Run
+from the directory the training ran in (the run's relative data paths resolve against it).
 """
 
 from __future__ import annotations
