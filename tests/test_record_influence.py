@@ -21,7 +21,8 @@ from tests.tiny_run import tiny_config, train
 @pytest.fixture(scope="module")
 def vanilla_run(tiny_data, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("vanilla"))
-    cfg = tiny_config(tiny_data, out, reweighting=False, iterations=2, export=True, meta_batch_size=8)  # whole questions
+    # meta batches of 8 chains hold whole questions (the ranking losses draw them so)
+    cfg = tiny_config(tiny_data, out, reweighting=False, iterations=2, export=True, meta_batch_size=8)
     train(cfg)
     return cfg
 

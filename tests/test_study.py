@@ -109,8 +109,8 @@ def test_study_end_to_end_and_resume(tmp_path):
     results = runner.run_study(config)
     paths, text = report.write_study(config, results, wall_seconds=1.0)
     summary = json.load(open(paths["json"]))
-    assert set(summary["paired"]) == {"vanilla_reseeded", "dreamprm", "oracle_weights", "instance_table", "instance_net",
-                                      "small_loss"}
+    assert set(summary["paired"]) == {"vanilla_reseeded", "dreamprm", "oracle_weights", "instance_table",
+                                      "instance_net", "small_loss"}
     for row in summary["paired"].values():
         lo, hi = row["ci95"]
         assert -1.0 <= lo <= row["diff"] <= hi <= 1.0

@@ -16,7 +16,9 @@ logits ``z_s = log(p_s / (1 - p_s))`` and a 0/1 chain label):
 With ``min`` the gradient of a chain reaches only its weakest step: a correct chain asks
 for its least trusted step to rise, a wrong chain for its most suspect step (the likely
 error) to fall, and the steps before an error are left alone, where the sum and the mean ask
-every step of a wrong chain to fall. ``A`` is formed from logits directly, never from probabilities, so saturated scores
+every step of a wrong chain to fall.
+
+``A`` is formed from logits directly, never from probabilities, so saturated scores
 (``|z| > 50``) still give finite losses and finite (possibly zero) gradients.
 
 Ranking meta losses.  (4) asks each chain score to be calibrated; best-of-N only needs a
@@ -50,8 +52,8 @@ import jax.numpy as jnp
 
 from dreamprm_jax.bilevel.domain_weights import sample_weights
 
-__all__ = ["CHAIN_REDUCTIONS", "weighted_mse", "sample_weighted_mse", "aggregation_loss", "chain_scores", "listwise_loss", "pairwise_loss",
-           "normalized_pairwise_loss", "META_LOSSES", "meta_loss"]
+__all__ = ["CHAIN_REDUCTIONS", "weighted_mse", "sample_weighted_mse", "aggregation_loss", "chain_scores",
+           "listwise_loss", "pairwise_loss", "normalized_pairwise_loss", "META_LOSSES", "meta_loss"]
 
 #: How :func:`chain_scores` reduces a chain's step logits to its score ``A``.
 CHAIN_REDUCTIONS = ("mean", "sum", "min")

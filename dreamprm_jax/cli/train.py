@@ -64,18 +64,9 @@ def run(cfg, *, create_out_dir_parents: bool = True) -> TrainRun:
     with distributed.primary_first("dreamprm_jax.sources"):
         source = demo.resolve_data(cfg)
         model = demo.resolve_model(cfg, source.data)
-    fixed = None
-    if cfg.record_weights_file is not None:  # held fixed: no meta step, nothing learned
-        from dreamprm_jax.train.instance_weights_file import read_record_weights
-
-        fixed = read_record_weights(cfg.record_weights_file)
+    result = loop.train(cfg, source.data, model)  # reads --record-weights-file, when given, itself
+    if cfg.record_weights_file is not None:  # held fixed: nothing learned
         cfg = dataclasses.replace(cfg, reweighting=False)
-    try:
-        result = loop.train(cfg, source.data, model, fixed_record_weights=fixed)
-    except ValueError as e:
-        if fixed is not None and str(e).startswith("fixed_record_weights"):  # name the file the weights came from
-            raise ValueError(f"{cfg.record_weights_file}: {e}") from None
-        raise
     del model  # the trainer took over its parameters
     planted = source.planted_quality
     if result.metrics_path is not None:

@@ -156,8 +156,9 @@ class TrainConfig:
     instance_net_hidden: int = _field(16, "Hidden units of the Instance Net (--weighting instance_net).")
     record_weights_file: str | None = _field(
         None, "JSON object, record key -> weight (e.g. another run's instance_weights.json, or weights computed from "
-        "a record_losses.json): train under these per-record weights, held fixed (no meta step). Needs --weighting "
-        "instance_table and a weight in (0, --instance-max-weight) for every training record.")
+        "a record_losses.json): train under these per-record weights, held fixed (no meta step, whatever "
+        "--reweighting says). Needs --weighting instance_table and a weight in (0, --instance-max-weight) for every "
+        "training record.")
 
     # --- run -----------------------------------------------------------------------------
     iterations: int = _field(240, "Bi-level iterations (each: --unroll inner steps + one meta step).")

@@ -216,18 +216,20 @@ def raw_weights_for(weights: Mapping[str, float], domains: tuple[str, ...]) -> n
     return (w + np.log(-np.expm1(-w))).astype(np.float32)  # softplus^-1(w) = log(e^w - 1), stable form
 
 
-def raw_record_weights_for(weights: Mapping[str, float], keys: Sequence[str], max_weight: float) -> np.ndarray:
+def raw_record_weights_for(weights: Mapping[str, float], keys: Sequence[str], max_weight: float,
+                           source: str = "fixed_record_weights") -> np.ndarray:
     """Raw table ``r [N]`` (in the order of ``keys``) whose bounded weights ``max_weight * sigmoid(r)``
-    equal ``weights`` (record key -> weight, each in ``(0, max_weight)``): ``r = logit(w / max_weight)``."""
+    equal ``weights`` (record key -> weight, each in ``(0, max_weight)``): ``r = logit(w / max_weight)``.
+    ``source`` names the weights in errors (e.g. the file they came from)."""
     missing = [k for k in keys if k not in weights]
     if missing:
-        raise ValueError(f"fixed_record_weights: no weight for {len(missing)} of the {len(keys)} training records "
+        raise ValueError(f"{source}: no weight for {len(missing)} of the {len(keys)} training records "
                          f"(first: {missing[:3]}); expected one weight per record key (data.records.record_keys)")
     w = np.array([float(weights[k]) for k in keys], np.float64)  # [N]
     bad = ~(np.isfinite(w) & (w > 0) & (w < max_weight))
     if np.any(bad):
         first = int(np.flatnonzero(bad)[0])
-        raise ValueError(f"fixed_record_weights: record {keys[first]!r} has weight {w[first]}; expected finite "
+        raise ValueError(f"{source}: record {keys[first]!r} has weight {w[first]}; expected finite "
                          f"weights in (0, {max_weight}) (--instance-max-weight), {int(bad.sum())} records outside")
     u = w / max_weight
     return (np.log(u) - np.log1p(-u)).astype(np.float32)
@@ -363,7 +365,8 @@ def train(cfg: TrainConfig, data: TrainData, model: PRMModel | str, *,
       fixed_record_weights: ``{record key: weight}`` for every training record (keys as in
         ``instance_weights.json``), each in ``(0, cfg.instance_max_weight)``: the PRM trains under
         these per-record weights, held fixed (reweighting off). Only with
-        ``cfg.weighting == "instance_table"``.
+        ``cfg.weighting == "instance_table"``. ``None``: read from ``cfg.record_weights_file``
+        when that is set.
 
     ``cfg.weighting`` chooses the upper-level variable (:mod:`dreamprm_jax.train.step`). With
     instance weights the table (``[N]``, 4 bytes a record) or the net is replicated on every
@@ -392,6 +395,11 @@ def train(cfg: TrainConfig, data: TrainData, model: PRMModel | str, *,
     if fixed_domain_weights is not None and cfg.weighting != "domain":
         raise ValueError(f"train: fixed_domain_weights holds domain weights; expected weighting='domain', got "
                          f"{cfg.weighting!r}")
+    weights_source = "fixed_record_weights"
+    if fixed_record_weights is None and cfg.record_weights_file is not None:
+        from dreamprm_jax.train.instance_weights_file import read_record_weights
+
+        fixed_record_weights, weights_source = read_record_weights(cfg.record_weights_file), cfg.record_weights_file
     if fixed_record_weights is not None and cfg.weighting != "instance_table":
         raise ValueError(f"train: fixed_record_weights holds a weight per record; expected "
                          f"weighting='instance_table', got {cfg.weighting!r}")
@@ -435,7 +443,7 @@ def train(cfg: TrainConfig, data: TrainData, model: PRMModel | str, *,
     num_records = len(train_table.samples)
     record_domains = np.asarray(train_table.samples["domain_id"], np.int32)  # [N]
     fixed_table = None if fixed_record_weights is None else raw_record_weights_for(
-        fixed_record_weights, tuple(train_table.record_keys()), cfg.instance_max_weight)  # [N]
+        fixed_record_weights, tuple(train_table.record_keys()), cfg.instance_max_weight, weights_source)  # [N]
 
     def init_state(params):
         upper = None

@@ -90,8 +90,8 @@ def saved_config(run_dir: str):
 
     ckpt_dir = os.path.join(run_dir, "checkpoints")
     if not os.path.isdir(ckpt_dir):
-        raise FileNotFoundError(f"{ckpt_dir}: no checkpoint directory; expected a run written by "
-                                "python -m experiments.train (train with e.g. --checkpoint-every 60 --keep-checkpoints 10)")
+        raise FileNotFoundError(f"{ckpt_dir}: no checkpoint directory; expected a run written by python -m "
+                                "experiments.train (train with e.g. --checkpoint-every 60 --keep-checkpoints 10)")
     with Checkpointer(ckpt_dir, keep=None) as checkpointer:
         available = checkpointer.all_steps()
         if not available:
