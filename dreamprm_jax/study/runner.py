@@ -225,8 +225,7 @@ def run_seed(config: StudyConfig, seed: int, arms: Sequence[Arm]) -> SeedResult:
             continue
         record_weights = None
         if arm.loss_weights:  # the vanilla PRM's losses, ranked (the baseline arm ran first)
-            record_weights = small_loss_weights(_vanilla_record_losses(config, runs[BASELINE_ARM].run_dir, data),
-                                                config.train.instance_max_weight)
+            record_weights = small_loss_weights(_vanilla_record_losses(config, runs[BASELINE_ARM].run_dir, data))
         export_dir, weights, train_s = _train_arm(config, arm, seed, seed_dir, data, oracle, record_weights)
         run_dir = os.path.dirname(export_dir)
         logits, mask, score_s = _score_arm(config, questions, export_dir, run_dir, f"seed {seed} {arm.name}")
