@@ -17,6 +17,7 @@ losses along it (``jax.jvp``), about the cost of two forward passes.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 
 import jax
@@ -24,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dreamprm_jax.models import prm, qwen2_vl
+from dreamprm_jax.train.record_losses import map_records
 
 __all__ = ["meta_gradient", "record_influence", "export_record_influence"]
 
@@ -48,27 +50,23 @@ def meta_gradient(model_config, params, outer_loss: Callable, meta_builder, meta
     return jax.tree.map(lambda x: x / num_batches, total)
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _loss_derivatives(model_config, params, direction, batch):
+    """``[B]``: each row's ``grad (p_i - y_i)^2 . direction`` (one forward-mode pass)."""
+    inputs = qwen2_vl.with_rope_tables(model_config, batch.inputs)
+
+    def losses(q):
+        probs, _ = prm.score(model_config, q, inputs)  # [B]
+        return jnp.square(probs - batch.labels)  # [B]
+
+    return jax.jvp(losses, (params,), (direction,))[1]  # [B]
+
+
 def record_influence(model_config, params, direction, train_table, train_builder, batch_size: int) -> np.ndarray:
     """``[N]`` float64: ``grad l_i(params) . direction`` for every record of ``train_table``
     (equation (1) with ``direction = grad L_meta``), in batches of ``batch_size``."""
-
-    @jax.jit
-    def along(p, d, batch):
-        inputs = qwen2_vl.with_rope_tables(model_config, batch.inputs)
-
-        def losses(q):
-            probs, _ = prm.score(model_config, q, inputs)  # [B]
-            return jnp.square(probs - batch.labels)  # [B]
-
-        return jax.jvp(losses, (p,), (d,))[1]  # [B]
-
-    n = len(train_table.samples)
-    out = np.zeros((n,), np.float64)  # [N]
-    for start in range(0, n, batch_size):
-        rows = np.arange(start, min(start + batch_size, n))
-        batch, _ = train_builder.train_batch(rows)
-        out[rows] = np.asarray(along(params, direction, batch))[: len(rows)]
-    return out
+    return map_records(lambda batch: _loss_derivatives(model_config, params, direction, batch), train_table,
+                       train_builder, batch_size, dtype=np.float64)
 
 
 def export_record_influence(export_dir: str, cfg, data, meta_losses, num_meta_batches: int = 32,

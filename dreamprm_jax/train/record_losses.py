@@ -12,6 +12,7 @@ as in ``instance_weights.json``: :func:`dreamprm_jax.data.records.record_keys`).
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Mapping
 
@@ -23,31 +24,39 @@ from dreamprm_jax.data.jsonfiles import read_number_map, write_number_map
 from dreamprm_jax.models import prm, qwen2_vl
 from dreamprm_jax.train import sharding
 
-__all__ = ["LOSSES_FILE", "record_losses", "export_record_losses", "write_record_losses", "read_record_losses",
+__all__ = ["LOSSES_FILE", "map_records", "record_losses", "export_record_losses", "write_record_losses", "read_record_losses",
            "small_loss_weights"]
 
 #: The file name in a run directory.
 LOSSES_FILE = "record_losses.json"
 
 
-def record_losses(model_config, params, train_table, train_builder, batch_size: int, mesh=None) -> np.ndarray:
-    """``[N]`` float32: every record of ``train_table`` scored once (batches of ``batch_size``)."""
+@functools.partial(jax.jit, static_argnums=0)
+def _squared_errors(model_config, params, batch):
+    probs, _ = prm.score(model_config, params, qwen2_vl.with_rope_tables(model_config, batch.inputs))  # [B]
+    return jnp.square(probs - batch.labels)  # [B]
 
-    @jax.jit
-    def squared_errors(p, batch):
-        probs, _ = prm.score(model_config, p, qwen2_vl.with_rope_tables(model_config, batch.inputs))  # [B]
-        return jnp.square(probs - batch.labels)  # [B]
 
+def map_records(fn, train_table, train_builder, batch_size: int, mesh=None, dtype=np.float32) -> np.ndarray:
+    """``[N]``: ``fn(batch)`` (``[B]``, one value per row) for every record of ``train_table``, in
+    order, in batches of ``batch_size``; with a ``mesh`` each batch is placed on it and the values
+    are gathered from every host."""
     n = len(train_table.samples)
-    losses = np.zeros((n,), np.float32)  # [N]
+    values = np.zeros((n,), dtype)  # [N]
     for start in range(0, n, batch_size):
         rows = np.arange(start, min(start + batch_size, n))
         batch, _ = train_builder.train_batch(rows)
         if mesh is not None:
             batch = sharding.put_batch(batch, mesh, stacked=False)
-        out = sharding.to_host(squared_errors(params, batch), mesh)  # [B]; a mesh only to gather across hosts
-        losses[rows] = out[: len(rows)]
-    return losses
+        out = sharding.to_host(fn(batch), mesh)  # [B]; a mesh only to gather across hosts
+        values[rows] = out[: len(rows)]
+    return values
+
+
+def record_losses(model_config, params, train_table, train_builder, batch_size: int, mesh=None) -> np.ndarray:
+    """``[N]`` float32: every record of ``train_table`` scored once (batches of ``batch_size``)."""
+    return map_records(lambda batch: _squared_errors(model_config, params, batch), train_table, train_builder,
+                       batch_size, mesh)
 
 
 def export_record_losses(export_dir: str, cfg, data) -> dict[str, float]:
